@@ -1,0 +1,1 @@
+"""Remove redundant neurons of trained networks without retraining."""
