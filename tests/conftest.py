@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+#: Where the MNIST IDX files are looked for: $NEURONPRUNE_MNIST_DIR, else ../shared/data/mnist.
+MNIST_DIR = Path(
+    os.environ.get(
+        "NEURONPRUNE_MNIST_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
+    )
+)
+
+
+@pytest.fixture
+def seed() -> int:
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not (
+        MNIST_DIR / "train-images-idx3-ubyte"
+    ).exists():
+        pytest.skip(
+            f"MNIST IDX files not found in {MNIST_DIR}; set NEURONPRUNE_MNIST_DIR to a directory "
+            "holding them"
+        )
+    return MNIST_DIR
