@@ -1,1 +1,54 @@
-"""Remove redundant neurons of trained networks without retraining."""
+"""Remove redundant neurons of trained networks without retraining, from inside PyTorch Lightning.
+
+The functional core follows Zhang, Davoodi & Hu, *Exploring Energy and Accuracy Tradeoff in
+Structure Simplification of Trained Deep Neural Networks* (IEEE JETCAS 2018):
+statistics (:mod:`.statistics`) → selection (:mod:`.selection`, :mod:`.linalg`) →
+reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.surgery`) → energy (:mod:`.energy`).
+"""
+
+from lightning_neuronprune.elimination import (
+    Elimination,
+    EliminationRecord,
+    eliminate_neurons,
+    reduce_junction,
+)
+from lightning_neuronprune.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.errors import (
+    JunctionError,
+    NeuronEliminationError,
+    NumericalWarning,
+    StatisticsError,
+    UnsupportedLayerError,
+)
+from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
+from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.selection import nested_order, select_neurons
+from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
+from lightning_neuronprune.surgery import GatheredLinear, Junction, find_junction, rebuild_shapes
+
+__all__ = [
+    "Elimination",
+    "EliminationRecord",
+    "EnergyModel",
+    "EnergyReport",
+    "GatheredLinear",
+    "Junction",
+    "JunctionError",
+    "JunctionStatistics",
+    "NeuronEliminationError",
+    "NumericalWarning",
+    "StatisticsError",
+    "UnsupportedLayerError",
+    "batch_input",
+    "collect_statistics",
+    "eliminate_neurons",
+    "find_junction",
+    "least_squares_transform",
+    "nested_order",
+    "pivoted_cholesky",
+    "pivoted_qr",
+    "rebuild_shapes",
+    "reconstruct_consumer",
+    "reduce_junction",
+    "select_neurons",
+]

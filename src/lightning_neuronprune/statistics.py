@@ -1,0 +1,270 @@
+"""Streaming second-moment statistics of a layer's input, gathered through forward pre-hooks.
+
+Everything the method needs from the activation matrix ``X`` (n features × K samples) is
+
+* the Gram matrix ``G = X Xᵀ = Σ_k x_k x_kᵀ`` (n × n),
+* the feature sums ``s = X 1 = Σ_k x_k`` (n,),
+* the sample count ``K``.
+
+These are accumulated in float64 on the model's device, batch after batch, so memory is O(n²)
+whatever K is. The n × K matrix is never stored. Under ``torch.distributed`` the sums are
+all-reduced so that every rank holds the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_neuronprune.errors import StatisticsError
+
+__all__ = ["JunctionStatistics", "batch_input", "collect_statistics"]
+
+log = logging.getLogger(__name__)
+
+#: Keys tried, in order, to find the model input in a ``dict`` batch.
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "features", "data")
+
+
+@dataclass
+class JunctionStatistics:
+    """Second moments of the n features that a consumer ``nn.Linear`` reads.
+
+    Attributes:
+        gram: ``G = Σ_k x_k x_kᵀ``, shape (n, n), float64.
+        total: ``s = Σ_k x_k``, shape (n,), float64.
+        count: the number of samples K (rows seen by the consumer).
+    """
+
+    gram: Tensor
+    total: Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, n: int, device: torch.device | str | None = None) -> JunctionStatistics:
+        """Empty statistics for ``n`` features, accumulated in float64 on ``device``."""
+        return cls(
+            gram=torch.zeros(n, n, dtype=torch.float64, device=device),
+            total=torch.zeros(n, dtype=torch.float64, device=device),
+            count=0,
+        )
+
+    @classmethod
+    def from_activations(cls, X: Tensor) -> JunctionStatistics:
+        """Statistics of a K × n batch of activations (rows are samples)."""
+        stats = cls.zeros(X.shape[-1], X.device)
+        stats.update(X)
+        return stats
+
+    @property
+    def num_features(self) -> int:
+        """n, the number of features."""
+        return self.gram.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gram.device
+
+    def update(self, x: Tensor) -> None:
+        """Add a batch of activations ``x`` of shape (K_b, n): ``G += xᵀx``, ``s += xᵀ1``."""
+        x = x.detach().reshape(-1, self.num_features).to(torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.total.add_(x.sum(0))
+        self.count += x.shape[0]
+
+    def mean(self) -> Tensor:
+        """The feature means ``μ = s / K``, shape (n,)."""
+        self._check_nonempty()
+        return self.total / self.count
+
+    def second_moment(self, centered: bool = False) -> Tensor:
+        """``G / K`` or, if ``centered``, the covariance ``G / K - μ μᵀ``; shape (n, n), float64."""
+        self._check_nonempty()
+        M = self.gram / self.count
+        if centered:
+            mu = self.mean()
+            M = M - torch.outer(mu, mu)
+        return (M + M.T) / 2
+
+    def to(self, device: torch.device | str) -> JunctionStatistics:
+        """A copy on ``device``."""
+        return JunctionStatistics(self.gram.to(device), self.total.to(device), self.count)
+
+    def all_reduce(self, group: Any = None) -> None:
+        """Sum the statistics over all ranks of ``group`` in place (no-op without a process group)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        for t in (self.gram, self.total, count):
+            torch.distributed.all_reduce(t, group=group)
+        self.count = int(count.item())
+
+    def _check_nonempty(self) -> None:
+        if self.count == 0:
+            raise StatisticsError(
+                f"no samples were recorded for these {self.num_features}-feature statistics; "
+                "the data iterable was empty or `max_samples` was 0"
+            )
+
+
+def batch_input(batch: Any) -> Any:
+    """Find the model input in a batch.
+
+    The rule: a tensor is the input itself; for a tuple or list, the input is its first element;
+    for a mapping, the first of the keys ``x, input, inputs, image, images, features, data`` that
+    is present. Pass ``input_fn`` to :func:`collect_statistics` for anything else.
+
+    Raises:
+        StatisticsError: if no input can be found.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) > 0:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise StatisticsError(
+            f"cannot find the model input in a dict batch with keys {sorted(batch)}; expected one "
+            f"of {list(INPUT_KEYS)}, or pass `input_fn`"
+        )
+    raise StatisticsError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}; pass `input_fn`"
+    )
+
+
+def _move(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_move(v, device) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _move(v, device) for k, v in x.items()}
+    return x
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return x.shape[0]
+    if isinstance(x, (tuple, list)) and x:
+        return _batch_size(x[0])
+    raise StatisticsError(f"cannot take the batch size of an input of type {type(x).__name__}")
+
+
+def _truncate(x: Any, n: int) -> Any:
+    if isinstance(x, Tensor):
+        return x[:n]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_truncate(v, n) for v in x)
+    return x
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    consumers: Sequence[str],
+    data: Iterable[Any],
+    *,
+    max_samples: int | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    device: torch.device | str | None = None,
+    sync: bool = True,
+) -> dict[str, JunctionStatistics]:
+    """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
+
+    A forward pre-hook on each consumer flattens its input ``(*, n)`` to ``(K_b, n)`` rows and
+    adds them to that consumer's :class:`JunctionStatistics`. The model runs in ``eval()`` mode
+    under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
+    when an error is raised.
+
+    Args:
+        model: the network; it is not modified.
+        consumers: qualified names of the ``nn.Linear`` modules whose inputs are recorded.
+        data: any iterable of batches (a ``DataLoader``, a list of tensors...). See
+            :func:`batch_input` for how the input is found in a batch.
+        max_samples: stop after this many samples (per process). The last batch is truncated.
+        input_fn: maps a batch to the model input, replacing :func:`batch_input`.
+        device: where the model runs and the statistics live; defaults to the model's device.
+        sync: all-reduce the statistics over ``torch.distributed`` ranks when a process group is
+            initialised, so that every rank holds the same numbers.
+
+    Returns:
+        ``{consumer name: JunctionStatistics}``.
+
+    Raises:
+        StatisticsError: a consumer is not an ``nn.Linear``, no sample was seen, or an
+            activation is NaN or infinite (the message names the layer).
+    """
+    if max_samples is not None and max_samples < 1:
+        raise StatisticsError(f"`max_samples` must be a positive integer, got {max_samples!r}")
+    device = torch.device(device) if device is not None else model_device(model)
+    modules = dict(model.named_modules())
+    stats: dict[str, JunctionStatistics] = {}
+    for name in consumers:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise StatisticsError(
+                f"statistics are recorded at the input of an `nn.Linear`, but {name!r} is "
+                f"{type(module).__name__ if module is not None else 'not a module of the model'}"
+            )
+        stats[name] = JunctionStatistics.zeros(module.in_features, device)
+
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise StatisticsError(
+                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
+                    f"(shape {tuple(x.shape)})"
+                )
+            index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
+            if isinstance(index, Tensor):
+                x = x.index_select(-1, index)
+            stats[name].update(x.to(device))
+
+        return hook
+
+    get_input = input_fn if input_fn is not None else batch_input
+    was_training = model.training
+    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
+    seen = 0
+    try:
+        model.eval()
+        for batch in data:
+            x = _move(get_input(batch), device)
+            if max_samples is not None:
+                remaining = max_samples - seen
+                if remaining <= 0:
+                    break
+                if _batch_size(x) > remaining:
+                    x = _truncate(x, remaining)
+            model(x)
+            seen += _batch_size(x)
+            log.debug("statistics: %d samples", seen)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    if sync:
+        for s in stats.values():
+            s.all_reduce()
+    for name, s in stats.items():
+        if s.count == 0:
+            raise StatisticsError(f"no samples reached layer {name!r}: the data iterable was empty")
+    return stats

@@ -1,0 +1,539 @@
+"""Finding junctions in a model and swapping in reduced modules.
+
+A *junction* is where a producer ``nn.Linear`` feeds a consumer ``nn.Linear`` through elementwise
+modules only (ReLU, GELU, Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten...) and at most one
+``BatchNorm1d``. Keeping p of its n features means:
+
+* the producer keeps p rows of its weight and bias (``kind="producer"``), and so does the
+  ``BatchNorm1d``;
+* the consumer gets the re-fitted weight ``W_p`` (m × p).
+
+When there is no producer row to delete (the consumer reads the network input or a flattened conv
+output), the consumer is replaced by a :class:`GatheredLinear` that selects the kept input
+features itself (``kind="gather"``).
+
+Targets are named like this:
+
+* ``"fc1"``: the output neurons of ``fc1`` (the paper's "FC2" row for LeNet-300-100, which names
+  a junction by its consumer);
+* ``"fc2:in"``: the input features of ``fc2``. This resolves to the same junction as ``"fc1"``
+  when ``fc1`` feeds ``fc2`` directly, and to a gather junction otherwise. The paper's "FCk" is
+  ``"fck:in"``.
+
+Junctions are found by tracing the model with :mod:`torch.fx`, starting from the innermost module
+that holds the target and moving outwards until the target's consumer is found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_neuronprune.errors import JunctionError
+
+__all__ = [
+    "GatheredLinear",
+    "Junction",
+    "apply_reduction",
+    "find_junction",
+    "linear_layer_names",
+    "rebuild_shapes",
+]
+
+INPUT_SUFFIX = ":in"
+
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.SiLU, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity, nn.Flatten,
+)  # fmt: skip
+ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset({
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, torch.tanh, F.tanh, torch.sigmoid,
+    F.sigmoid, F.leaky_relu, F.elu, F.selu, F.silu, F.mish, F.hardtanh, F.hardswish,
+    F.hardsigmoid, F.softplus, F.softsign, F.dropout, F.alpha_dropout, torch.flatten,
+})  # fmt: skip
+ELEMENTWISE_METHODS: frozenset[str] = frozenset(
+    {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "flatten", "contiguous"}
+)
+
+Kind = Literal["producer", "gather"]
+
+
+class GatheredLinear(nn.Linear):
+    """An ``nn.Linear`` that first keeps the input features ``index``: ``y = W x[..., index] + b``.
+
+    Used where the eliminated features have no producer rows to delete (network input, flattened
+    conv output). ``in_features`` is ``len(index)``; the buffer ``index`` is saved in the
+    ``state_dict``.
+
+    Args:
+        index: (p,) LongTensor of the kept input features.
+        out_features: m.
+        bias: whether the layer has a bias.
+        source_features: n, the width of the input before gathering.
+    """
+
+    def __init__(
+        self,
+        index: Tensor,
+        out_features: int,
+        bias: bool = True,
+        source_features: int | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(int(index.numel()), out_features, bias=bias, device=device, dtype=dtype)
+        self.source_features = int(source_features or int(index.max()) + 1)
+        self.register_buffer("index", index.detach().to(device=device, dtype=torch.long).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, source_features={self.source_features}"
+
+
+class _Tracer(torch.fx.Tracer):
+    """The default tracer, with :class:`GatheredLinear` kept as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, GatheredLinear) or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class Junction:
+    """Where p of n features are kept.
+
+    Attributes:
+        target: the name the user gave.
+        kind: ``"producer"`` (rows of ``producer`` are deleted) or ``"gather"``.
+        producer: qualified name of the producer ``nn.Linear``, or ``None`` for a gather junction.
+        consumer: qualified name of the consumer ``nn.Linear``.
+        batchnorm: qualified name of a ``BatchNorm1d`` between the two, or ``None``.
+        num_features: n.
+        path: what lies between producer and consumer, for messages.
+    """
+
+    target: str
+    kind: Kind
+    producer: str | None
+    consumer: str
+    batchnorm: str | None
+    num_features: int
+    path: tuple[str, ...] = ()
+
+    @property
+    def layer(self) -> str:
+        """The canonical name: the producer, or ``"<consumer>:in"``."""
+        return self.producer if self.producer is not None else self.consumer + INPUT_SUFFIX
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` in ``model``."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _unknown(model: nn.Module, name: str) -> JunctionError:
+    valid = linear_layer_names(model)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return JunctionError(
+        f"the model has no nn.Linear named {name!r}.{hint} Valid names: {valid} (append "
+        f"{INPUT_SUFFIX!r} to target a layer's input features)"
+    )
+
+
+def _check_not_shared(model: nn.Module, name: str) -> None:
+    """Refuse modules registered under two names or whose parameters are tied elsewhere."""
+    module = model.get_submodule(name)
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+    if len(aliases) > 1:
+        raise JunctionError(
+            f"layer {name!r} is shared: the same module is registered as {aliases}; "
+            "removing its neurons would change every use of it"
+        )
+    own = {id(p) for p in module.parameters()}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in own and not pname.startswith(name + "."):
+            raise JunctionError(
+                f"layer {name!r} has weights tied to {pname!r}; shared or tied weights cannot be "
+                "reduced independently"
+            )
+
+
+def _describe(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[str(node.target)]).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {node.target}"
+
+
+def _is_elementwise(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], ELEMENTWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS
+    return False
+
+
+def _scopes(name: str) -> list[str]:
+    """``"a.b.c"`` → ``["a.b", "a", ""]``: the enclosing modules, innermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def _trace(model: nn.Module, scope: str) -> tuple[torch.fx.Graph, dict[str, nn.Module]] | None:
+    root = model.get_submodule(scope) if scope else model
+    try:
+        graph = _Tracer().trace(root)
+    except Exception:  # noqa: BLE001 - any tracing failure means "try the enclosing scope"
+        return None
+    return graph, dict(root.named_modules())
+
+
+def _qualify(scope: str, rel: str) -> str:
+    return f"{scope}.{rel}" if scope else rel
+
+
+class _Outward(Exception):
+    """The walk left the traced scope; retry in the enclosing one."""
+
+
+def _walk_forward(
+    graph: torch.fx.Graph, modules: Mapping[str, nn.Module], producer_rel: str, producer: str
+) -> tuple[str, str | None, tuple[str, ...]]:
+    """From the producer's call, follow single users through elementwise ops to a Linear."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == producer_rel]
+    if len(calls) != 1:
+        raise JunctionError(
+            f"layer {producer!r} is called {len(calls)} times in the forward pass; a layer used "
+            "more than once cannot be reduced"
+        )
+    node, batchnorm, path = calls[0], None, []
+    while True:
+        users = list(node.users)
+        if not users:
+            raise JunctionError(f"the output of {producer!r} is never used, so it has no consumer")
+        if len(users) > 1:
+            raise JunctionError(
+                f"the output of {producer!r} (after {path or 'nothing'}) feeds "
+                f"{len(users)} consumers: {[_describe(u, modules) for u in users]}; a junction "
+                "must have exactly one consumer nn.Linear"
+            )
+        user = users[0]
+        if user.op == "output":
+            raise _Outward
+        if user.args and user.args[0] is not node or any(
+            a is node for a in list(user.args[1:]) + list(user.kwargs.values())
+        ):
+            raise JunctionError(
+                f"the output of {producer!r} reaches {_describe(user, modules)} as a secondary "
+                "argument; only elementwise ops may lie between producer and consumer"
+            )
+        if user.op == "call_module":
+            m = modules[str(user.target)]
+            if isinstance(m, nn.Linear):
+                return str(user.target), batchnorm, tuple(path)
+            if isinstance(m, nn.BatchNorm1d) and batchnorm is None:
+                batchnorm = str(user.target)
+                path.append(_describe(user, modules))
+                node = user
+                continue
+        if _is_elementwise(user, modules):
+            path.append(_describe(user, modules))
+            node = user
+            continue
+        raise JunctionError(
+            f"between {producer!r} and its consumer lies {_describe(user, modules)}, which mixes "
+            "features or is not known to act elementwise; only elementwise modules (ReLU, GELU, "
+            "Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten) and one BatchNorm1d may lie "
+            "between the two Linear layers"
+        )
+
+
+def _walk_backward(
+    graph: torch.fx.Graph, modules: Mapping[str, nn.Module], consumer_rel: str
+) -> str | None:
+    """The Linear that feeds the consumer through single-user elementwise ops, if any."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == consumer_rel]
+    if len(calls) != 1:
+        return None
+    node = calls[0].args[0] if calls[0].args else None
+    while isinstance(node, torch.fx.Node) and len(node.users) == 1:
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            if isinstance(m, nn.Linear):
+                return str(node.target)
+            if not isinstance(m, (nn.BatchNorm1d, *ELEMENTWISE_MODULES)):
+                return None
+        elif not _is_elementwise(node, modules):
+            return None
+        node = node.args[0] if node.args else None
+    return None
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise _unknown(model, name)
+    module = modules[name]
+    if not isinstance(module, nn.Linear):
+        raise JunctionError(
+            f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; only the neurons of "
+            f"nn.Linear layers can be eliminated. Valid names: {linear_layer_names(model)}"
+        )
+    return module
+
+
+def _producer_junction(
+    model: nn.Module, target: str, producer: str, consumer: str | None
+) -> Junction:
+    prod = _linear(model, producer)
+    _check_not_shared(model, producer)
+    for scope in _scopes(producer):
+        traced = _trace(model, scope)
+        if traced is None:
+            continue
+        graph, modules = traced
+        rel = producer[len(scope) + 1 :] if scope else producer
+        try:
+            cons_rel, bn_rel, path = _walk_forward(graph, modules, rel, producer)
+        except _Outward:
+            continue
+        found = _qualify(scope, cons_rel)
+        if consumer is not None and consumer != found:
+            raise JunctionError(
+                f"the consumer of {producer!r} is {found!r}, not the given consumer {consumer!r}"
+            )
+        bn = _qualify(scope, bn_rel) if bn_rel is not None else None
+        return _finish(model, target, "producer", producer, found, bn, prod.out_features, path)
+    if consumer is None:
+        raise JunctionError(
+            f"could not find the consumer of {producer!r}: the model could not be traced with "
+            "torch.fx, or the output of the layer is the network output. Pass `consumer=` "
+            "explicitly if another layer reads it"
+        )
+    cons = _linear(model, consumer)
+    if cons.in_features != prod.out_features:
+        raise JunctionError(
+            f"consumer {consumer!r} reads {cons.in_features} features but {producer!r} produces "
+            f"{prod.out_features}"
+        )
+    warnings.warn(
+        f"the path from {producer!r} to {consumer!r} could not be traced; assuming only "
+        "elementwise modules lie between them",
+        UserWarning,
+        stacklevel=3,
+    )
+    return _finish(model, target, "producer", producer, consumer, None, prod.out_features, ())
+
+
+def _finish(
+    model: nn.Module,
+    target: str,
+    kind: Kind,
+    producer: str | None,
+    consumer: str,
+    batchnorm: str | None,
+    n: int,
+    path: tuple[str, ...],
+) -> Junction:
+    cons = _linear(model, consumer)
+    _check_not_shared(model, consumer)
+    if kind == "producer" and isinstance(cons, GatheredLinear):
+        raise JunctionError(
+            f"consumer {consumer!r} of {producer!r} already gathers its input features; reduce "
+            f"{producer!r} before {consumer + INPUT_SUFFIX!r}, not after"
+        )
+    if batchnorm is not None:
+        bn = model.get_submodule(batchnorm)
+        if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != n:
+            raise JunctionError(f"BatchNorm1d {batchnorm!r} does not have {n} features")
+        _check_not_shared(model, batchnorm)
+    return Junction(target, kind, producer, consumer, batchnorm, n, path)
+
+
+def find_junction(model: nn.Module, target: str, consumer: str | None = None) -> Junction:
+    """Resolve a target name to a :class:`Junction`, or refuse with a :class:`JunctionError`.
+
+    Args:
+        model: the network.
+        target: ``"<linear>"`` for a layer's output neurons, ``"<linear>:in"`` for its inputs.
+        consumer: the consumer's name, when it cannot be found by tracing.
+
+    Raises:
+        JunctionError: the name does not exist or is not an ``nn.Linear``; the layer is shared or
+            tied; its output feeds several consumers, passes a feature-mixing op, or is the
+            network output.
+    """
+    if not isinstance(target, str) or not target:
+        raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
+    if target.endswith(INPUT_SUFFIX):
+        cons_name = target[: -len(INPUT_SUFFIX)]
+        cons = _linear(model, cons_name)
+        for scope in _scopes(cons_name):
+            traced = _trace(model, scope)
+            if traced is None:
+                continue
+            graph, modules = traced
+            rel = cons_name[len(scope) + 1 :] if scope else cons_name
+            prod_rel = _walk_backward(graph, modules, rel)
+            if prod_rel is not None:
+                producer = _qualify(scope, prod_rel)
+                try:
+                    return _producer_junction(model, target, producer, cons_name)
+                except JunctionError:
+                    break
+            break
+        return _finish(model, target, "gather", None, cons_name, None, cons.in_features, ())
+    return _producer_junction(model, target, target, consumer)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+        for p in new.parameters():
+            p.requires_grad_(ref.requires_grad)
+    new.train(old.training)
+    return new
+
+
+def _reduced_producer(prod: nn.Linear, kept: Tensor) -> nn.Linear:
+    p = int(kept.numel())
+    if isinstance(prod, GatheredLinear):
+        new: nn.Linear = GatheredLinear(
+            prod.index, p, bias=prod.bias is not None, source_features=prod.source_features
+        )
+    else:
+        new = nn.Linear(prod.in_features, p, bias=prod.bias is not None)
+    new = _like(new, prod)
+    with torch.no_grad():
+        idx = kept.to(prod.weight.device)
+        new.weight.copy_(prod.weight[idx])
+        if prod.bias is not None:
+            new.bias.copy_(prod.bias[idx])
+    return new
+
+
+def _reduced_batchnorm(bn: nn.BatchNorm1d, kept: Tensor) -> nn.BatchNorm1d:
+    new = nn.BatchNorm1d(
+        int(kept.numel()),
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    )
+    ref = bn.weight if bn.affine else bn.running_mean
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    new.train(bn.training)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, attr)
+            if src is not None:
+                getattr(new, attr).copy_(src[kept.to(src.device)])
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+def _reduced_consumer(
+    cons: nn.Linear, junction: Junction, kept: Tensor, W_p: Tensor, b_p: Tensor | None
+) -> nn.Linear:
+    if junction.kind == "gather":
+        index = kept.to(cons.weight.device)
+        source = cons.in_features
+        if isinstance(cons, GatheredLinear):
+            index, source = cons.index[index], cons.source_features
+        new: nn.Linear = GatheredLinear(
+            index, cons.out_features, bias=b_p is not None, source_features=source
+        )
+    else:
+        new = nn.Linear(int(kept.numel()), cons.out_features, bias=b_p is not None)
+    new = _like(new, cons)
+    with torch.no_grad():
+        new.weight.copy_(W_p)
+        if b_p is not None:
+            new.bias.copy_(b_p)
+    return new
+
+
+def apply_reduction(
+    model: nn.Module, junction: Junction, kept: Tensor, W_p: Tensor, b_p: Tensor | None
+) -> list[str]:
+    """Swap the reduced producer, batch norm and consumer into ``model``, in place.
+
+    Args:
+        model: the network that holds the junction.
+        junction: from :func:`find_junction`.
+        kept: (p,) sorted indices of the kept features.
+        W_p: (m × p) new consumer weight.
+        b_p: (m,) new consumer bias, or ``None``.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    replaced: dict[str, nn.Module] = {}
+    if junction.producer is not None:
+        replaced[junction.producer] = _reduced_producer(
+            model.get_submodule(junction.producer), kept
+        )
+    if junction.batchnorm is not None:
+        replaced[junction.batchnorm] = _reduced_batchnorm(
+            model.get_submodule(junction.batchnorm), kept
+        )
+    replaced[junction.consumer] = _reduced_consumer(
+        model.get_submodule(junction.consumer), junction, kept, W_p, b_p
+    )
+    for name, module in replaced.items():
+        _set(model, name, module)
+    return list(replaced)
+
+
+def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
+    """Give a fresh model the module shapes of a reduced one, so that its ``state_dict`` loads.
+
+    The weights are placeholders (the producer's rows are kept; the consumer's weight is its
+    first p columns) until ``load_state_dict`` fills them.
+
+    Args:
+        model: a fresh instance of the unreduced architecture.
+        plan: the records of :func:`~lightning_neuronprune.api.eliminate_neurons`, as plain
+            dicts (``model.neuron_elimination_plan``), applied in order.
+    """
+    for rec in plan:
+        junction = Junction(
+            target=rec["target"],
+            kind=rec["kind"],
+            producer=rec["producer"],
+            consumer=rec["consumer"],
+            batchnorm=rec["batchnorm"],
+            num_features=rec["n"],
+        )
+        kept = torch.as_tensor(rec["kept"], dtype=torch.long)
+        cons = _linear(model, junction.consumer)
+        W_p = cons.weight.detach()[:, : kept.numel()]
+        b_p = cons.bias.detach() if cons.bias is not None else None
+        if rec.get("consumer_bias", b_p is not None) and b_p is None:
+            b_p = cons.weight.new_zeros(cons.out_features)
+        apply_reduction(model, junction, kept, W_p, b_p)
