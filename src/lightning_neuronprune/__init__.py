@@ -6,6 +6,7 @@ statistics (:mod:`.statistics`) → selection (:mod:`.selection`, :mod:`.linalg`
 reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.surgery`) → energy (:mod:`.energy`).
 """
 
+from lightning_neuronprune.callback import NeuronEliminationCallback
 from lightning_neuronprune.elimination import (
     Elimination,
     EliminationRecord,
@@ -21,6 +22,7 @@ from lightning_neuronprune.errors import (
     UnsupportedLayerError,
 )
 from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
+from lightning_neuronprune.persistence import load_reduced, read_plan, save_reduced
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import nested_order, select_neurons
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
@@ -35,6 +37,7 @@ __all__ = [
     "Junction",
     "JunctionError",
     "JunctionStatistics",
+    "NeuronEliminationCallback",
     "NeuronEliminationError",
     "NumericalWarning",
     "StatisticsError",
@@ -44,11 +47,14 @@ __all__ = [
     "eliminate_neurons",
     "find_junction",
     "least_squares_transform",
+    "load_reduced",
     "nested_order",
     "pivoted_cholesky",
     "pivoted_qr",
+    "read_plan",
     "rebuild_shapes",
     "reconstruct_consumer",
     "reduce_junction",
+    "save_reduced",
     "select_neurons",
 ]

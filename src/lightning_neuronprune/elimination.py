@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -182,6 +182,7 @@ def eliminate_neurons(
     consumer: str | None = None,
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
+    kept: Mapping[str, Sequence[int] | Tensor] | None = None,
 ) -> Elimination:
     """Remove redundant neurons of one or more ``nn.Linear`` layers, without retraining.
 
@@ -210,6 +211,8 @@ def eliminate_neurons(
         max_samples: cap on the samples used for statistics.
         input_fn: maps a batch to the model input (see
             :func:`~lightning_neuronprune.statistics.batch_input`).
+        kept: ``{target: indices}`` to keep instead of selecting them (e.g. a sweep's choice or
+            a baseline's); p must equal ``len(indices)``. The weights are still re-fitted.
 
     Returns:
         :class:`Elimination` ``(model, records)``. The model also carries the records as plain
@@ -238,6 +241,21 @@ def eliminate_neurons(
 
     junctions = [find_junction(model, t, consumer) for t in targets]
     ps = [_validate_p(j, targets[j.target]) for j in junctions]
+    given = {
+        t: torch.as_tensor(list(v) if not isinstance(v, Tensor) else v, dtype=torch.long)
+        for t, v in (kept or {}).items()
+    }
+    for j, p_j in zip(junctions, ps):
+        idx = given.get(j.target)
+        if idx is not None and (
+            idx.numel() != p_j
+            or idx.unique().numel() != p_j
+            or (p_j and (int(idx.min()) < 0 or int(idx.max()) >= j.num_features))
+        ):
+            raise JunctionError(
+                f"`kept` for {j.target!r} must be {p_j} distinct indices in [0, "
+                f"{j.num_features}), got {idx.tolist()}"
+            )
     seen: dict[str, str] = {}
     for j in junctions:
         if j.consumer in seen:
@@ -263,9 +281,20 @@ def eliminate_neurons(
                 work, [junction.consumer], data, max_samples=max_samples, input_fn=input_fn
             )[junction.consumer]
         records.append(
-            reduce_junction(work, junction, st, p_j, method=method, affine=affine, ridge=ridge)
+            reduce_junction(
+                work,
+                junction,
+                st,
+                p_j,
+                method=method,
+                affine=affine,
+                ridge=ridge,
+                kept=given.get(junction.target),
+            )
         )
-        log.info("eliminated %s: kept %d of %d features", junction.layer, p_j, junction.num_features)
+        log.info(
+            "eliminated %s: kept %d of %d features", junction.layer, p_j, junction.num_features
+        )
 
     previous = read_plan(model)
     if inplace:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
-__all__ = ["LeNet300100", "LeNet5", "caffenet"]
+__all__ = ["ARCHITECTURES", "LeNet300100", "LeNet5", "LitClassifier", "caffenet"]
 
 
 class LeNet300100(nn.Sequential):
@@ -163,3 +164,60 @@ def caffenet(
             ]
         )
     )
+
+
+#: Architecture names accepted by :class:`LitClassifier`.
+ARCHITECTURES = {"lenet300100": LeNet300100, "lenet5": LeNet5}
+
+
+class LitClassifier(pl.LightningModule):
+    """A minimal LightningModule that trains one of the reference networks with cross-entropy.
+
+    The network is the attribute ``net``, so its layers are named ``"net.fc1"`` and so on.
+    Validation logs ``val_acc``; test logs ``test_acc``.
+
+    Args:
+        arch: ``"lenet300100"`` or ``"lenet5"``.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        epochs: length of the cosine learning-rate schedule (0: constant rate).
+    """
+
+    def __init__(
+        self, arch: str = "lenet300100", lr: float = 1e-3, weight_decay: float = 0.0, epochs: int = 0
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"`arch` must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+        self.save_hyperparameters()
+        self.net = ARCHITECTURES[arch]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train")
+        if stage != "train":
+            self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.hparams.epochs <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.epochs)
+        return {"optimizer": opt, "lr_scheduler": sched}

@@ -94,6 +94,7 @@ def select_neurons(
     method: Method = "svd_qr",
     centered: bool = False,
     order: Tensor | None = None,
+    basis: Tensor | None = None,
 ) -> Tensor:
     """Pick the p features to keep.
 
@@ -103,6 +104,7 @@ def select_neurons(
         method: ``"svd_qr"`` (Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
         centered: select on the covariance instead of ``G`` (use with the affine fit).
         order: a precomputed :func:`nested_order` for ``method="qr"`` (saves the factorisation).
+        basis: precomputed eigenvectors ``U`` from :func:`spectrum` for ``method="svd_qr"``.
 
     Returns:
         (p,) sorted LongTensor of kept feature indices, on the statistics' device.
@@ -115,7 +117,7 @@ def select_neurons(
             order = nested_order(stats, centered=centered)
         kept = order[:p]
     else:
-        _, U = spectrum(stats, centered=centered)
+        U = basis if basis is not None else spectrum(stats, centered=centered)[1]
         U_p = U[:, :p]
         kept = pivoted_qr(U_p.T.contiguous(), k=p).perm[:p]
     return torch.sort(kept).values

@@ -1,0 +1,482 @@
+"""``NeuronEliminationCallback``: the Lightning shell around the functional core."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_neuronprune.elimination import eliminate_neurons
+from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.reporting import (
+    PREFIX,
+    log_scalars,
+    markdown_table,
+    tradeoff_figure,
+    write_report,
+)
+from lightning_neuronprune.selection import METHODS
+from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
+from lightning_neuronprune.surgery import Junction, find_junction, linear_layer_names
+from lightning_neuronprune.sweep import (
+    CachedEvaluator,
+    SweepPoint,
+    _to,
+    choose,
+    rank_grid,
+    sweep_junction,
+)
+
+__all__ = ["NeuronEliminationCallback"]
+
+log = logging.getLogger(__name__)
+
+APPLY_MODES = ("max_energy_saving",)
+
+
+class NeuronEliminationCallback(pl.Callback):
+    r"""Remove redundant neurons of ``nn.Linear`` layers when training ends, without retraining.
+
+    When ``trainer.fit`` finishes normally, the callback
+
+    1. streams the input statistics of every target's consumer over the training data
+       (all-reduced under DDP, so every rank holds the same numbers);
+    2. for every target and every p of the rank grid, selects p neurons, re-fits the consumer by
+       least squares, and measures the metric on the evaluation data and the modelled energy
+       (Algorithm 1 of Zhang, Davoodi & Hu 2018; the sweep of a layer stops once the accuracy
+       drop exceeds ``max_accuracy_drop``);
+    3. logs everything under ``neuron_elimination/<layer>/...`` with ``step = p``, plus a figure
+       of accuracy versus energy and a text table for loggers that take them (TensorBoard), and
+       writes ``neuron_elimination.json``/``.csv`` to the trainer's log dir;
+    4. applies the configuration picked by ``apply`` to the LightningModule, in place.
+
+    Work runs in ``on_train_end``, while the model is still on the training device and the
+    process group is alive. Every rank performs the same reduction; only rank zero reports.
+
+    Args:
+        targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons have a
+            consumer. ``"fc1"`` removes fc1's output neurons; ``"fc1:in"`` removes fc1's input
+            features (the paper's "FC1" row of LeNet-300-100).
+        ranks: the grid of p per layer: ``"auto"`` (every p up to 64 features, else 48 points plus
+            a dense tail), ``"all"`` (every p, Algorithm 1), an int step, a list of ints, or a list
+            of fractions of n.
+        max_accuracy_drop: the degradation threshold ε, as a fraction (0.02 = 2 points).
+        method: ``"svd_qr"`` (the paper's Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
+        affine: fit an intercept in the least-squares update.
+        ridge: relative ridge parameter of the update.
+        metric: a ``torchmetrics.Metric`` over ``(logits, target)``; the default is multiclass
+            top-``top_k`` accuracy, with the class count read from the model output.
+        top_k: k of the default metric.
+        energy_model: the energy model (default: 45 nm constants).
+        apply: ``"max_energy_saving"`` (the lowest-energy configuration within the threshold,
+            across all targets), ``None`` (report only), or ``{layer: p}``.
+        max_samples: samples (per process) used for the statistics.
+        eval_dataloader: evaluate on this instead of the validation dataloader.
+        example_input: one input for the energy model; by default the first evaluation sample.
+        verbose: print a line per evaluated configuration (rank zero).
+
+    Attributes:
+        results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
+        points: ``{layer: [SweepPoint, ...]}``.
+        chosen: the applied :class:`SweepPoint`, or ``None``.
+        applied: ``{layer: p}`` that was applied.
+        report_paths: the JSON and CSV files written.
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=5, callbacks=[NeuronEliminationCallback(["fc1", "fc2"])])
+        trainer.fit(model, datamodule=dm)   # model is now reduced
+        save_reduced(model, "reduced.pt")
+    """
+
+    def __init__(
+        self,
+        targets: str | list[str] = "auto",
+        ranks: str | int | list[int] | list[float] = "auto",
+        max_accuracy_drop: float = 0.02,
+        method: str = "svd_qr",
+        affine: bool = False,
+        ridge: float = 0.0,
+        metric: Metric | None = None,
+        top_k: int = 1,
+        energy_model: EnergyModel | None = None,
+        apply: str | dict[str, int] | None = "max_energy_saving",
+        max_samples: int | None = 60_000,
+        eval_dataloader: DataLoader | None = None,
+        example_input: Tensor | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if targets != "auto":
+            if isinstance(targets, str):
+                targets = [targets]
+            if (
+                not isinstance(targets, Sequence)
+                or not targets
+                or not all(isinstance(t, str) and t for t in targets)
+            ):
+                raise MisconfigurationException(
+                    f"`targets` must be 'auto' or a non-empty list of layer names, got {targets!r}"
+                )
+            if len(set(targets)) != len(targets):
+                raise MisconfigurationException(f"`targets` has duplicates: {targets!r}")
+        try:
+            rank_grid(10**6, ranks)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        if (
+            isinstance(max_accuracy_drop, bool)
+            or not isinstance(max_accuracy_drop, (int, float))
+            or not 0 <= max_accuracy_drop <= 1
+        ):
+            raise MisconfigurationException(
+                f"`max_accuracy_drop` must be a fraction in [0, 1] (0.02 = 2 points), got "
+                f"{max_accuracy_drop!r}"
+            )
+        if method not in METHODS:
+            raise MisconfigurationException(
+                f"`method` must be one of {list(METHODS)}, got {method!r}"
+            )
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
+            raise MisconfigurationException(f"`ridge` must be a non-negative number, got {ridge!r}")
+        if metric is not None and not isinstance(metric, Metric):
+            raise MisconfigurationException(
+                f"`metric` must be a torchmetrics.Metric, got {type(metric).__name__}"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise MisconfigurationException(f"`top_k` must be a positive integer, got {top_k!r}")
+        if energy_model is not None and not isinstance(energy_model, EnergyModel):
+            raise MisconfigurationException(
+                f"`energy_model` must be an EnergyModel, got {type(energy_model).__name__}"
+            )
+        if isinstance(apply, dict):
+            bad = {
+                k: v
+                for k, v in apply.items()
+                if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1
+            }
+            if bad or not apply:
+                raise MisconfigurationException(
+                    f"`apply` as a mapping must be a non-empty {{layer: p}} with p ≥ 1, got {apply!r}"
+                )
+        elif apply is not None and apply not in APPLY_MODES:
+            raise MisconfigurationException(
+                f"`apply` must be one of {list(APPLY_MODES)}, None or {{layer: p}}, got {apply!r}"
+            )
+        if max_samples is not None and (
+            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+        ):
+            raise MisconfigurationException(
+                f"`max_samples` must be a positive integer or None, got {max_samples!r}"
+            )
+        self.targets = targets
+        self.ranks = ranks
+        self.max_accuracy_drop = float(max_accuracy_drop)
+        self.method = method
+        self.affine = affine
+        self.ridge = float(ridge)
+        self.metric = metric
+        self.top_k = top_k
+        self.energy_model = energy_model or EnergyModel()
+        self.apply = apply
+        self.max_samples = max_samples
+        self.eval_dataloader = eval_dataloader
+        self.example_input = example_input
+        self.verbose = verbose
+
+        self.results: list[dict[str, Any]] = []
+        self.points: dict[str, list[SweepPoint]] = {}
+        self.chosen: SweepPoint | None = None
+        self.applied: dict[str, int] = {}
+        self.report_paths: tuple[Any, ...] = ()
+        self._failed = False
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._failed = False
+        # Refuse bad targets and missing evaluation data before any training.
+        self._resolve_junctions(pl_module)
+        if self.eval_dataloader is None and not _has_val_source(trainer):
+            raise MisconfigurationException(
+                "NeuronEliminationCallback needs evaluation data: give the LightningModule or "
+                "datamodule a `val_dataloader`, or pass `eval_dataloader=`"
+            )
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._failed = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._failed or trainer.interrupted:
+            rank_zero_warn("NeuronEliminationCallback: fit did not finish normally; no reduction")
+            return
+        if trainer.fast_dev_run:
+            rank_zero_info("NeuronEliminationCallback: skipped under fast_dev_run")
+            return
+        self._run(trainer, pl_module)
+
+    # --------------------------------------------------------------- helpers
+
+    def _resolve_junctions(self, pl_module: pl.LightningModule) -> list[Junction]:
+        if self.targets == "auto":
+            junctions = []
+            for name in linear_layer_names(pl_module):
+                try:
+                    junctions.append(find_junction(pl_module, name))
+                except JunctionError as err:
+                    log.debug("auto targets: skipping %s (%s)", name, err)
+            if not junctions:
+                raise JunctionError(
+                    f"`targets='auto'` found no nn.Linear with a consumer in "
+                    f"{type(pl_module).__name__}; Linear layers: {linear_layer_names(pl_module)}"
+                )
+            return junctions
+        junctions = [find_junction(pl_module, t) for t in self.targets]
+        consumers: dict[str, str] = {}
+        for j in junctions:
+            if j.consumer in consumers:
+                raise JunctionError(
+                    f"targets {consumers[j.consumer]!r} and {j.target!r} name the same junction"
+                )
+            consumers[j.consumer] = j.target
+        if isinstance(self.apply, dict):
+            by_name = {j.target: j for j in junctions} | {j.layer: j for j in junctions}
+            unknown = [k for k in self.apply if k not in by_name]
+            if unknown:
+                raise MisconfigurationException(
+                    f"`apply` names {unknown}, which are not among the targets {sorted(by_name)}"
+                )
+            for k, p in self.apply.items():
+                if p > by_name[k].num_features:
+                    raise MisconfigurationException(
+                        f"`apply` asks for p={p} in {k!r}, which has only "
+                        f"{by_name[k].num_features} features"
+                    )
+        return junctions
+
+    def _eval_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
+        loader = self.eval_dataloader
+        if loader is None:
+            if trainer.val_dataloaders is None:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loader = trainer.val_dataloaders
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            if isinstance(loader, dict):
+                loader = next(iter(loader.values()), None)
+        if loader is None:
+            raise MisconfigurationException(
+                "NeuronEliminationCallback needs evaluation data: give the LightningModule or "
+                "datamodule a `val_dataloader`, or pass `eval_dataloader=`"
+            )
+        _check_nonempty(loader, "evaluation")
+        return loader
+
+    def _train_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise MisconfigurationException(
+                "NeuronEliminationCallback found no training dataloader"
+            )
+        _check_nonempty(loader, "training")
+        return loader
+
+    def _info(self, message: str) -> None:
+        if self.verbose:
+            rank_zero_info(message)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
+        junctions = self._resolve_junctions(pl_module)
+        eval_loader = self._eval_loader(trainer)
+        train_loader = self._train_loader(trainer)
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+
+        stats = self._collect(pl_module, junctions, train_loader, device)
+        example = self._example(eval_loader, device)
+        metric = self._metric(pl_module, example, device)
+        self.points = self._sweep(pl_module, junctions, stats, eval_loader, metric, example, device)
+        every = [pt for pts in self.points.values() for pt in pts]
+        self.results = [pt.as_dict() for pt in every]
+        self.chosen, plan = self._choose(every, junctions)
+        self._report(trainer, every)
+        self._apply(pl_module, junctions, stats, plan)
+        self._info(
+            f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
+            + (f"applied {self.applied}" if self.applied else "model unchanged")
+        )
+
+    def _collect(
+        self, pl_module: pl.LightningModule, junctions: list[Junction], loader: Iterable[Any],
+        device: torch.device,
+    ) -> dict[str, JunctionStatistics]:  # fmt: skip
+        self._info(
+            f"neuron elimination: collecting statistics of {[j.layer for j in junctions]} "
+            f"(max {self.max_samples} samples per process)"
+        )
+        return collect_statistics(
+            pl_module, [j.consumer for j in junctions], loader,
+            max_samples=self.max_samples, device=device,
+        )  # fmt: skip
+
+    def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
+        if self.example_input is not None:
+            return _to(self.example_input, device)
+        x = batch_input(next(iter(loader)))
+        return _to(x[:1], device)
+
+    def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
+        if self.metric is not None:
+            return self.metric.to(device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                out = pl_module(example)
+        finally:
+            pl_module.train(was_training)
+        logits = out if isinstance(out, Tensor) else out[0]
+        num_classes = int(logits.shape[-1])
+        if num_classes < 2:
+            raise MisconfigurationException(
+                f"the default metric needs class scores, but the model outputs shape "
+                f"{tuple(logits.shape)}; pass `metric=`"
+            )
+        return MulticlassAccuracy(
+            num_classes, top_k=min(self.top_k, num_classes), average="micro"
+        ).to(device)
+
+    def _sweep(
+        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        stats: dict[str, JunctionStatistics], loader: Iterable[Any], metric: Metric,
+        example: Any, device: torch.device,
+    ) -> dict[str, list[SweepPoint]]:  # fmt: skip
+        points: dict[str, list[SweepPoint]] = {}
+        baseline = None
+        for i, j in enumerate(junctions, 1):
+            evaluator = CachedEvaluator(pl_module, j.consumer, loader, metric, device=device)
+            if baseline is None:
+                baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
+                self._info(
+                    f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
+                    f"{baseline[1].total * 1e6:.3f} µJ"
+                )
+
+            def progress(pt: SweepPoint, i: int = i) -> None:
+                self._info(
+                    f"neuron elimination [{i}/{len(junctions)}] {pt.layer}: p={pt.p}/{pt.n} "
+                    f"accuracy {pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
+                    f"{pt.energy_ratio:.2f}× lower"
+                )
+
+            points[j.layer] = sweep_junction(
+                pl_module, j, stats[j.consumer], evaluator, self.energy_model, example,
+                ranks=self.ranks, method=self.method, affine=self.affine, ridge=self.ridge,
+                max_accuracy_drop=self.max_accuracy_drop, baseline=baseline, on_point=progress,
+            )  # fmt: skip
+        return points
+
+    def _choose(
+        self, every: list[SweepPoint], junctions: list[Junction]
+    ) -> tuple[SweepPoint | None, dict[str, int]]:
+        if self.apply is None:
+            return None, {}
+        if isinstance(self.apply, dict):
+            by_target = {j.target: j.layer for j in junctions}
+            plan = {by_target.get(k, k): v for k, v in self.apply.items()}
+            matching = [pt for pt in every if plan.get(pt.layer) == pt.p]
+            return (matching[0] if len(plan) == 1 and matching else None), plan
+        reduced = [pt for pt in every if pt.p < pt.n]
+        best = choose(reduced, self.max_accuracy_drop)
+        if best is None:
+            rank_zero_warn(
+                f"NeuronEliminationCallback: no configuration keeps the accuracy drop within "
+                f"{self.max_accuracy_drop}; the model is left unchanged"
+            )
+            return None, {}
+        return best, {best.layer: best.p}
+
+    def _report(self, trainer: pl.Trainer, every: list[SweepPoint]) -> None:
+        if trainer.loggers:
+            log_scalars(trainer.loggers, every)
+        if not trainer.is_global_zero:
+            return
+        table = markdown_table(every, self.chosen)
+        figure = None
+        try:
+            figure = tradeoff_figure(self.points, self.chosen)
+        except ImportError:
+            rank_zero_warn("matplotlib is not installed: the trade-off figure is not logged")
+        for lg in trainer.loggers:
+            experiment = getattr(lg, "experiment", None)
+            if figure is not None and hasattr(experiment, "add_figure"):
+                experiment.add_figure(f"{PREFIX}/tradeoff", figure, global_step=0, close=False)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text(f"{PREFIX}/configurations", table, global_step=0)
+        directory = trainer.log_dir or trainer.default_root_dir
+        self.report_paths = write_report(
+            directory, every, self.chosen,
+            extra={"applied": {k: v for k, v in self._pending_plan().items()}},
+        )  # fmt: skip
+        self._info(f"neuron elimination: report written to {self.report_paths[0]}")
+
+    def _pending_plan(self) -> dict[str, int]:
+        if self.chosen is not None:
+            return {self.chosen.layer: self.chosen.p}
+        return dict(self.apply) if isinstance(self.apply, dict) else {}
+
+    def _apply(
+        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        stats: dict[str, JunctionStatistics], plan: dict[str, int],
+    ) -> None:  # fmt: skip
+        if not plan:
+            return
+        by_layer = {j.layer: j for j in junctions}
+        kept = {}
+        for layer, p in plan.items():
+            swept = next((pt for pt in self.points.get(layer, []) if pt.p == p), None)
+            if swept is not None:
+                kept[by_layer[layer].target] = swept.kept
+        eliminate_neurons(
+            pl_module, {by_layer[layer].target: p for layer, p in plan.items()},
+            stats={by_layer[layer].consumer: stats[by_layer[layer].consumer] for layer in plan},
+            method=self.method, affine=self.affine, ridge=self.ridge, inplace=True, kept=kept,
+        )  # fmt: skip
+        self.applied = dict(plan)
+        self._info(f"neuron elimination: applied {plan}")
+
+
+def _has_val_source(trainer: pl.Trainer) -> bool:
+    """Whether the fit has a validation dataloader (from the module or the datamodule)."""
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        return bool(source.is_defined()) and trainer.limit_val_batches != 0
+    except AttributeError:  # pragma: no cover - private API moved; check again in on_train_end
+        return True
+
+
+def _check_nonempty(loader: Any, what: str) -> None:
+    try:
+        size = len(loader)
+    except TypeError:
+        return
+    if size == 0:
+        raise MisconfigurationException(f"the {what} dataloader is empty")

@@ -1,0 +1,189 @@
+"""Reporting sweep results: logger scalars, the trade-off figure, text tables and JSON/CSV files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_neuronprune.sweep import SweepPoint, pareto_front
+
+__all__ = [
+    "PREFIX",
+    "log_scalars",
+    "markdown_table",
+    "point_metrics",
+    "tradeoff_figure",
+    "write_report",
+]
+
+#: The namespace of every logged key.
+PREFIX = "neuron_elimination"
+
+
+def point_metrics(point: SweepPoint, prefix: str = PREFIX) -> dict[str, float]:
+    """The scalars logged for one point, keyed ``<prefix>/<layer>/<name>``.
+
+    Energies are in joules, memory in bits; ``accuracy`` is the sweep's metric.
+    """
+    e = point.energy
+    values = {
+        "p": point.p,
+        "accuracy": point.accuracy,
+        "accuracy_drop": point.accuracy_drop,
+        "energy_total": e.total,
+        "energy_mac": e.mac,
+        "energy_sram_weights": e.sram_weights,
+        "energy_sram_activations": e.sram_activations,
+        "energy_dram": e.dram,
+        "params": e.weights,
+        "memory_bits": e.params_bits,
+        "memory_total_bits": e.total_bits,
+        "energy_ratio": point.energy_ratio,
+        "memory_ratio": point.memory_ratio,
+    }
+    return {f"{prefix}/{point.layer}/{k}": float(v) for k, v in values.items()}
+
+
+def log_scalars(loggers: Iterable[Any], points: Sequence[SweepPoint], prefix: str = PREFIX) -> None:
+    """Log every point to every Lightning logger with ``step = p``.
+
+    The unreduced baseline (the first point of each layer, p = n) is also logged under
+    ``<prefix>/baseline/...`` at step 0.
+    """
+    loggers = list(loggers)
+    baseline_done = False
+    for pt in points:
+        metrics = point_metrics(pt, prefix)
+        for lg in loggers:
+            lg.log_metrics(metrics, step=pt.p)
+        if pt.p == pt.n and not baseline_done:
+            base = {
+                k.replace(f"{prefix}/{pt.layer}/", f"{prefix}/baseline/"): v
+                for k, v in metrics.items()
+            }
+            for lg in loggers:
+                lg.log_metrics(base, step=0)
+            baseline_done = True
+    for lg in loggers:
+        lg.save()
+
+
+def _fmt_energy(joules: float) -> str:
+    for unit, scale in (("mJ", 1e-3), ("µJ", 1e-6), ("nJ", 1e-9)):
+        if abs(joules) >= scale:
+            return f"{joules / scale:.2f} {unit}"
+    return f"{joules / 1e-12:.2f} pJ"
+
+
+def markdown_table(points: Sequence[SweepPoint], chosen: SweepPoint | None = None) -> str:
+    """A Markdown table of the configurations, one row per point; the chosen one is marked."""
+    header = (
+        "| layer | p / n | accuracy | drop | energy | energy ratio | params | memory ratio | |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for pt in points:
+        mark = "**chosen**" if chosen is not None and pt is chosen else ""
+        rows.append(
+            f"| {pt.layer} | {pt.p} / {pt.n} | {pt.accuracy:.4f} | {pt.accuracy_drop:+.4f} | "
+            f"{_fmt_energy(pt.energy.total)} | {pt.energy_ratio:.2f}× | {pt.energy.weights} | "
+            f"{pt.memory_ratio:.2f}× | {mark} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def tradeoff_figure(
+    points_by_layer: Mapping[str, Sequence[SweepPoint]],
+    chosen: SweepPoint | None = None,
+    *,
+    extra: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+) -> Any:
+    """Accuracy versus modelled energy, one curve per layer, with the Pareto front marked.
+
+    Args:
+        points_by_layer: ``{layer: points}``.
+        chosen: a point to highlight.
+        extra: more curves, ``{label: [(energy_joules, accuracy), ...]}``.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (requires the ``plot`` extra).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    every: list[SweepPoint] = []
+    for layer, pts in points_by_layer.items():
+        ordered = sorted(pts, key=lambda q: q.energy.total)
+        ax.plot(
+            [q.energy.total * 1e6 for q in ordered],
+            [q.accuracy * 100 for q in ordered],
+            marker="o",
+            markersize=3,
+            label=layer,
+        )
+        every.extend(pts)
+    for label, curve in (extra or {}).items():
+        ax.plot(
+            [e * 1e6 for e, _ in curve], [a * 100 for _, a in curve], marker="s", ms=3, label=label
+        )
+    front = pareto_front(every)
+    if front:
+        ax.step(
+            [q.energy.total * 1e6 for q in front],
+            [q.accuracy * 100 for q in front],
+            where="post",
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto front",
+        )
+    if chosen is not None:
+        ax.scatter(
+            [chosen.energy.total * 1e6], [chosen.accuracy * 100], s=120, facecolors="none",
+            edgecolors="red", linewidths=2, label=f"chosen: {chosen.layer} p={chosen.p}", zorder=5,
+        )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("modelled energy per inference (µJ, 45 nm)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Neuron elimination: accuracy vs energy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(
+    directory: str | os.PathLike[str],
+    points: Sequence[SweepPoint],
+    chosen: SweepPoint | None,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    stem: str = "neuron_elimination",
+) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (every point with its kept indices, the choice, ``extra``) and
+    ``<stem>.csv`` (one row per point) into ``directory``.
+
+    Returns:
+        The two paths.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
+    doc = {
+        "points": [pt.as_dict(kept=True) for pt in points],
+        "chosen": chosen.as_dict(kept=True) if chosen is not None else None,
+        **(extra or {}),
+    }
+    json_path.write_text(json.dumps(doc, indent=2))
+    rows = [pt.as_dict() for pt in points]
+    with csv_path.open("w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return json_path, csv_path
