@@ -417,6 +417,8 @@ class NeuronEliminationCallback(pl.Callback):
     def _report(self, trainer: pl.Trainer, every: list[SweepPoint]) -> None:
         if trainer.loggers:
             log_scalars(trainer.loggers, every)
+        # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
+        directory = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
         table = markdown_table(every, self.chosen)
@@ -431,7 +433,6 @@ class NeuronEliminationCallback(pl.Callback):
                 experiment.add_figure(f"{PREFIX}/tradeoff", figure, global_step=0, close=False)
             if hasattr(experiment, "add_text"):
                 experiment.add_text(f"{PREFIX}/configurations", table, global_step=0)
-        directory = trainer.log_dir or trainer.default_root_dir
         self.report_paths = write_report(
             directory, every, self.chosen,
             extra={"applied": {k: v for k, v in self._pending_plan().items()}},

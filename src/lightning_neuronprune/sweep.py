@@ -63,7 +63,8 @@ def rank_grid(n: int, ranks: Ranks = "auto", *, start: int | None = None) -> lis
         n: the number of features.
         ranks: ``"all"``: every p from ``start`` down to 1 (Algorithm 1). An ``int`` k: every k-th
             p from ``start`` down, always ending at 1. A list of ints: those p. A list of floats
-            in (0, 1]: those fractions of n. ``"auto"`` (or ``None``): every p when
+            in (0, 1]: those fractions of n (rounded up). Values above ``start`` are skipped,
+            so one list can serve layers of different widths. ``"auto"`` (or ``None``): every p when
             ``start ≤ 64``, else 48 evenly spaced values plus a dense tail under 16 features.
         start: the largest p, normally rank(X); defaults to n.
 
@@ -92,15 +93,15 @@ def rank_grid(n: int, ranks: Ranks = "auto", *, start: int | None = None) -> lis
                 if not 0 < r <= 1:
                     raise ValueError(f"`ranks` fractions must lie in (0, 1], got {r!r}")
                 r = max(1, math.ceil(r * n))
-            if not 1 <= r <= n:
-                raise ValueError(f"`ranks` entries must lie in [1, {n}], got {r!r}")
+            if r < 1:
+                raise ValueError(f"`ranks` entries must be at least 1, got {r!r}")
             values.append(r)
     else:
         raise ValueError(
             f"`ranks` must be 'auto', 'all', a positive int step, or a non-empty list of ints or "
             f"fractions, got {ranks!r}"
         )
-    return sorted(set(values), reverse=True)
+    return sorted({v for v in values if v <= start}, reverse=True)
 
 
 def batch_target(batch: Any) -> Tensor:

@@ -1,0 +1,299 @@
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune import (
+    JunctionError,
+    NeuronEliminationCallback,
+    load_reduced,
+    read_plan,
+    save_reduced,
+)
+from lit_models import BlobsData, LitMLP
+
+
+def _trainer(tmp_path: Path, callback: pl.Callback, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 4,
+        "default_root_dir": tmp_path,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": False,
+        "callbacks": [callback],
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(model.state_dict())
+
+
+def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in now)
+
+
+@pytest.fixture
+def fitted(tmp_path: Path, seed: int) -> tuple[LitMLP, NeuronEliminationCallback, Path]:
+    """One fit with a CSV logger, targets in both layers and the input features."""
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2", "net.0:in"], ranks="all", max_accuracy_drop=0.02, verbose=False
+    )
+    model = LitMLP()
+    logger = CSVLogger(tmp_path, name="csv")
+    _trainer(tmp_path, callback, logger=logger).fit(model, datamodule=BlobsData())
+    return model, callback, Path(logger.log_dir)
+
+
+def test_logs_every_evaluated_p(fitted: tuple[LitMLP, NeuronEliminationCallback, Path]) -> None:
+    _, callback, log_dir = fitted
+    with open(log_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for layer, points in callback.points.items():
+        steps = {int(r["step"]) for r in rows if r.get(f"neuron_elimination/{layer}/accuracy")}
+        assert steps == {pt.p for pt in points}
+    keys = set(rows[0])
+    for name in (
+        "accuracy", "accuracy_drop", "energy_total", "energy_mac", "energy_sram_weights",
+        "energy_sram_activations", "energy_dram", "params", "memory_bits", "energy_ratio",
+        "memory_ratio",
+    ):  # fmt: skip
+        assert f"neuron_elimination/net.0/{name}" in keys
+        assert f"neuron_elimination/baseline/{name}" in keys
+    report = json.loads((log_dir / "neuron_elimination.json").read_text())
+    assert len(report["points"]) == len(callback.results)
+    assert report["chosen"]["p"] == callback.chosen.p
+    assert (log_dir / "neuron_elimination.csv").read_text().count("\n") == len(callback.results) + 1
+
+
+def test_sweep_stops_at_threshold(fitted: tuple[LitMLP, NeuronEliminationCallback, Path]) -> None:
+    _, callback, _ = fitted
+    for points in callback.points.values():
+        assert points[0].p == points[0].n and points[0].accuracy_drop == 0
+        within = [pt.accuracy_drop <= 0.02 for pt in points]
+        # Every point but possibly the last is within the threshold; the sweep stops right after
+        # the first one beyond it (or runs to p = 1).
+        assert all(within[:-1])
+        assert not within[-1] or points[-1].p == 1
+        ps = [pt.p for pt in points]
+        assert ps == sorted(ps, reverse=True)
+
+
+def test_apply_max_energy_saving(fitted: tuple[LitMLP, NeuronEliminationCallback, Path]) -> None:
+    model, callback, _ = fitted
+    chosen = callback.chosen
+    candidates = [r for r in callback.results if r["accuracy_drop"] <= 0.02 and r["p"] < r["n"]]
+    assert chosen.energy.total == min(r["energy_total"] for r in candidates)
+    assert callback.applied == {chosen.layer: chosen.p}
+    (record,) = read_plan(model)
+    assert record["p"] == chosen.p and tuple(record["kept"]) == chosen.kept
+    # The applied model really scores what the sweep measured.
+    x, y = _val()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(chosen.accuracy, abs=1e-6)
+
+
+def _val() -> tuple[torch.Tensor, torch.Tensor]:
+    dm = BlobsData()
+    dm.setup()
+    return dm.val_set.tensors
+
+
+def test_apply_none_leaves_model_unchanged(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(targets=["net.0"], apply=None, verbose=False)
+    model = LitMLP()
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(model, datamodule=BlobsData())
+    assert callback.results and callback.chosen is None and callback.applied == {}
+    assert model.net[0].out_features == 24 and read_plan(model) == []
+
+
+def test_apply_explicit_then_test_and_reload(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.4:in"], ranks=[20, 10, 5], apply={"net.2": 7}, verbose=False
+    )
+    model = LitMLP()
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(model, datamodule=BlobsData())
+    assert callback.applied == {"net.2": 7}
+    assert model.net[2].out_features == 7 and model.net[4].in_features == 7
+    (result,) = trainer.test(model, datamodule=BlobsData(), verbose=False)
+    assert result["test_acc"] > 0.8
+
+    x, _ = _val()
+    path = tmp_path / "reduced.pt"
+    save_reduced(model, path)
+    fresh = load_reduced(LitMLP(), path)
+    assert fresh.net[2].out_features == 7
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+    ckpt = tmp_path / "after.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.load(ckpt, weights_only=True)  # plain data only
+    again = load_reduced(LitMLP(), ckpt)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_custom_metric_and_eval_dataloader(tmp_path: Path, seed: int) -> None:
+    dm = BlobsData()
+    dm.setup()
+    x, y = dm.val_set.tensors
+    loader = DataLoader(TensorDataset(x[:100], y[:100]), batch_size=50)
+    callback = NeuronEliminationCallback(
+        targets="auto", ranks=[0.5, 0.25], metric=MulticlassAccuracy(4, top_k=2),
+        eval_dataloader=loader, apply=None, verbose=False,
+    )  # fmt: skip
+    _trainer(tmp_path, callback).fit(LitMLP(), datamodule=dm)
+    assert set(callback.points) == {"net.0", "net.2"}
+    assert {pt.p for pt in callback.points["net.0"]} <= {24, 12, 6}
+    assert all(pt.accuracy >= 0.9 for pt in callback.points["net.0"][:1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"targets": []}, "`targets` must be 'auto' or a non-empty list"),
+        ({"targets": ["a", "a"]}, "`targets` has duplicates"),
+        ({"ranks": 0}, "`ranks` as a step must be a positive integer, got 0"),
+        ({"ranks": [1.5]}, "fractions must lie in \\(0, 1\\], got 1.5"),
+        ({"ranks": "some"}, "`ranks` must be 'auto', 'all'"),
+        ({"max_accuracy_drop": -0.1}, "`max_accuracy_drop` must be a fraction in \\[0, 1\\]"),
+        ({"max_accuracy_drop": 5}, "got 5"),
+        ({"method": "lu"}, "`method` must be one of \\['svd_qr', 'qr'\\], got 'lu'"),
+        ({"ridge": -1.0}, "`ridge` must be a non-negative number, got -1.0"),
+        ({"metric": "accuracy"}, "`metric` must be a torchmetrics.Metric, got str"),
+        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
+        ({"apply": "best"}, "`apply` must be one of \\['max_energy_saving'\\]"),
+        ({"apply": {"fc1": 0}}, "`apply` as a mapping must be a non-empty"),
+        ({"max_samples": 0}, "`max_samples` must be a positive integer or None, got 0"),
+        ({"energy_model": 3}, "`energy_model` must be an EnergyModel, got int"),
+    ],
+)
+def test_constructor_validates(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        NeuronEliminationCallback(**kwargs)
+
+
+class NoVal(BlobsData):
+    val_dataloader = None  # type: ignore[assignment]
+
+
+class EmptyVal(BlobsData):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long)))
+
+
+@pytest.mark.parametrize(
+    ("callback_kwargs", "data", "error", "message"),
+    [
+        ({"targets": ["net.9"]}, BlobsData, JunctionError, "no nn.Linear named 'net.9'"),
+        ({"targets": ["net.4"]}, BlobsData, JunctionError, "could not find the consumer"),
+        ({"targets": ["net.0"], "apply": {"net.0": 99}}, BlobsData, MisconfigurationException,
+         "p=99 in 'net.0', which has only 24 features"),
+        ({"targets": ["net.0"]}, NoVal, MisconfigurationException, "needs evaluation data"),
+        ({"targets": ["net.0"]}, EmptyVal, MisconfigurationException, "dataloader is empty"),
+    ],
+)  # fmt: skip
+def test_refusals_before_work_leave_model_untouched(
+    tmp_path: Path, callback_kwargs: dict, data: type, error: type, message: str
+) -> None:
+    model = LitMLP()
+    state = _state(model)
+    callback = NeuronEliminationCallback(verbose=False, **callback_kwargs)
+    trainer = _trainer(tmp_path, callback, max_epochs=1)
+    with pytest.raises(error, match=message):
+        trainer.fit(model, datamodule=data())
+    if data is BlobsData and "apply" not in callback_kwargs:
+        assert _same(model, state)  # refused in on_fit_start: not even trained
+    assert read_plan(model) == [] and model.net[0].out_features == 24
+
+
+class Boom(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise RuntimeError("boom")
+
+
+def test_failed_fit_is_not_simplified(tmp_path: Path) -> None:
+    callback = NeuronEliminationCallback(targets=["net.0"], verbose=False)
+    model = LitMLP()
+    trainer = _trainer(tmp_path, callback)
+    trainer.callbacks.append(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, datamodule=BlobsData())
+    assert callback.results == [] and model.net[0].out_features == 24
+
+
+class FailingMetric(MulticlassAccuracy):
+    calls = 0
+
+    def compute(self) -> torch.Tensor:
+        FailingMetric.calls += 1
+        if FailingMetric.calls > 3:
+            raise RuntimeError("metric failed mid-sweep")
+        return super().compute()
+
+
+def test_error_during_sweep_leaves_trained_model_as_it_was(tmp_path: Path, seed: int) -> None:
+    FailingMetric.calls = 0
+    callback = NeuronEliminationCallback(targets=["net.0"], metric=FailingMetric(4), verbose=False)
+    model = LitMLP()
+
+    class Snapshot(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.state = _state(pl_module)
+
+    snap = Snapshot()
+    trainer = _trainer(tmp_path, snap)
+    trainer.callbacks.append(callback)
+    with pytest.raises(RuntimeError, match="metric failed mid-sweep"):
+        trainer.fit(model, datamodule=BlobsData())
+    assert _same(model, snap.state)
+    assert model.net[0].out_features == 24 and model.net[2].in_features == 24
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_lightning_cli_yaml(tmp_path: Path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 2
+  default_root_dir: {tmp_path}
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger: false
+  callbacks:
+    - class_path: lightning_neuronprune.NeuronEliminationCallback
+      init_args:
+        targets: [net.0]
+        ranks: [12, 6]
+        max_accuracy_drop: 0.05
+        method: qr
+        apply: {{net.0: 12}}
+        verbose: false
+"""
+    )
+    cli = LightningCLI(
+        LitMLP, BlobsData, args=["fit", "--config", str(config)], save_config_callback=None
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, NeuronEliminationCallback)]
+    assert callback.method == "qr" and callback.ranks == [12, 6]
+    assert callback.applied == {"net.0": 12}
+    assert cli.model.net[0].out_features == 12
