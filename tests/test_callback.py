@@ -51,7 +51,8 @@ def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
 def fitted(tmp_path: Path, seed: int) -> tuple[LitMLP, NeuronEliminationCallback, Path]:
     """One fit with a CSV logger, targets in both layers and the input features."""
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2", "net.0:in"], ranks="all", max_accuracy_drop=0.02, verbose=False
+        targets=["net.0", "net.2", "net.0:in"], ranks="all", max_accuracy_drop=0.02, joint=None,
+        verbose=False,
     )
     model = LitMLP()
     logger = CSVLogger(tmp_path, name="csv")
@@ -125,7 +126,8 @@ def test_apply_none_leaves_model_unchanged(tmp_path: Path, seed: int) -> None:
 
 def test_apply_explicit_then_test_and_reload(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.4:in"], ranks=[20, 10, 5], apply={"net.2": 7}, verbose=False
+        targets=["net.0", "net.4:in"], ranks=[20, 10, 5], apply={"net.2": 7}, joint=None,
+        verbose=False,
     )
     model = LitMLP()
     trainer = _trainer(tmp_path, callback)

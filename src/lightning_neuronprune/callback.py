@@ -20,8 +20,11 @@ from typing_extensions import override
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
 from lightning_neuronprune.reporting import (
     PREFIX,
+    joint_table,
+    log_joint_scalars,
     log_scalars,
     markdown_table,
     tradeoff_figure,
@@ -35,6 +38,7 @@ from lightning_neuronprune.sweep import (
     SweepPoint,
     _to,
     choose,
+    pareto_front,
     rank_grid,
     sweep_junction,
 )
@@ -85,6 +89,13 @@ class NeuronEliminationCallback(pl.Callback):
         max_samples: samples (per process) used for the statistics.
         eval_dataloader: evaluate on this instead of the validation dataloader.
         example_input: one input for the energy model; by default the first evaluation sample.
+        joint: with several targets, also search joint configurations of all of them under the
+            one budget: ``"greedy"`` (by marginal energy saved per accuracy lost, then re-fitted
+            on data), ``"sequential"`` (junction by junction, statistics re-collected on the
+            network reduced so far), or ``None`` (single layers only). See
+            :mod:`~lightning_neuronprune.joint`.
+        joint_order: the layer order of the sequential strategy (default: network order).
+        joint_shares: the budget shares of the sequential strategy (default: equal).
         verbose: print a line per evaluated configuration (rank zero).
 
     Attributes:
@@ -116,6 +127,9 @@ class NeuronEliminationCallback(pl.Callback):
         max_samples: int | None = 60_000,
         eval_dataloader: DataLoader | None = None,
         example_input: Tensor | None = None,
+        joint: str | None = "greedy",
+        joint_order: list[str] | None = None,
+        joint_shares: list[float] | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -194,11 +208,25 @@ class NeuronEliminationCallback(pl.Callback):
         self.max_samples = max_samples
         self.eval_dataloader = eval_dataloader
         self.example_input = example_input
+        if joint is not None and joint not in STRATEGIES:
+            raise MisconfigurationException(
+                f"`joint` must be one of {list(STRATEGIES)} or None, got {joint!r}"
+            )
+        if joint_shares is not None and (
+            not joint_shares or any(not isinstance(w, (int, float)) or w < 0 for w in joint_shares)
+        ):
+            raise MisconfigurationException(
+                f"`joint_shares` must be non-negative numbers, got {joint_shares!r}"
+            )
+        self.joint = joint
+        self.joint_order = joint_order
+        self.joint_shares = joint_shares
         self.verbose = verbose
 
         self.results: list[dict[str, Any]] = []
         self.points: dict[str, list[SweepPoint]] = {}
-        self.chosen: SweepPoint | None = None
+        self.joint_points: list[JointPoint] = []
+        self.chosen: SweepPoint | JointPoint | None = None
         self.applied: dict[str, int] = {}
         self.report_paths: tuple[Any, ...] = ()
         self._failed = False
@@ -316,6 +344,9 @@ class NeuronEliminationCallback(pl.Callback):
         self.points = self._sweep(pl_module, junctions, stats, eval_loader, metric, example, device)
         every = [pt for pts in self.points.values() for pt in pts]
         self.results = [pt.as_dict() for pt in every]
+        self.joint_points = self._joint(
+            pl_module, junctions, stats, eval_loader, train_loader, metric, example
+        )
         self.chosen, plan = self._choose(every, junctions)
         self._report(trainer, every)
         self._apply(pl_module, junctions, stats, plan)
@@ -394,9 +425,39 @@ class NeuronEliminationCallback(pl.Callback):
             )  # fmt: skip
         return points
 
+    def _joint(
+        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        stats: dict[str, JunctionStatistics], eval_loader: Iterable[Any],
+        train_loader: Iterable[Any], metric: Metric, example: Any,
+    ) -> list[JointPoint]:  # fmt: skip
+        if self.joint is None or len(junctions) < 2:
+            return []
+        first = self.points[junctions[0].layer][0]  # the unreduced baseline
+        self._info(
+            f"neuron elimination: joint search ({self.joint}) over {[j.layer for j in junctions]}"
+        )
+
+        def progress(pt: JointPoint) -> None:
+            self._info(
+                f"neuron elimination [joint {self.joint}] {pt.label}: accuracy {pt.accuracy:.4f} "
+                f"(drop {pt.accuracy_drop:+.4f}), energy {pt.energy_ratio:.2f}× lower"
+            )
+
+        search = JointSearch(
+            pl_module, junctions, stats, eval_loader, metric, self.energy_model, example,
+            train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
+            ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
+            baseline=(first.accuracy, first.energy),
+        )  # fmt: skip
+        if self.joint == "greedy":
+            return search.greedy(self.max_accuracy_drop)
+        return search.sequential(
+            self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
+        )
+
     def _choose(
         self, every: list[SweepPoint], junctions: list[Junction]
-    ) -> tuple[SweepPoint | None, dict[str, int]]:
+    ) -> tuple[SweepPoint | JointPoint | None, dict[str, int]]:
         if self.apply is None:
             return None, {}
         if isinstance(self.apply, dict):
@@ -404,7 +465,8 @@ class NeuronEliminationCallback(pl.Callback):
             plan = {by_target.get(k, k): v for k, v in self.apply.items()}
             matching = [pt for pt in every if plan.get(pt.layer) == pt.p]
             return (matching[0] if len(plan) == 1 and matching else None), plan
-        reduced = [pt for pt in every if pt.p < pt.n]
+        reduced: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
+        reduced += self.joint_points
         best = choose(reduced, self.max_accuracy_drop)
         if best is None:
             rank_zero_warn(
@@ -412,19 +474,26 @@ class NeuronEliminationCallback(pl.Callback):
                 f"{self.max_accuracy_drop}; the model is left unchanged"
             )
             return None, {}
+        if isinstance(best, JointPoint):
+            sizes = {j.layer: j.num_features for j in junctions}
+            return best, {k: v for k, v in best.config.items() if v < sizes[k]}
         return best, {best.layer: best.p}
 
     def _report(self, trainer: pl.Trainer, every: list[SweepPoint]) -> None:
         if trainer.loggers:
             log_scalars(trainer.loggers, every)
+            if self.joint_points:
+                log_joint_scalars(trainer.loggers, self.joint_points)
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
         table = markdown_table(every, self.chosen)
+        if self.joint_points:
+            table += "\n" + joint_table(pareto_front(self.joint_points + every), self.chosen)
         figure = None
         try:
-            figure = tradeoff_figure(self.points, self.chosen)
+            figure = tradeoff_figure(self.points, self.chosen, joint=self.joint_points)
         except ImportError:
             rank_zero_warn("matplotlib is not installed: the trade-off figure is not logged")
         for lg in trainer.loggers:
@@ -435,11 +504,19 @@ class NeuronEliminationCallback(pl.Callback):
                 experiment.add_text(f"{PREFIX}/configurations", table, global_step=0)
         self.report_paths = write_report(
             directory, every, self.chosen,
-            extra={"applied": {k: v for k, v in self._pending_plan().items()}},
+            extra={
+                "applied": self._pending_plan(),
+                "joint": [pt.as_dict() for pt in self.joint_points],
+                "joint_front": [
+                    pt.as_dict() for pt in pareto_front(self.joint_points) if isinstance(pt, JointPoint)
+                ],
+            },
         )  # fmt: skip
         self._info(f"neuron elimination: report written to {self.report_paths[0]}")
 
     def _pending_plan(self) -> dict[str, int]:
+        if isinstance(self.chosen, JointPoint):
+            return dict(self.chosen.config)
         if self.chosen is not None:
             return {self.chosen.layer: self.chosen.p}
         return dict(self.apply) if isinstance(self.apply, dict) else {}
@@ -449,6 +526,14 @@ class NeuronEliminationCallback(pl.Callback):
         stats: dict[str, JunctionStatistics], plan: dict[str, int],
     ) -> None:  # fmt: skip
         if not plan:
+            return
+        if isinstance(self.chosen, JointPoint):
+            apply_joint(
+                pl_module, junctions, self.chosen, method=self.method, affine=self.affine,
+                ridge=self.ridge,
+            )  # fmt: skip
+            self.applied = dict(plan)
+            self._info(f"neuron elimination: applied the joint configuration {plan}")
             return
         by_layer = {j.layer: j for j in junctions}
         kept = {}

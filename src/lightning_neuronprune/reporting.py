@@ -13,6 +13,8 @@ from lightning_neuronprune.sweep import SweepPoint, pareto_front
 
 __all__ = [
     "PREFIX",
+    "joint_table",
+    "log_joint_scalars",
     "log_scalars",
     "markdown_table",
     "point_metrics",
@@ -72,6 +74,41 @@ def log_scalars(loggers: Iterable[Any], points: Sequence[SweepPoint], prefix: st
         lg.save()
 
 
+def log_joint_scalars(loggers: Iterable[Any], points: Sequence[Any], prefix: str = PREFIX) -> None:
+    """Log joint configurations under ``<prefix>/joint/...`` (step = evaluation index) and the
+    joint Pareto front under ``<prefix>/joint_front/...`` (step = position by energy)."""
+    loggers = list(loggers)
+    names = ("accuracy", "accuracy_drop", "energy_total", "energy_ratio", "memory_ratio", "params")
+    for tag, series in (("joint", points), ("joint_front", pareto_front(points))):
+        for step, pt in enumerate(series):
+            row = pt.as_dict()
+            metrics = {f"{prefix}/{tag}/{k}": float(row[k]) for k in names}
+            metrics.update({f"{prefix}/{tag}/p/{k}": float(v) for k, v in pt.config.items()})
+            for lg in loggers:
+                lg.log_metrics(metrics, step=step)
+    for lg in loggers:
+        lg.save()
+
+
+def joint_table(points: Sequence[Any], chosen: Any = None) -> str:
+    """A Markdown table of configurations (single-layer or joint), e.g. a Pareto front."""
+    header = (
+        "| configuration | strategy | accuracy | drop | energy | energy ratio | memory ratio | |\n"
+    )
+    header += "|---|---|---|---|---|---|---|---|\n"
+    rows = []
+    for pt in points:
+        label = getattr(pt, "label", None) or f"{pt.layer}={pt.p}"
+        strategy = getattr(pt, "strategy", "single")
+        mark = "**chosen**" if chosen is not None and pt is chosen else ""
+        rows.append(
+            f"| {label} | {strategy} | {pt.accuracy:.4f} | {pt.accuracy_drop:+.4f} | "
+            f"{_fmt_energy(pt.energy.total)} | {pt.energy_ratio:.2f}× | {pt.memory_ratio:.2f}× | "
+            f"{mark} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
 def _fmt_energy(joules: float) -> str:
     for unit, scale in (("mJ", 1e-3), ("µJ", 1e-6), ("nJ", 1e-9)):
         if abs(joules) >= scale:
@@ -98,9 +135,10 @@ def markdown_table(points: Sequence[SweepPoint], chosen: SweepPoint | None = Non
 
 def tradeoff_figure(
     points_by_layer: Mapping[str, Sequence[SweepPoint]],
-    chosen: SweepPoint | None = None,
+    chosen: Any = None,
     *,
     extra: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    joint: Sequence[Any] = (),
 ) -> Any:
     """Accuracy versus modelled energy, one curve per layer, with the Pareto front marked.
 
@@ -108,6 +146,8 @@ def tradeoff_figure(
         points_by_layer: ``{layer: points}``.
         chosen: a point to highlight.
         extra: more curves, ``{label: [(energy_joules, accuracy), ...]}``.
+        joint: joint configurations (:class:`~lightning_neuronprune.joint.JointPoint`), drawn as
+            points with their own Pareto front.
 
     Returns:
         A ``matplotlib.figure.Figure`` (requires the ``plot`` extra).
@@ -131,6 +171,16 @@ def tradeoff_figure(
         ax.plot(
             [e * 1e6 for e, _ in curve], [a * 100 for _, a in curve], marker="s", ms=3, label=label
         )
+    if joint:
+        ax.scatter(
+            [q.energy.total * 1e6 for q in joint], [q.accuracy * 100 for q in joint], s=8,
+            color="0.6", label="joint configurations", zorder=2,
+        )  # fmt: skip
+        jfront = pareto_front([*joint, *every])
+        ax.step(
+            [q.energy.total * 1e6 for q in jfront], [q.accuracy * 100 for q in jfront],
+            where="post", color="tab:red", linewidth=1.5, label="joint Pareto front",
+        )  # fmt: skip
     front = pareto_front(every)
     if front:
         ax.step(
@@ -145,7 +195,8 @@ def tradeoff_figure(
     if chosen is not None:
         ax.scatter(
             [chosen.energy.total * 1e6], [chosen.accuracy * 100], s=120, facecolors="none",
-            edgecolors="red", linewidths=2, label=f"chosen: {chosen.layer} p={chosen.p}", zorder=5,
+            edgecolors="red", linewidths=2, zorder=5,
+            label="chosen: " + (getattr(chosen, "label", None) or f"{chosen.layer} p={chosen.p}"),
         )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("modelled energy per inference (µJ, 45 nm)")

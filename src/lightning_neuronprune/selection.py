@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.statistics import JunctionStatistics
 
-__all__ = ["METHODS", "Method", "nested_order", "select_neurons", "spectrum"]
+__all__ = ["METHODS", "Method", "nested_order", "numerical_rank", "select_neurons", "spectrum"]
 
 Method = Literal["svd_qr", "qr"]
 METHODS: tuple[str, ...] = ("svd_qr", "qr")
@@ -33,7 +33,9 @@ def _check_method(method: str) -> None:
 
 def _check_p(p: int, n: int) -> None:
     if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= n:
-        raise ValueError(f"`p` must be an integer in [1, {n}] (the layer has n={n} features), got {p!r}")
+        raise ValueError(
+            f"`p` must be an integer in [1, {n}] (the layer has n={n} features), got {p!r}"
+        )
 
 
 def spectrum(stats: JunctionStatistics, *, centered: bool = False) -> tuple[Tensor, Tensor]:
@@ -47,12 +49,15 @@ def spectrum(stats: JunctionStatistics, *, centered: bool = False) -> tuple[Tens
     return w.flip(0), U.flip(1)
 
 
-def numerical_rank(stats: JunctionStatistics, *, centered: bool = False) -> int:
+def numerical_rank(
+    stats: JunctionStatistics, *, centered: bool = False, eigenvalues: Tensor | None = None
+) -> int:
     """rank(X) as the number of singular values above ``n · eps(float32) · σ_max``.
 
     The tolerance uses float32's epsilon because activations come from float32 networks.
+    ``eigenvalues`` (σ², from :func:`spectrum`) saves recomputing them.
     """
-    w, _ = spectrum(stats, centered=centered)
+    w = eigenvalues if eigenvalues is not None else spectrum(stats, centered=centered)[0]
     s = w.clamp_min(0).sqrt()
     if s[0] == 0:
         return 0

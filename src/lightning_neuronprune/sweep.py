@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,13 @@ from torch import Tensor, nn
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import Method, nested_order, select_neurons, spectrum
+from lightning_neuronprune.selection import (
+    Method,
+    nested_order,
+    numerical_rank,
+    select_neurons,
+    spectrum,
+)
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input
 from lightning_neuronprune.surgery import (
     GatheredLinear,
@@ -228,21 +234,47 @@ class CachedEvaluator:
                 self.cached = True
 
     @torch.no_grad()
-    def __call__(self, replacement: nn.Module | None = None) -> float:
-        """The metric of the network with the consumer replaced by ``replacement`` (if given)."""
+    def __call__(
+        self,
+        replacement: nn.Module | None = None,
+        *,
+        modules: Mapping[str, nn.Module] | None = None,
+    ) -> float:
+        """The metric of the network with some modules temporarily replaced.
+
+        Args:
+            replacement: the module that stands in for the consumer. It reads the consumer's
+                full original input (e.g. a :class:`GatheredLinear` of the kept features).
+            modules: more replacements, by qualified name. In the cached mode, only modules
+                from the consumer onward can be replaced (see :meth:`replaceable`).
+        """
         self.metric.reset()
         root: nn.Module = self._suffix if self.cached else self.model  # type: ignore[assignment]
-        original = root.get_submodule(self.consumer)
+        swaps = dict(modules or {})
         if replacement is not None:
-            _set(root, self.consumer, replacement)
+            swaps[self.consumer] = replacement
+        originals = {name: root.get_submodule(name) for name in swaps}
         try:
+            for name, module in swaps.items():
+                _set(root, name, module)
             with _evaluating(self.model), _evaluating(root):
                 for k, (x, y) in enumerate(self._batches):
                     out = root(*self._boundaries[k]) if self.cached else root(_to(x, self.device))
                     self.metric.update(_logits(out), _to(y, self.device))
             return float(self.metric.compute())
         finally:
-            _set(root, self.consumer, original)
+            for name, module in originals.items():
+                _set(root, name, module)
+
+    def replaceable(self, name: str) -> bool:
+        """Whether module ``name`` runs in the evaluated part (always true when not cached)."""
+        if not self.cached:
+            return True
+        try:
+            self._suffix.get_submodule(name)  # type: ignore[union-attr]
+        except AttributeError:
+            return False
+        return True
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -371,8 +403,7 @@ def sweep_junction(
     if on_point is not None:
         on_point(points[0])
     sigma2, U = spectrum(stats, centered=affine)
-    s = sigma2.clamp_min(0).sqrt()
-    rank = int((s > n * torch.finfo(torch.float32).eps * s[0]).sum()) if s[0] > 0 else 1
+    rank = max(1, numerical_rank(stats, centered=affine, eigenvalues=sigma2))
     order = nested_order(stats, centered=affine) if method == "qr" else None
     for p in rank_grid(n, ranks, start=rank):
         if p == n:

@@ -1,0 +1,435 @@
+"""Simplifying several layers at once under one accuracy budget.
+
+The paper applies the procedure to several layers of a network "to maximize the compression
+ratio ... subject to an overall budget in degradation of accuracy across all the simplified
+layers". Two strategies search the joint configurations ``{layer: p}``:
+
+* ``"greedy"`` (by marginal cost): start from the unreduced network; at each step, try moving
+  every layer one point down its rank grid, and take the move with the most energy saved per
+  accuracy lost that keeps the total drop within the budget. Each junction is fitted on the
+  original network's statistics. The chosen configuration is finally re-fitted sequentially on
+  data (``refit``), which is recorded as one more point.
+* ``"sequential"`` (data-driven): reduce one junction after another (``order``); the statistics of
+  each junction are collected on the network reduced so far, so that its least-squares fit
+  compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
+
+Every evaluated joint configuration is kept as a :class:`JointPoint`; :func:`pareto_front`
+(from :mod:`~lightning_neuronprune.sweep`) applies to them too, and :func:`apply_joint` swaps the
+chosen one into a model exactly as it was evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
+from lightning_neuronprune.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.selection import (
+    Method,
+    nested_order,
+    numerical_rank,
+    select_neurons,
+    spectrum,
+)
+from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
+from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction
+from lightning_neuronprune.sweep import CachedEvaluator, Ranks, rank_grid, sweep_junction
+
+__all__ = [
+    "STRATEGIES",
+    "JointPoint",
+    "JointSearch",
+    "apply_joint",
+]
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["greedy", "sequential"]
+STRATEGIES: tuple[str, ...] = ("greedy", "sequential")
+
+
+@dataclass(frozen=True)
+class JointPoint:
+    """One evaluated joint configuration.
+
+    Attributes:
+        config: ``{layer: p}`` for every target (``p == n`` where a layer is untouched).
+        accuracy: the metric on the evaluation data.
+        accuracy_drop: the original network's metric minus this one.
+        energy: the modelled energy of the reduced network.
+        energy_ratio: original total energy / this one.
+        memory_ratio: original parameter memory / this one.
+        strategy: what produced it (``"baseline"``, ``"single"``, ``"greedy"``,
+            ``"greedy+refit"``, ``"sequential"``).
+        kept: ``{layer: kept indices}`` of the reduced layers.
+        stats: ``{consumer: statistics}`` each reduced junction was fitted with.
+    """
+
+    config: dict[str, int]
+    accuracy: float
+    accuracy_drop: float
+    energy: EnergyReport
+    energy_ratio: float
+    memory_ratio: float
+    strategy: str
+    kept: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    stats: dict[str, JunctionStatistics] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+    def as_dict(self, *, kept: bool = False) -> dict[str, Any]:
+        """Plain values for reports (energies in joules, memory in bits)."""
+        out = {
+            "strategy": self.strategy,
+            "config": dict(self.config),
+            "accuracy": self.accuracy,
+            "accuracy_drop": self.accuracy_drop,
+            "energy_ratio": self.energy_ratio,
+            "memory_ratio": self.memory_ratio,
+            "params": self.energy.weights,
+            "energy_total": self.energy.total,
+            "energy_mac": self.energy.mac,
+            "energy_sram_weights": self.energy.sram_weights,
+            "energy_sram_activations": self.energy.sram_activations,
+            "energy_dram": self.energy.dram,
+            "memory_bits": self.energy.params_bits,
+        }
+        if kept:
+            out["kept"] = {k: list(v) for k, v in self.kept.items()}
+        return out
+
+
+class JointSearch:
+    """Searches joint configurations of several junctions of one model.
+
+    Args:
+        model: the trained network (never modified; reduced copies are built).
+        junctions: the targets, from :func:`~lightning_neuronprune.surgery.find_junction`.
+        stats: ``{consumer: statistics}`` on the original network, for every junction.
+        eval_data: evaluation batches.
+        metric: a ``torchmetrics.Metric``.
+        energy_model: prices each configuration.
+        example_input: one input for the energy model.
+        train_data: batches for re-collecting statistics on reduced networks (``sequential``
+            strategy and the greedy refit); ``None`` disables both.
+        method, affine, ridge: the selection and reconstruction options.
+        ranks: the grid of every layer (see :func:`~lightning_neuronprune.sweep.rank_grid`).
+        max_samples: samples for re-collected statistics.
+        on_point: called with each evaluated point (progress).
+        baseline: ``(metric, energy)`` of the unreduced model, if already measured.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        junctions: Sequence[Junction],
+        stats: Mapping[str, JunctionStatistics],
+        eval_data: Iterable[Any],
+        metric: Any,
+        energy_model: EnergyModel,
+        example_input: Any,
+        *,
+        train_data: Iterable[Any] | None = None,
+        method: Method = "svd_qr",
+        affine: bool = False,
+        ridge: float = 0.0,
+        ranks: Ranks = "auto",
+        max_samples: int | None = None,
+        on_point: Callable[[JointPoint], None] | None = None,
+        baseline: tuple[float, EnergyReport] | None = None,
+    ) -> None:
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        self.model = model
+        self.junctions = sorted(junctions, key=lambda j: order[j.consumer])
+        self.by_layer = {j.layer: j for j in self.junctions}
+        self.stats = dict(stats)
+        self.eval_data = eval_data
+        self.metric = metric
+        self.energy_model = energy_model
+        self.example_input = example_input
+        self.train_data = train_data
+        self.method, self.affine, self.ridge = method, affine, ridge
+        self.max_samples = max_samples
+        self.on_point = on_point
+        self.grids = {
+            j.layer: [j.num_features]
+            + [
+                p
+                for p in rank_grid(
+                    j.num_features,
+                    ranks,
+                    start=max(1, numerical_rank(self.stats[j.consumer], centered=affine)),
+                )
+                if p < j.num_features
+            ]
+            for j in self.junctions
+        }
+        self.evaluator = CachedEvaluator(model, self.junctions[0].consumer, eval_data, metric)
+        base_acc, base_energy = baseline or (
+            self.evaluator(),
+            energy_model.estimate(model, example_input),
+        )
+        full = {j.layer: j.num_features for j in self.junctions}
+        self.baseline = JointPoint(full, base_acc, 0.0, base_energy, 1.0, 1.0, "baseline")
+        self._memo: dict[tuple[tuple[str, int], ...], JointPoint] = {}
+        self._reductions: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor | None]] = {}
+        self._selectors: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ building blocks
+
+    def _reduction(self, layer: str, p: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Kept indices and the consumer's new weights for one junction, on original stats."""
+        key = (layer, p)
+        if key not in self._reductions:
+            j = self.by_layer[layer]
+            st = self.stats[j.consumer]
+            if layer not in self._selectors:
+                self._selectors[layer] = (
+                    nested_order(st, centered=self.affine)
+                    if self.method == "qr"
+                    else spectrum(st, centered=self.affine)[1]
+                )
+            pre = self._selectors[layer]
+            kept = select_neurons(
+                st, p, method=self.method, centered=self.affine,
+                order=pre if self.method == "qr" else None,
+                basis=pre if self.method == "svd_qr" else None,
+            )  # fmt: skip
+            consumer = self.model.get_submodule(j.consumer)
+            rec = least_squares_transform(st, kept, affine=self.affine, ridge=self.ridge)
+            W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
+            self._reductions[key] = (kept, W_p, b_p)
+        return self._reductions[key]
+
+    def build(self, config: Mapping[str, int]) -> nn.Module:
+        """A reduced copy of the model for ``config``, each junction fitted on original stats.
+
+        Junctions are applied in network order, so each consumer still has its original weight
+        when it is re-fitted (a later junction only deletes its output rows).
+        """
+        reduced = copy.deepcopy(self.model)
+        for j in self.junctions:
+            p = config.get(j.layer, j.num_features)
+            if p < j.num_features:
+                kept, W_p, b_p = self._reduction(j.layer, p)
+                apply_reduction(reduced, j, kept.to(W_p.device), W_p, b_p)
+        return reduced
+
+    def _score(
+        self, reduced: nn.Module, config: Mapping[str, int], strategy: str,
+        kept: Mapping[str, tuple[int, ...]], stats: Mapping[str, JunctionStatistics],
+    ) -> JointPoint:  # fmt: skip
+        swaps: dict[str, nn.Module] = {}
+        first = self.junctions[0]
+        for j in self.junctions:
+            if config.get(j.layer, j.num_features) >= j.num_features:
+                continue
+            for name in filter(None, (j.producer, j.batchnorm, j.consumer)):
+                if name != first.consumer and self.evaluator.replaceable(name):
+                    swaps[name] = reduced.get_submodule(name)
+        c0 = reduced.get_submodule(first.consumer)
+        p0 = config.get(first.layer, first.num_features)
+        if self.evaluator.cached and p0 < first.num_features and not isinstance(c0, GatheredLinear):
+            # The cache holds the full-width input of the first consumer: gather the kept part.
+            g = GatheredLinear(
+                torch.as_tensor(kept[first.layer], device=c0.weight.device), c0.out_features,
+                bias=c0.bias is not None, source_features=first.num_features,
+            ).to(device=c0.weight.device, dtype=c0.weight.dtype)  # fmt: skip
+            with torch.no_grad():
+                g.weight.copy_(c0.weight)
+                if c0.bias is not None:
+                    g.bias.copy_(c0.bias)
+            c0 = g
+        swaps[first.consumer] = c0
+        if self.evaluator.cached:
+            acc = self.evaluator(modules=swaps)
+        else:
+            acc = CachedEvaluator(
+                reduced, first.consumer, self.eval_data, self.metric, cache=False
+            )()
+        energy = self.energy_model.estimate(reduced, self.example_input)
+        base = self.baseline
+        point = JointPoint(
+            config=dict(config), accuracy=acc, accuracy_drop=base.accuracy - acc, energy=energy,
+            energy_ratio=base.energy.energy_ratio(energy), memory_ratio=base.energy.memory_ratio(energy),
+            strategy=strategy, kept=dict(kept), stats=dict(stats),
+        )  # fmt: skip
+        if self.on_point is not None:
+            self.on_point(point)
+        return point
+
+    def evaluate(self, config: Mapping[str, int], strategy: str = "greedy") -> JointPoint:
+        """Build and score ``config`` with every junction fitted on the original statistics."""
+        full = {j.layer: config.get(j.layer, j.num_features) for j in self.junctions}
+        key = tuple(sorted(full.items()))
+        if key not in self._memo:
+            kept = {
+                layer: tuple(int(i) for i in self._reduction(layer, p)[0].tolist())
+                for layer, p in full.items()
+                if p < self.by_layer[layer].num_features
+            }
+            stats = {
+                self.by_layer[layer].consumer: self.stats[self.by_layer[layer].consumer]
+                for layer in kept
+            }
+            self._memo[key] = self._score(self.build(full), full, strategy, kept, stats)
+        return self._memo[key]
+
+    # ------------------------------------------------------------------ strategies
+
+    def greedy(self, budget: float, *, refit: bool = True) -> list[JointPoint]:
+        """Greedy by marginal cost. Returns every evaluated point, the path's points included.
+
+        Args:
+            budget: the largest accepted accuracy drop.
+            refit: re-fit the final configuration sequentially on ``train_data`` (if given).
+        """
+        config = {j.layer: j.num_features for j in self.junctions}
+        position = {layer: 0 for layer in config}
+        current = self.baseline
+        points: list[JointPoint] = []
+        while True:
+            candidates = []
+            for layer, grid in self.grids.items():
+                if position[layer] + 1 < len(grid):
+                    trial = {**config, layer: grid[position[layer] + 1]}
+                    pt = self.evaluate(trial, "greedy")
+                    points.append(pt)
+                    if pt.accuracy_drop <= budget:
+                        candidates.append((layer, pt))
+            if not candidates:
+                break
+
+            def merit(item: tuple[str, JointPoint]) -> tuple[bool, float]:
+                pt = item[1]
+                saved = current.energy.total - pt.energy.total
+                lost = pt.accuracy_drop - current.accuracy_drop
+                return (lost <= 0, saved if lost <= 0 else saved / lost)
+
+            layer, current = max(candidates, key=merit)
+            position[layer] += 1
+            config = dict(current.config)
+        if refit and self.train_data is not None and current is not self.baseline:
+            points.append(self.sequential_refit(current))
+        return points
+
+    def sequential_refit(self, point: JointPoint) -> JointPoint:
+        """Re-fit ``point``'s configuration junction by junction on data, keeping its kept sets."""
+        work = copy.deepcopy(self.model)
+        stats: dict[str, JunctionStatistics] = {}
+        for j in self.junctions:
+            p = point.config[j.layer]
+            if p >= j.num_features:
+                continue
+            st = collect_statistics(
+                work, [j.consumer], self.train_data, max_samples=self.max_samples
+            )[j.consumer]
+            reduce_junction(
+                work, j, st, p, method=self.method, affine=self.affine, ridge=self.ridge,
+                kept=torch.as_tensor(point.kept[j.layer]),
+            )  # fmt: skip
+            stats[j.consumer] = st
+        return self._score(work, point.config, "greedy+refit", point.kept, stats)
+
+    def sequential(
+        self,
+        budget: float,
+        *,
+        order: Sequence[str] | None = None,
+        shares: Sequence[float] | None = None,
+    ) -> list[JointPoint]:
+        """Data-driven sequential reduction. Returns every evaluated point.
+
+        Args:
+            budget: the largest accepted accuracy drop of the whole network.
+            order: the layers in the order to reduce them (default: network order).
+            shares: the fraction of the budget each layer may add (default: equal); junction i may
+                bring the total drop to ``budget · (shares_0 + ... + shares_i)``.
+        """
+        if self.train_data is None:
+            raise ValueError("the sequential strategy needs `train_data` to re-collect statistics")
+        layers = list(order) if order is not None else [j.layer for j in self.junctions]
+        if sorted(layers) != sorted(self.by_layer):
+            raise ValueError(
+                f"`order` must be a permutation of {sorted(self.by_layer)}, got {layers}"
+            )
+        weights = list(shares) if shares is not None else [1.0] * len(layers)
+        if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"`shares` must be {len(layers)} non-negative numbers, got {shares}")
+        total = sum(weights)
+        work = copy.deepcopy(self.model)
+        config = {j.layer: j.num_features for j in self.junctions}
+        kept: dict[str, tuple[int, ...]] = {}
+        stats_used: dict[str, JunctionStatistics] = {}
+        points: list[JointPoint] = []
+        allowed = 0.0
+        for layer, w in zip(layers, weights, strict=True):
+            allowed += budget * w / total
+            j = self.by_layer[layer]
+            st = collect_statistics(
+                work, [j.consumer], self.train_data, max_samples=self.max_samples
+            )[j.consumer]
+            evaluator = CachedEvaluator(work, j.consumer, self.eval_data, self.metric)
+            base = (self.baseline.accuracy, self.baseline.energy)
+            swept = sweep_junction(
+                work, j, st, evaluator, self.energy_model, self.example_input,
+                ranks=[p for p in self.grids[layer] if p < j.num_features] or [j.num_features],
+                method=self.method, affine=self.affine, ridge=self.ridge,
+                max_accuracy_drop=allowed, baseline=base,
+            )  # fmt: skip
+            for sp in swept[1:]:
+                pt = JointPoint(
+                    config={**config, layer: sp.p}, accuracy=sp.accuracy,
+                    accuracy_drop=sp.accuracy_drop, energy=sp.energy,
+                    energy_ratio=sp.energy_ratio, memory_ratio=sp.memory_ratio,
+                    strategy="sequential", kept={**kept, layer: sp.kept},
+                    stats={**stats_used, j.consumer: st},
+                )  # fmt: skip
+                points.append(pt)
+                if self.on_point is not None:
+                    self.on_point(pt)
+            ok = [sp for sp in swept[1:] if sp.accuracy_drop <= allowed]
+            if not ok:
+                continue
+            best = min(ok, key=lambda sp: (sp.energy.total, -sp.accuracy))
+            reduce_junction(
+                work, j, st, best.p, method=self.method, affine=self.affine, ridge=self.ridge,
+                kept=torch.as_tensor(best.kept),
+            )  # fmt: skip
+            config[layer] = best.p
+            kept[layer] = best.kept
+            stats_used[j.consumer] = st
+        return points
+
+
+def apply_joint(
+    model: nn.Module,
+    junctions: Sequence[Junction],
+    point: JointPoint,
+    *,
+    method: Method = "svd_qr",
+    affine: bool = False,
+    ridge: float = 0.0,
+) -> Elimination:
+    """Swap ``point``'s configuration into ``model`` in place, exactly as it was evaluated."""
+    by_layer = {j.layer: j for j in junctions}
+    reduced = {layer: p for layer, p in point.config.items() if p < by_layer[layer].num_features}
+    if not reduced:
+        return Elimination(model, [])
+    return eliminate_neurons(
+        model,
+        {by_layer[layer].target: p for layer, p in reduced.items()},
+        stats={by_layer[layer].consumer: point.stats[by_layer[layer].consumer] for layer in reduced},
+        kept={by_layer[layer].target: point.kept[layer] for layer in reduced},
+        method=method, affine=affine, ridge=ridge, inplace=True,
+    )  # fmt: skip

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune import (
+    EnergyModel,
+    JunctionError,
+    NeuronEliminationCallback,
+    collect_statistics,
+    eliminate_neurons,
+    find_junction,
+    load_reduced,
+    read_plan,
+)
+from lightning_neuronprune.joint import JointSearch, apply_joint
+from lightning_neuronprune.sweep import pareto_front
+from lit_models import BlobsData, LitMLP
+
+
+def _duplicate_rows(layer: nn.Linear, rank: int) -> None:
+    """Make output rows rank.. positive multiples of rows 0..: relu(s z) = s relu(z)."""
+    with torch.no_grad():
+        for i in range(rank, layer.out_features):
+            scale = 0.5 + i
+            layer.weight[i] = scale * layer.weight[i % rank]
+            layer.bias[i] = scale * layer.bias[i % rank]
+
+
+def _redundant_chain(generator: torch.Generator) -> nn.Sequential:
+    model = nn.Sequential(
+        nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).double()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator, dtype=torch.float64))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator, dtype=torch.float64))
+    _duplicate_rows(model[0], 5)
+    _duplicate_rows(model[2], 5)
+    return model
+
+
+def _data(generator: torch.Generator, n: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x = torch.randn(n, 10, generator=generator, dtype=torch.float64)
+    return [(xb, torch.zeros(len(xb), dtype=torch.long)) for xb in x.split(128)]
+
+
+@pytest.mark.parametrize("method", ["svd_qr", "qr"])
+def test_chain_with_lossless_redundancy_is_exact(generator: torch.Generator, method: str) -> None:
+    model = _redundant_chain(generator)
+    data = _data(generator)
+    x = torch.cat([xb for xb, _ in data])
+    reduced, records = eliminate_neurons(model, {"0": 5, "2": 5}, data=data, method=method)
+    assert [r.p for r in records] == [5, 5]
+    assert (reduced[0].out_features, reduced[2].in_features, reduced[2].out_features) == (5, 5, 5)
+    y = model(x)
+    assert ((reduced(x) - y).norm() / y.norm()).item() < 1e-5
+
+    junctions = [find_junction(model, t) for t in ("0", "2")]
+    stats = collect_statistics(model, [j.consumer for j in junctions], data)
+    search = JointSearch(
+        model, junctions, stats, data, _Agreement(model, x), EnergyModel(),
+        x[:1], method=method,
+    )  # fmt: skip
+    point = search.evaluate({"0": 5, "2": 5})
+    assert point.accuracy == pytest.approx(1.0)
+    applied = copy.deepcopy(model)
+    apply_joint(applied, junctions, point, method=method)
+    assert ((applied(x) - y).norm() / y.norm()).item() < 1e-5
+    assert point.energy_ratio > 1.5
+
+
+class _Agreement(Metric):
+    """1 when the predictions equal the original model's outputs (up to round-off), else less."""
+
+    full_state_update = False
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.reference = model(x)
+        self.add_state("err", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.tensor(0), dist_reduce_fx="sum")
+        self.offset = 0
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        ref = self.reference[self.offset : self.offset + len(preds)]
+        self.offset = (self.offset + len(preds)) % len(self.reference)
+        self.err += ((preds - ref).norm() / ref.norm()).double()
+        self.n += 1
+
+    def compute(self) -> torch.Tensor:
+        return 1.0 - self.err / self.n
+
+
+def _search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
+    pl.seed_everything(seed, verbose=False)
+    model = LitMLP()
+    dm = BlobsData()
+    pl.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, datamodule=dm)  # fmt: skip
+    junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
+    stats = collect_statistics(model, [j.consumer for j in junctions], dm.train_dataloader())
+    search = JointSearch(
+        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"), EnergyModel(),
+        dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
+    )  # fmt: skip
+    return model, search, junctions
+
+
+def _val_accuracy(model: nn.Module) -> float:
+    dm = BlobsData()
+    dm.setup()
+    x, y = dm.val_set.tensors
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sequential"])
+def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> None:
+    model, search, junctions = _search()
+    budget = 0.03
+    points = search.greedy(budget) if strategy == "greedy" else search.sequential(budget)
+    assert points and {pt.strategy for pt in points} <= {"greedy", "greedy+refit", "sequential"}
+    within = [pt for pt in points if pt.accuracy_drop <= budget]
+    best = min(within, key=lambda pt: pt.energy.total)
+    assert best.energy_ratio > 1.5
+    applied = copy.deepcopy(model)
+    apply_joint(applied, junctions, best)
+    # The applied model scores on the evaluation set exactly what the search measured.
+    assert _val_accuracy(applied) == pytest.approx(best.accuracy, abs=1e-6)
+    assert search.baseline.accuracy - _val_accuracy(applied) <= budget + 1e-9
+    assert len(read_plan(applied)) == sum(p < n for p, n in zip(best.config.values(), (12, 24, 16)))
+
+
+def test_pareto_front_is_not_dominated() -> None:
+    _, search, _ = _search()
+    points = search.greedy(0.05)
+    front = pareto_front(points)
+    for f in front:
+        for q in points:
+            dominated = (
+                q.energy.total <= f.energy.total
+                and q.accuracy >= f.accuracy
+                and (q.energy.total < f.energy.total or q.accuracy > f.accuracy)
+            )
+            assert not dominated, (f.label, q.label)
+    energies = [f.energy.total for f in front]
+    assert energies == sorted(energies)
+
+
+def test_sequential_rejects_bad_order_and_shares() -> None:
+    _, search, _ = _search()
+    with pytest.raises(ValueError, match="`order` must be a permutation"):
+        search.sequential(0.02, order=["net.0"])
+    with pytest.raises(ValueError, match="`shares` must be 3 non-negative numbers"):
+        search.sequential(0.02, shares=[1.0, -1.0, 1.0])
+
+
+def _trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    options = {
+        "max_epochs": 4, "default_root_dir": tmp_path, "enable_progress_bar": False,
+        "enable_model_summary": False, "enable_checkpointing": False, "logger": False,
+        "callbacks": callbacks,
+    }  # fmt: skip
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def test_callback_joint_search_applies_from_the_joint_front(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.03, joint="greedy", verbose=False
+    )
+    model = LitMLP()
+    _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
+    assert callback.joint_points
+    everything = callback.joint_points + [
+        pt for pts in callback.points.values() for pt in pts if pt.p < pt.n
+    ]
+    within = [pt for pt in everything if pt.accuracy_drop <= 0.03]
+    assert callback.chosen.energy.total == min(pt.energy.total for pt in within)
+    assert callback.chosen in pareto_front(everything)
+    assert _val_accuracy(model) == pytest.approx(callback.chosen.accuracy, abs=1e-6)
+    report = json.loads(Path(callback.report_paths[0]).read_text())
+    assert len(report["joint"]) == len(callback.joint_points) and report["joint_front"]
+
+
+def test_unreachable_budget_warns_and_leaves_model_untouched(tmp_path: Path, seed: int) -> None:
+    class FirstIsBest(MulticlassAccuracy):
+        calls = 0
+
+        def compute(self) -> torch.Tensor:
+            FirstIsBest.calls += 1
+            return torch.tensor(1.0 if FirstIsBest.calls == 1 else 0.5)
+
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=8, metric=FirstIsBest(4), max_accuracy_drop=0.1,
+        verbose=False,
+    )  # fmt: skip
+    model = LitMLP()
+
+    class Snapshot(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.state = copy.deepcopy(pl_module.state_dict())
+
+    snap = Snapshot()
+    with pytest.warns(UserWarning, match="no configuration keeps the accuracy drop within 0.1"):
+        _trainer(tmp_path, [snap, callback]).fit(model, datamodule=BlobsData())
+    assert callback.chosen is None and callback.applied == {}
+    state = model.state_dict()
+    assert state.keys() == snap.state.keys()
+    assert all(torch.equal(state[k], snap.state[k]) for k in state)
+
+
+def test_duplicate_targets_and_bad_joint_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match="`joint` must be one of"):
+        NeuronEliminationCallback(joint="random")
+    with pytest.raises(MisconfigurationException, match="`joint_shares` must be non-negative"):
+        NeuronEliminationCallback(joint_shares=[-1.0])
+    callback = NeuronEliminationCallback(targets=["net.0", "net.2:in"], verbose=False)
+    with pytest.raises(JunctionError, match="'net.0' and 'net.2:in' name the same junction"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
+
+
+def test_fine_tune_then_checkpoint_and_reload(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.05, verbose=False
+    )
+    model = LitMLP()
+    _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert callback.applied
+    before = _val_accuracy(model)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [checkpoint], max_epochs=2, enable_checkpointing=True).fit(
+        model, datamodule=BlobsData()
+    )
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert _val_accuracy(model) >= before - 0.02
+    reloaded = load_reduced(LitMLP(), tmp_path / "ckpt" / "last.ckpt")
+    dm = BlobsData()
+    dm.setup()
+    x = dm.val_set.tensors[0]
+    torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    assert read_plan(reloaded) == read_plan(model)
