@@ -184,7 +184,11 @@ class LitClassifier(pl.LightningModule):
     """
 
     def __init__(
-        self, arch: str = "lenet300100", lr: float = 1e-3, weight_decay: float = 0.0, epochs: int = 0
+        self,
+        arch: str = "lenet300100",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        epochs: int = 0,
     ) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -204,7 +208,9 @@ class LitClassifier(pl.LightningModule):
             self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

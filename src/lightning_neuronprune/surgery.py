@@ -237,8 +237,10 @@ def _walk_forward(
         user = users[0]
         if user.op == "output":
             raise _Outward
-        if user.args and user.args[0] is not node or any(
-            a is node for a in list(user.args[1:]) + list(user.kwargs.values())
+        if (
+            user.args
+            and user.args[0] is not node
+            or any(a is node for a in list(user.args[1:]) + list(user.kwargs.values()))
         ):
             raise JunctionError(
                 f"the output of {producer!r} reaches {_describe(user, modules)} as a secondary "
