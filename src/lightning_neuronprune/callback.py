@@ -23,7 +23,6 @@ from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
 from lightning_neuronprune.reporting import (
     PREFIX,
-    joint_table,
     log_joint_scalars,
     log_scalars,
     markdown_table,
@@ -490,7 +489,10 @@ class NeuronEliminationCallback(pl.Callback):
             return
         table = markdown_table(every, self.chosen)
         if self.joint_points:
-            table += "\n" + joint_table(pareto_front(self.joint_points + every), self.chosen)
+            front = pareto_front(self.joint_points + every)
+            table += "\n**Pareto front, joint and single-layer:**\n\n" + markdown_table(
+                front, self.chosen
+            )
         figure = None
         try:
             figure = tradeoff_figure(self.points, self.chosen, joint=self.joint_points)

@@ -13,7 +13,6 @@ from lightning_neuronprune.sweep import SweepPoint, pareto_front
 
 __all__ = [
     "PREFIX",
-    "joint_table",
     "log_joint_scalars",
     "log_scalars",
     "markdown_table",
@@ -90,25 +89,6 @@ def log_joint_scalars(loggers: Iterable[Any], points: Sequence[Any], prefix: str
         lg.save()
 
 
-def joint_table(points: Sequence[Any], chosen: Any = None) -> str:
-    """A Markdown table of configurations (single-layer or joint), e.g. a Pareto front."""
-    header = (
-        "| configuration | strategy | accuracy | drop | energy | energy ratio | memory ratio | |\n"
-    )
-    header += "|---|---|---|---|---|---|---|---|\n"
-    rows = []
-    for pt in points:
-        label = getattr(pt, "label", None) or f"{pt.layer}={pt.p}"
-        strategy = getattr(pt, "strategy", "single")
-        mark = "**chosen**" if chosen is not None and pt is chosen else ""
-        rows.append(
-            f"| {label} | {strategy} | {pt.accuracy:.4f} | {pt.accuracy_drop:+.4f} | "
-            f"{_fmt_energy(pt.energy.total)} | {pt.energy_ratio:.2f}× | {pt.memory_ratio:.2f}× | "
-            f"{mark} |"
-        )
-    return header + "\n".join(rows) + "\n"
-
-
 def _fmt_energy(joules: float) -> str:
     for unit, scale in (("mJ", 1e-3), ("µJ", 1e-6), ("nJ", 1e-9)):
         if abs(joules) >= scale:
@@ -116,19 +96,21 @@ def _fmt_energy(joules: float) -> str:
     return f"{joules / 1e-12:.2f} pJ"
 
 
-def markdown_table(points: Sequence[SweepPoint], chosen: SweepPoint | None = None) -> str:
-    """A Markdown table of the configurations, one row per point; the chosen one is marked."""
+def markdown_table(points: Sequence[Any], chosen: Any = None) -> str:
+    """A Markdown table of configurations, single-layer (:class:`SweepPoint`) or joint
+    (:class:`~lightning_neuronprune.joint.JointPoint`); the chosen one is marked."""
     header = (
-        "| layer | p / n | accuracy | drop | energy | energy ratio | params | memory ratio | |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| configuration | strategy | accuracy | drop | energy | energy ratio | params "
+        "| memory ratio | |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for pt in points:
+        label = getattr(pt, "label", None) or f"{pt.layer}: p={pt.p}/{pt.n}"
         mark = "**chosen**" if chosen is not None and pt is chosen else ""
         rows.append(
-            f"| {pt.layer} | {pt.p} / {pt.n} | {pt.accuracy:.4f} | {pt.accuracy_drop:+.4f} | "
-            f"{_fmt_energy(pt.energy.total)} | {pt.energy_ratio:.2f}× | {pt.energy.weights} | "
-            f"{pt.memory_ratio:.2f}× | {mark} |"
+            f"| {label} | {getattr(pt, 'strategy', 'single')} | {pt.accuracy:.4f} | "
+            f"{pt.accuracy_drop:+.4f} | {_fmt_energy(pt.energy.total)} | {pt.energy_ratio:.2f}× | "
+            f"{pt.energy.weights} | {pt.memory_ratio:.2f}× | {mark} |"
         )
     return header + "\n".join(rows) + "\n"
 

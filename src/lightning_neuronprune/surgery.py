@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -196,13 +196,21 @@ def _scopes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
-def _trace(model: nn.Module, scope: str) -> tuple[torch.fx.Graph, dict[str, nn.Module]] | None:
-    root = model.get_submodule(scope) if scope else model
-    try:
-        graph = _Tracer().trace(root)
-    except Exception:  # noqa: BLE001 - any tracing failure means "try the enclosing scope"
-        return None
-    return graph, dict(root.named_modules())
+def _traced_scopes(
+    model: nn.Module, name: str
+) -> Iterator[tuple[str, torch.fx.Graph, dict[str, nn.Module], str]]:
+    """Trace the modules enclosing ``name``, innermost first, skipping untraceable ones.
+
+    Yields:
+        ``(scope, graph, modules of the scope, name relative to the scope)``.
+    """
+    for scope in _scopes(name):
+        root = model.get_submodule(scope) if scope else model
+        try:
+            graph = _Tracer().trace(root)
+        except Exception:  # noqa: BLE001 - any tracing failure means "try the enclosing scope"
+            continue
+        yield scope, graph, dict(root.named_modules()), name[len(scope) + 1 :] if scope else name
 
 
 def _qualify(scope: str, rel: str) -> str:
@@ -306,12 +314,7 @@ def _producer_junction(
 ) -> Junction:
     prod = _linear(model, producer)
     _check_not_shared(model, producer)
-    for scope in _scopes(producer):
-        traced = _trace(model, scope)
-        if traced is None:
-            continue
-        graph, modules = traced
-        rel = producer[len(scope) + 1 :] if scope else producer
+    for scope, graph, modules, rel in _traced_scopes(model, producer):
         try:
             cons_rel, bn_rel, path = _walk_forward(graph, modules, rel, producer)
         except _Outward:
@@ -387,12 +390,7 @@ def find_junction(model: nn.Module, target: str, consumer: str | None = None) ->
     if target.endswith(INPUT_SUFFIX):
         cons_name = target[: -len(INPUT_SUFFIX)]
         cons = _linear(model, cons_name)
-        for scope in _scopes(cons_name):
-            traced = _trace(model, scope)
-            if traced is None:
-                continue
-            graph, modules = traced
-            rel = cons_name[len(scope) + 1 :] if scope else cons_name
+        for scope, graph, modules, rel in _traced_scopes(model, cons_name):
             prod_rel = _walk_backward(graph, modules, rel)
             if prod_rel is not None:
                 producer = _qualify(scope, prod_rel)

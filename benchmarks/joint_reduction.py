@@ -1,0 +1,272 @@
+"""Joint simplification of several layers under one accuracy budget, on MNIST (issue 5).
+
+For LeNet-300-100 (targets: the input pixels of fc1, fc1's and fc2's neurons) and LeNet-5 (the
+800 flattened conv features that feed fc1, and fc1's neurons), this script
+
+* runs the single-layer sweeps and the joint strategies (greedy by marginal cost, with and without
+  the data-driven refit; sequential in network order and in reverse, with equal and front-loaded
+  budget shares), choosing every configuration on a held-out validation split (the last 5000
+  training images, which the networks were not trained on) under the budget;
+* reports the chosen configurations' test accuracy (10000 test images), energy and memory ratios;
+* fine-tunes the best reduced network for one epoch and reports the accuracy it recovers;
+* draws the Pareto figure (single-layer curves, joint configurations, joint front).
+
+    python benchmarks/joint_reduction.py --data-dir ../shared/data/mnist --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from common import DEFAULT_MNIST, accuracy, loader, mnist_tensors, trained
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
+from lightning_neuronprune.joint import JointPoint, JointSearch, apply_joint
+from lightning_neuronprune.reporting import tradeoff_figure
+from lightning_neuronprune.sweep import CachedEvaluator, SweepPoint, pareto_front, sweep_junction
+
+SETUPS = {
+    # arch: (targets, budget as a fraction, paper reference)
+    "lenet300100": (["net.fc1:in", "net.fc1", "net.fc2"], 0.020, "26.71× energy at 1.97 points"),
+    "lenet5": (["net.fc1:in", "net.fc1"], 0.0184, "12.30× memory at 1.84 points (FC1 row)"),
+}
+
+
+def _metric() -> MulticlassAccuracy:
+    return MulticlassAccuracy(10, average="micro")
+
+
+def _energy_ceiling(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]:
+    """Energy if every Linear layer cost nothing (conv layers whole): (joules, ratio)."""
+    em = EnergyModel()
+    base = em.estimate(model, example)
+    convs = {k: v for k, v in base.per_layer.items() if "conv" in k}
+    floor = em.report(convs, output_activations=0)
+    return floor.total, base.total / floor.total
+
+
+def _row(name: str, pt: Any, test_acc: float, base_test: float) -> dict[str, Any]:
+    return {
+        "configuration": name,
+        "p": pt.label if isinstance(pt, JointPoint) else f"{pt.layer}={pt.p}",
+        "val_drop_points": 100 * pt.accuracy_drop,
+        "test_accuracy": 100 * test_acc,
+        "test_drop_points": 100 * (base_test - test_acc),
+        "energy_ratio": pt.energy_ratio,
+        "memory_ratio": pt.memory_ratio,
+        "params": pt.energy.weights,
+    }
+
+
+def _apply_single(
+    model: torch.nn.Module, junctions: list, pt: SweepPoint, stats: dict, affine: bool
+) -> Any:
+    from lightning_neuronprune import eliminate_neurons
+
+    j = next(j for j in junctions if j.layer == pt.layer)
+    reduced, _ = eliminate_neurons(
+        model, j.target, pt.p, stats={j.consumer: stats[j.consumer]}, kept={j.target: pt.kept},
+        affine=affine,
+    )
+    return reduced
+
+
+def fine_tune(model: torch.nn.Module, data_dir: str, epochs: int, limit_train: int | None) -> None:
+    from lightning_neuronprune.datasets import MNISTDataModule
+
+    model.train()
+    model.hparams.lr = 1e-4
+    model.hparams.epochs = 0
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=MNISTDataModule(data_dir, batch_size=128, limit_train=limit_train))
+
+
+def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
+    targets, budget, paper = SETUPS[arch]
+    started = time.perf_counter()
+    model = trained(arch, args.data_dir, epochs=args.epochs, limit_train=args.limit_train)
+    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
+    n_stats = args.limit_train or 55_000
+    train = loader(x_train[:n_stats], y_train[:n_stats])
+    val = loader(x_train[55_000:], y_train[55_000:])
+    example = x_test[:1]
+    base_test = accuracy(model, x_test, y_test)
+    junctions = [find_junction(model, t) for t in targets]
+    stats = collect_statistics(model, [j.consumer for j in junctions], train)
+    em = EnergyModel()
+
+    singles: dict[str, list[SweepPoint]] = {}
+    baseline = None
+    for j in junctions:
+        ev = CachedEvaluator(model, j.consumer, val, _metric())
+        baseline = baseline or (ev(), em.estimate(model, example))
+        singles[j.layer] = sweep_junction(
+            model, j, stats[j.consumer], ev, em, example, ranks=args.ranks, baseline=baseline,
+            max_accuracy_drop=budget, affine=args.affine,
+        )  # fmt: skip
+
+    rows, all_joint, timings = [], [], {}
+    for layer, pts in singles.items():
+        ok = [pt for pt in pts if pt.p < pt.n and pt.accuracy_drop <= budget]
+        if ok:
+            best = min(ok, key=lambda pt: pt.energy.total)
+            acc = accuracy(_apply_single(model, junctions, best, stats, args.affine), x_test, y_test)
+            rows.append(_row(f"single layer {layer}", best, acc, base_test))
+
+    search = JointSearch(
+        model, junctions, stats, val, _metric(), em, example, train_data=train,
+        ranks=args.ranks, affine=args.affine, baseline=baseline,
+    )  # fmt: skip
+    n = len(junctions)
+    strategies = {
+        "greedy": lambda: search.greedy(budget, refit=True),
+        "sequential, network order, equal shares": lambda: search.sequential(budget),
+        "sequential, reverse order, equal shares": lambda: search.sequential(
+            budget, order=[j.layer for j in reversed(junctions)]
+        ),
+        "sequential, network order, front-loaded shares": lambda: search.sequential(
+            budget, shares=[2.0 ** (n - i) for i in range(n)]
+        ),
+    }
+    best_joint: JointPoint | None = None
+    for name, fn in strategies.items():
+        t0 = time.perf_counter()
+        pts = fn()
+        timings[name] = time.perf_counter() - t0
+        all_joint += pts
+        kinds = sorted({pt.strategy for pt in pts})
+        for kind in kinds:
+            ok = [pt for pt in pts if pt.strategy == kind and pt.accuracy_drop <= budget]
+            if not ok:
+                continue
+            best = min(ok, key=lambda pt: (pt.energy.total, -pt.accuracy))
+            reduced = copy.deepcopy(model)
+            apply_joint(reduced, junctions, best, affine=args.affine)
+            acc = accuracy(reduced, x_test, y_test)
+            label = name if kind == "sequential" or kind == "greedy" else f"{name} + refit"
+            rows.append(_row(label, best, acc, base_test))
+            if best_joint is None or best.energy.total < best_joint.energy.total:
+                best_joint = best
+
+    finetune = None
+    if best_joint is not None and args.finetune_epochs > 0:
+        reduced = copy.deepcopy(model)
+        apply_joint(reduced, junctions, best_joint, affine=args.affine)
+        before = accuracy(reduced, x_test, y_test)
+        fine_tune(reduced, args.data_dir, args.finetune_epochs, args.limit_train)
+        after = accuracy(reduced, x_test, y_test)
+        finetune = {
+            "configuration": best_joint.label,
+            "test_before": 100 * before,
+            "test_after": 100 * after,
+            "baseline": 100 * base_test,
+            "epochs": args.finetune_epochs,
+        }
+
+    ceiling = _energy_ceiling(model, example) if arch == "lenet5" else None
+    figure_path = None
+    if args.out:
+        images = Path(args.out) / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        fig = tradeoff_figure(singles, best_joint, joint=all_joint)
+        fig.axes[0].set_title(f"{arch}: single-layer curves and joint configurations (validation)")
+        figure_path = images / f"joint_{arch}.png"
+        fig.savefig(figure_path)
+    return {
+        "arch": arch,
+        "targets": targets,
+        "budget_points": 100 * budget,
+        "paper": paper,
+        "baseline_test": 100 * base_test,
+        "baseline_val": 100 * baseline[0],
+        "rows": rows,
+        "front": [pt.as_dict() for pt in pareto_front(all_joint)],
+        "evaluated": len(all_joint),
+        "timings_s": timings,
+        "finetune": finetune,
+        "energy_ceiling": ceiling,
+        "figure": str(figure_path) if figure_path else None,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"### {result['arch']}: targets {', '.join(result['targets'])}, budget "
+        f"{result['budget_points']:.2f} points",
+        "",
+        f"Baseline: {result['baseline_test']:.2f}% test, {result['baseline_val']:.2f}% validation."
+        f" Paper: {result['paper']}. {result['evaluated']} joint configurations evaluated in "
+        f"{result['wall_s']:.0f} s.",
+        "",
+        "| configuration | kept p | val drop | test acc | test drop | energy ratio | memory ratio "
+        "| params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['configuration']} | {r['p']} | {r['val_drop_points']:.2f} | "
+            f"{r['test_accuracy']:.2f}% | {r['test_drop_points']:.2f} | "
+            f"{r['energy_ratio']:.2f}× | {r['memory_ratio']:.2f}× | {r['params']} |"
+        )
+    if result["energy_ceiling"]:
+        joules, ratio = result["energy_ceiling"]
+        lines += [
+            "",
+            f"Energy ceiling with the conv layers whole (every Linear layer free): "
+            f"{joules * 1e6:.2f} µJ per inference, i.e. at most {ratio:.2f}× lower energy.",
+        ]
+    if result["finetune"]:
+        f = result["finetune"]
+        lines += [
+            "",
+            f"Fine-tuning the best joint configuration ({f['configuration']}) for {f['epochs']} "
+            f"epoch(s) at lr 1e-4: test accuracy {f['test_before']:.2f}% → {f['test_after']:.2f}% "
+            f"(unreduced: {f['baseline']:.2f}%).",
+        ]
+    timings = ", ".join(f"{k}: {v:.0f} s" for k, v in result["timings_s"].items())
+    lines += ["", f"Strategy wall times: {timings}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=DEFAULT_MNIST)
+    parser.add_argument("--arch", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--ranks", default="auto", help="'auto', 'all' or an int step")
+    parser.add_argument("--affine", action="store_true", help="fit intercepts")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (recipe)")
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--out", default=None, help="directory for joint.json and images/")
+    parser.add_argument("--quick", action="store_true", help="tiny run for CI")
+    args = parser.parse_args()
+    if args.ranks not in ("auto", "all"):
+        args.ranks = int(args.ranks)
+    if args.quick:
+        args.epochs, args.limit_train, args.ranks, args.finetune_epochs = 1, 3000, 64, 1
+    data = mnist_tensors(args.data_dir)
+    results = []
+    for arch in args.arch:
+        result = run_arch(arch, args, data)
+        results.append(result)
+        print(markdown(result), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "joint.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
