@@ -124,5 +124,5 @@ def select_neurons(
     else:
         U = basis if basis is not None else spectrum(stats, centered=centered)[1]
         U_p = U[:, :p]
-        kept = pivoted_qr(U_p.T.contiguous(), k=p).perm[:p]
+        kept = pivoted_qr(U_p.T.contiguous(), k=p, compute_q=False).perm[:p]
     return torch.sort(kept).values
