@@ -220,6 +220,53 @@ def bench_cholesky(sizes: list[int], repeat: int, seed: int, clock: Clock) -> No
     )
 
 
+_STATS_CHILD = """
+import resource, sys, torch
+from torch import nn
+from lightning_neuronprune.statistics import collect_statistics
+torch.manual_seed(0)
+width, K, batch = int(sys.argv[1]), int(sys.argv[2]), 1000
+model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+def batches():
+    for _ in range(K // batch):
+        yield torch.randn(batch, 64)
+collect_statistics(model, ["2"], batches(), max_samples=batch)  # warm up allocator and kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stats = collect_statistics(model, ["2"], batches())["2"]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(stats.count, before, after)
+"""
+
+
+def bench_statistics_memory(width: int, counts: list[int]) -> None:
+    """Peak resident memory of streaming statistics, in a fresh process per sample count K.
+
+    The figure is the growth of the process's peak RSS (``ru_maxrss``) during
+    :func:`collect_statistics`, after a warm-up pass: it must not grow with K.
+    """
+    import subprocess
+    import sys
+
+    rows = []
+    for K in counts:
+        out = subprocess.run(
+            [sys.executable, "-c", _STATS_CHILD, str(width), str(K)],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        count, before, after = (int(v) for v in out)
+        rows.append(
+            [
+                str(K), str(count), f"{before / 1024:.1f}", f"{after / 1024:.1f}",
+                f"{(after - before) / 1024:.1f}", f"{width * K * 4 / 2**20:.0f}",
+            ]
+        )  # fmt: skip
+    _print_table(
+        f"Statistics collection, {width}-wide layer, batches of 1000 (peak RSS, MiB)",
+        ["K", "samples seen", "peak before", "peak after", "growth", "n×K float32 matrix"],
+        rows,
+    )
+
+
 def main() -> None:
     args = _parse_args()
     if args.threads is not None:  # before numpy/scipy load OpenBLAS
@@ -241,6 +288,7 @@ def main() -> None:
     bench_qr(args.sizes, args.dtypes, args.repeat, args.seed, clock)
     if not args.skip_cholesky:
         bench_cholesky(args.sizes, args.repeat, args.seed, clock)
+    bench_statistics_memory(1024, [10_000, 100_000])
 
 
 if __name__ == "__main__":

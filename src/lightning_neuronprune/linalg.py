@@ -16,6 +16,7 @@ operations alone, so they run on the device of their input (CPU or CUDA) and kee
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ class PivotedQR(NamedTuple):
     """Result of :func:`pivoted_qr`: ``A[:, perm] = Q @ R``.
 
     Attributes:
-        Q: ``(m, k)`` matrix with orthonormal columns.
+        Q: ``(m, k)`` matrix with orthonormal columns (``(m, 0)`` with ``compute_q=False``).
         R: ``(k, n)`` upper trapezoidal matrix with non-increasing ``|diag(R)|``.
         perm: ``(n,)`` int64 column permutation; its first ``k`` entries are the pivots.
     """
@@ -247,10 +248,10 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
             _recompute_norms(Y, s1, s2, flagged, i, tol3z)
             pvt = i + int(torch.argmax(s1[i:]).item())
 
-    tau_t = torch.tensor(taus, dtype=dtype, device=device)
     if compute_q:
+        tau_t = torch.tensor(taus, dtype=dtype, device=device)
         Q = torch.linalg.householder_product(Y[:steps].T, tau_t)
-    else:
+    else:  # no reflector accumulation: selection needs only the pivots
         Q = A.new_empty((m, 0))
     R = Y[:, :steps].tril().T.contiguous().mul_(1.0 / scale)
     return PivotedQR(Q, R, torch.tensor(perm, dtype=torch.long, device=device))
@@ -317,10 +318,12 @@ def pivoted_cholesky(
 
     The factorization stops after ``k`` steps, or as soon as the largest remaining diagonal is at
     most ``rtol * max(diag(G))`` (LAPACK ``xPSTRF``'s rule), whichever comes first. It is blocked
-    and right-looking like ``xPSTRF``: inside a panel of ``nb`` pivots the pivot row and column are
-    swapped to the front of the trailing block and each new column of ``L`` costs one GEMV against
-    the panel, ``L[i:, i] = (W[i, i:] - L[i:, c0:i] L[i, c0:i]ᵀ) / sqrt(d_i)``; the trailing Schur
-    complement is updated once per panel with a GEMM, ``W[i:, i:] -= L[i:, c0:i] L[i:, c0:i]ᵀ``.
+    and right-looking like ``xPSTRF``: inside a panel of ``nb`` pivots starting at ``c0``, the
+    pivot row and column are swapped to the front of the trailing block ``W[i:, i:]`` and each new
+    column of ``L`` costs one GEMV against the panel,
+    ``L[i:, i] = (W[i, i:] - L[i:, c0:i] L[i, c0:i]ᵀ) / sqrt(d_i)``; the upper triangle of the
+    trailing Schur complement is updated once per panel with tiled GEMMs,
+    ``W[i:, i:] -= L[i:, c0:i] L[i:, c0:i]ᵀ`` (about half the flops of a full GEMM).
 
     Contract, with ``P = perm`` and ``ρ = rank``:
 
@@ -361,7 +364,7 @@ def pivoted_cholesky(
     steps = _check_steps(k, "k", n)
     if rtol is None:
         rtol = n * torch.finfo(G.dtype).eps
-    elif isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0.0:
+    elif isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0.0:
         raise ValueError(f"`rtol` must be a non-negative float or None, got {rtol!r}")
     W = _symmetrized(G, amax)  # the trailing block W[i:, i:] is the Schur complement
     device = G.device
@@ -389,7 +392,7 @@ def pivoted_cholesky(
             if not dmax > tol:
                 done = True
                 break
-            # first maximum in the original order (the arrangement is permuted by the swaps)
+            # exact ties go to the lowest original index (the swaps permute the arrangement)
             p = i + int(torch.where(ds == best, orig[i:], float(n)).argmin().item())
             if p != i:
                 # symmetric swap of i and p in the upper triangle of W (LAPACK xPSTRF)
