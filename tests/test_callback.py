@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from lit_models import BlobsData, LitMLP
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,7 +22,6 @@ from lightning_neuronprune import (
     read_plan,
     save_reduced,
 )
-from lit_models import BlobsData, LitMLP
 
 
 def _trainer(tmp_path: Path, callback: pl.Callback, **kwargs: Any) -> pl.Trainer:
@@ -51,7 +51,10 @@ def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
 def fitted(tmp_path: Path, seed: int) -> tuple[LitMLP, NeuronEliminationCallback, Path]:
     """One fit with a CSV logger, targets in both layers and the input features."""
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2", "net.0:in"], ranks="all", max_accuracy_drop=0.02, joint=None,
+        targets=["net.0", "net.2", "net.0:in"],
+        ranks="all",
+        max_accuracy_drop=0.02,
+        joint=None,
         verbose=False,
     )
     model = LitMLP()
@@ -126,7 +129,10 @@ def test_apply_none_leaves_model_unchanged(tmp_path: Path, seed: int) -> None:
 
 def test_apply_explicit_then_test_and_reload(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.4:in"], ranks=[20, 10, 5], apply={"net.2": 7}, joint=None,
+        targets=["net.0", "net.4:in"],
+        ranks=[20, 10, 5],
+        apply={"net.2": 7},
+        joint=None,
         verbose=False,
     )
     model = LitMLP()

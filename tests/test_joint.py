@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from lit_models import BlobsData, LitMLP
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -26,7 +27,6 @@ from lightning_neuronprune import (
 )
 from lightning_neuronprune.joint import JointSearch, apply_joint
 from lightning_neuronprune.sweep import pareto_front
-from lit_models import BlobsData, LitMLP
 
 
 def _duplicate_rows(layer: nn.Linear, rank: int) -> None:
@@ -45,7 +45,8 @@ def _redundant_chain(generator: torch.Generator) -> nn.Sequential:
     with torch.no_grad():
         for m in model:
             if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator, dtype=torch.float64))
+                w = torch.randn(m.weight.shape, generator=generator, dtype=torch.float64)
+                m.weight.copy_(w)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator, dtype=torch.float64))
     _duplicate_rows(model[0], 5)
     _duplicate_rows(model[2], 5)
@@ -116,7 +117,8 @@ def _search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
     junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
     stats = collect_statistics(model, [j.consumer for j in junctions], dm.train_dataloader())
     search = JointSearch(
-        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"), EnergyModel(),
+        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"),
+        EnergyModel(),
         dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
     )  # fmt: skip
     return model, search, junctions
@@ -144,7 +146,9 @@ def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> N
     # The applied model scores on the evaluation set exactly what the search measured.
     assert _val_accuracy(applied) == pytest.approx(best.accuracy, abs=1e-6)
     assert search.baseline.accuracy - _val_accuracy(applied) <= budget + 1e-9
-    assert len(read_plan(applied)) == sum(p < n for p, n in zip(best.config.values(), (12, 24, 16)))
+    assert len(read_plan(applied)) == sum(
+        p < n for p, n in zip(best.config.values(), (12, 24, 16), strict=True)
+    )
 
 
 def test_pareto_front_is_not_dominated() -> None:

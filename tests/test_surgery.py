@@ -156,5 +156,6 @@ def test_valid_names_are_listed() -> None:
 
 
 def test_explicit_consumer_must_agree() -> None:
-    with pytest.raises(JunctionError, match="consumer of 'fc1' is 'fc2', not the given consumer 'fc3'"):
+    message = "consumer of 'fc1' is 'fc2', not the given consumer 'fc3'"
+    with pytest.raises(JunctionError, match=message):
         find_junction(LeNet300100(), "fc1", consumer="fc3")

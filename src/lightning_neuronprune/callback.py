@@ -182,7 +182,8 @@ class NeuronEliminationCallback(pl.Callback):
             }
             if bad or not apply:
                 raise MisconfigurationException(
-                    f"`apply` as a mapping must be a non-empty {{layer: p}} with p ≥ 1, got {apply!r}"
+                    "`apply` as a mapping must be a non-empty {layer: p} with p ≥ 1, got "
+                    f"{apply!r}"
                 )
         elif apply is not None and apply not in APPLY_MODES:
             raise MisconfigurationException(
@@ -510,7 +511,9 @@ class NeuronEliminationCallback(pl.Callback):
                 "applied": self._pending_plan(),
                 "joint": [pt.as_dict() for pt in self.joint_points],
                 "joint_front": [
-                    pt.as_dict() for pt in pareto_front(self.joint_points) if isinstance(pt, JointPoint)
+                    pt.as_dict()
+                    for pt in pareto_front(self.joint_points)
+                    if isinstance(pt, JointPoint)
                 ],
             },
         )  # fmt: skip

@@ -1,4 +1,5 @@
-"""``eliminate_neurons``: statistics → selection → least squares → surgery, for one or more layers."""
+"""``eliminate_neurons``: statistics → selection → least squares → surgery, for one or more
+layers."""
 
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def eliminate_neurons(
     """Remove redundant neurons of one or more ``nn.Linear`` layers, without retraining.
 
     For each target, the consumer's input statistics ``G`` are collected from ``data`` (or taken
-    from ``stats``), p features are selected (:func:`~lightning_neuronprune.selection.select_neurons`),
+    from ``stats``), p features are selected
+    (:func:`~lightning_neuronprune.selection.select_neurons`),
     the consumer is re-fitted by least squares, ``W_p = W G[:, S] G[S, S]⁻¹``
     (:mod:`~lightning_neuronprune.reconstruction`), and smaller modules are swapped in.
 
@@ -216,7 +218,8 @@ def eliminate_neurons(
 
     Returns:
         :class:`Elimination` ``(model, records)``. The model also carries the records as plain
-        data in its ``neuron_elimination_plan`` buffer (see :mod:`~lightning_neuronprune.persistence`),
+        data in its ``neuron_elimination_plan`` buffer (see
+        :mod:`~lightning_neuronprune.persistence`),
         so that :func:`~lightning_neuronprune.persistence.load_reduced` can reload it.
 
     Raises:
@@ -245,7 +248,7 @@ def eliminate_neurons(
         t: torch.as_tensor(list(v) if not isinstance(v, Tensor) else v, dtype=torch.long)
         for t, v in (kept or {}).items()
     }
-    for j, p_j in zip(junctions, ps):
+    for j, p_j in zip(junctions, ps, strict=True):
         idx = given.get(j.target)
         if idx is not None and (
             idx.numel() != p_j
@@ -270,7 +273,7 @@ def eliminate_neurons(
                 f"no statistics for {j.target!r} (consumer {j.consumer!r}): pass `data` or `stats`"
             )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    plan = sorted(zip(junctions, ps), key=lambda jp: order[jp[0].consumer])
+    plan = sorted(zip(junctions, ps, strict=True), key=lambda jp: order[jp[0].consumer])
 
     work = copy.deepcopy(model)
     records: list[EliminationRecord] = []

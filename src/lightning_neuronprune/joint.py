@@ -261,7 +261,8 @@ class JointSearch:
         base = self.baseline
         point = JointPoint(
             config=dict(config), accuracy=acc, accuracy_drop=base.accuracy - acc, energy=energy,
-            energy_ratio=base.energy.energy_ratio(energy), memory_ratio=base.energy.memory_ratio(energy),
+            energy_ratio=base.energy.energy_ratio(energy),
+            memory_ratio=base.energy.memory_ratio(energy),
             strategy=strategy, kept=dict(kept), stats=dict(stats),
         )  # fmt: skip
         if self.on_point is not None:
@@ -452,7 +453,9 @@ def apply_joint(
     return eliminate_neurons(
         model,
         {by_layer[layer].target: p for layer, p in reduced.items()},
-        stats={by_layer[layer].consumer: point.stats[by_layer[layer].consumer] for layer in reduced},
+        stats={
+            by_layer[layer].consumer: point.stats[by_layer[layer].consumer] for layer in reduced
+        },
         kept={by_layer[layer].target: point.kept[layer] for layer in reduced},
         method=method, affine=affine, ridge=ridge, inplace=True,
     )  # fmt: skip

@@ -68,7 +68,7 @@ def solve_psd(A: Tensor, B: Tensor, *, rtol: float | None = None) -> Tensor:
     L, info = torch.linalg.cholesky_ex(A_eq)
     if info.item() == 0:
         diagL = L.diagonal()
-        # Reject a factorisation whose pivots show near-singularity: fall back to the pseudo-inverse.
+        # Reject a factorisation whose pivots show near-singularity: use the pseudo-inverse.
         if diagL.min() ** 2 > rtol * diagL.max() ** 2:
             Y_eq = torch.cholesky_solve((B * d).T, L).T
             return Y_eq * d
@@ -108,7 +108,9 @@ def least_squares_transform(
         A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     T = solve_psd(A, B)
     if not torch.isfinite(T).all():  # pragma: no cover - solve_psd is built to prevent this
-        warnings.warn("least-squares transform was not finite; replaced by 0", NumericalWarning)
+        warnings.warn(
+            "least-squares transform was not finite; replaced by 0", NumericalWarning, stacklevel=2
+        )
         T = torch.nan_to_num(T, nan=0.0, posinf=0.0, neginf=0.0)
     if affine:
         mu = stats.mean()

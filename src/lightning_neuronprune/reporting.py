@@ -52,23 +52,24 @@ def point_metrics(point: SweepPoint, prefix: str = PREFIX) -> dict[str, float]:
 def log_scalars(loggers: Iterable[Any], points: Sequence[SweepPoint], prefix: str = PREFIX) -> None:
     """Log every point to every Lightning logger with ``step = p``.
 
-    The unreduced baseline (the first point of each layer, p = n) is also logged under
-    ``<prefix>/baseline/...`` at step 0.
+    Points are logged by increasing p within each layer: TensorBoard treats a step lower than the
+    previous one of the same tag as a restart and drops the earlier values. The unreduced
+    baseline (p = n of the first layer) is also logged under ``<prefix>/baseline/...`` at step 0.
     """
     loggers = list(loggers)
-    baseline_done = False
-    for pt in points:
+    baseline = next((pt for pt in points if pt.p == pt.n), None)
+    if baseline is not None:
+        base = {
+            k.replace(f"{prefix}/{baseline.layer}/", f"{prefix}/baseline/"): v
+            for k, v in point_metrics(baseline, prefix).items()
+        }
+        for lg in loggers:
+            lg.log_metrics(base, step=0)
+    layers = list(dict.fromkeys(pt.layer for pt in points))
+    for pt in sorted(points, key=lambda q: (layers.index(q.layer), q.p)):
         metrics = point_metrics(pt, prefix)
         for lg in loggers:
             lg.log_metrics(metrics, step=pt.p)
-        if pt.p == pt.n and not baseline_done:
-            base = {
-                k.replace(f"{prefix}/{pt.layer}/", f"{prefix}/baseline/"): v
-                for k, v in metrics.items()
-            }
-            for lg in loggers:
-                lg.log_metrics(base, step=0)
-            baseline_done = True
     for lg in loggers:
         lg.save()
 

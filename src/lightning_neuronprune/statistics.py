@@ -96,7 +96,7 @@ class JunctionStatistics:
         return JunctionStatistics(self.gram.to(device), self.total.to(device), self.count)
 
     def all_reduce(self, group: Any = None) -> None:
-        """Sum the statistics over all ranks of ``group`` in place (no-op without a process group)."""
+        """Sum the statistics over the ranks of ``group`` in place (no-op without a group)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)

@@ -1,0 +1,55 @@
+"""End-to-end run of ``examples/mnist_lenet.py`` as a subprocess, on real MNIST."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_neuronprune import load_reduced, read_plan
+from lightning_neuronprune.models import LitClassifier
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet.py"
+
+
+@pytest.mark.slow
+def test_mnist_lenet_example(mnist_dir: Path, tmp_path: Path) -> None:
+    log_dir, output = tmp_path / "logs", tmp_path / "reduced.pt"
+    cmd = [
+        sys.executable, str(EXAMPLE), "--data-dir", str(mnist_dir), "--epochs", "1",
+        "--limit-train", "5000", "--log-dir", str(log_dir), "--output", str(output),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+    assert "Neuron elimination summary" in out
+    for target in ("net.fc1", "net.fc2", "net.fc1:in"):
+        assert any(line.startswith(target + " ") for line in out.splitlines()), out
+    assert "applied:" in out
+    assert "outputs match" in out
+    assert f"tensorboard --logdir {log_dir}" in out
+
+    # The run directory holds the TensorBoard events and the sweep report.
+    run_dirs = list((log_dir / "mnist_lenet300100").glob("version_*"))
+    assert len(run_dirs) == 1
+    assert list(run_dirs[0].glob("events.out.tfevents.*"))
+    assert (run_dirs[0] / "neuron_elimination.json").is_file()
+    assert (run_dirs[0] / "neuron_elimination.csv").is_file()
+
+    # The saved model reloads into a fresh module, with fewer parameters than the original.
+    assert output.is_file()
+    fresh = LitClassifier("lenet300100")
+    n_original = sum(p.numel() for p in fresh.parameters())
+    reloaded = load_reduced(fresh, output).eval()
+    assert read_plan(reloaded), "the reloaded model carries no elimination plan"
+    assert sum(p.numel() for p in reloaded.parameters()) < n_original
+    with torch.no_grad():
+        logits = reloaded(torch.zeros(2, 1, 28, 28))
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
