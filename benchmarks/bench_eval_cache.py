@@ -13,9 +13,9 @@ import argparse
 import time
 
 import torch
+from common import DEFAULT_MNIST, loader, mnist_tensors, trained
 from torchmetrics.classification import MulticlassAccuracy
 
-from common import DEFAULT_MNIST, loader, mnist_tensors, trained
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
 from lightning_neuronprune.sweep import CachedEvaluator, sweep_junction
 
@@ -57,7 +57,8 @@ def main() -> None:
                 f"{t2 - t1:>8.2f} {t2 - t0:>8.2f}"
             )
         same = all(
-            a[0] == b[0] and abs(a[1] - b[1]) < 1e-6 for a, b in zip(curves[False], curves[True])
+            a[0] == b[0] and abs(a[1] - b[1]) < 1e-6
+            for a, b in zip(curves[False], curves[True], strict=True)
         )
         print(
             f"{target:<12} speed-up with cache: {times[False] / times[True]:.2f}x "

@@ -73,7 +73,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy, in batches of 2000."""
     model.eval()
     correct = sum(
-        int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(2000), y.split(2000))
+        int((model(xb).argmax(-1) == yb).sum())
+        for xb, yb in zip(x.split(2000), y.split(2000), strict=True)
     )
     return correct / len(y)
 
