@@ -191,7 +191,9 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         images = Path(args.out) / "images"
         images.mkdir(parents=True, exist_ok=True)
         fig = tradeoff_figure(singles, best_joint, joint=all_joint)
-        fig.axes[0].set_title(f"{arch}: single-layer curves and joint configurations (validation)")
+        fig.axes[0].set_title(
+            f"{arch}: single-layer curves and joint configurations ({args.select_on} set)"
+        )
         figure_path = images / f"joint_{arch}_{args.select_on}.png"
         fig.savefig(figure_path)
     return {
