@@ -37,7 +37,9 @@ def main() -> None:
     print(f"{'target':<12} {'cache':>6} {'points':>6} {'setup s':>8} {'sweep s':>8} {'total s':>8}")
     for target in ("net.fc1:in", "net.fc1"):
         junction = find_junction(model, target)
-        stats = collect_statistics(model, [junction.consumer], loader(*data["train"]))
+        stats = collect_statistics(model, [junction.consumer], loader(*data["train"]))[
+            junction.consumer
+        ]
         times = {}
         curves = {}
         for cache in (False, True):
