@@ -67,6 +67,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import OrderedDict, defaultdict  # noqa: E402
@@ -118,6 +119,27 @@ def _rss() -> int:
         return psutil.Process().memory_info().rss
 
 
+def _reset_vm_hwm() -> None:
+    """Reset the kernel's peak RSS (``VmHWM``) to the current RSS (Linux >= 4.0; else no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size of this process (``VmHWM``), bytes; 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Meter:
     """Wall time and peak memory per phase for one implementation (see the module docstring)."""
 
@@ -134,6 +156,7 @@ class Meter:
         self._thread: threading.Thread | None = None
         self._base = 0
         self._started = 0.0
+        self.peak_hwm: int | None = None
         self.total = 0.0
 
     def _sample(self) -> None:
@@ -157,6 +180,7 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+        _reset_vm_hwm()
         self._base = _rss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -169,6 +193,8 @@ class Meter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        hwm = _vm_hwm()
+        self.peak_hwm = hwm - self._base if hwm else None
         if self.trace_numpy:
             import tracemalloc
 
@@ -774,7 +800,7 @@ def part_scale(args: argparse.Namespace, device: torch.device, report: Report) -
         meter, points = project_sweep(
             model, "fc6", train, K, eval_data, metric, example, grid, method, device
         )
-        peak = max(meter.peak_rss.values())
+        peak = max([*meter.peak_rss.values(), meter.peak_hwm or 0])
         rows.append(_phase_rows(f"{method}", meter, len(points) - 1))
         mem_rows.append(_memory_rows(f"{method}", meter) + [_mb(peak)])
         half = min(points[1:], key=lambda pt: abs(pt.p - n // 2))
@@ -791,12 +817,13 @@ def part_scale(args: argparse.Namespace, device: torch.device, report: Report) -
         f"{args.scale_batch}, {len(grid)}-point rank grid, {args.scale_eval} evaluation inputs, "
         f"device {device}\n\nSeconds per phase:\n\n"
         + md_table(["method", "points", *PHASES, "total"], rows)
-        + "\n\nPeak extra RSS per phase, MiB ("
+        + "\n\nPeak extra RSS per phase (sampled every 2 ms) and for the whole run (the "
+        "kernel's VmHWM, reset when the sweep starts), MiB above the RSS at its start ("
         + ("/ CUDA max allocated, " if device.type == "cuda" else "")
         + f"the n × K float64 matrix would take {_mb(8 * n * K)} "
         f"MiB; G = n × n float64 takes {_mb(8 * n * n)} MiB; the float32 weights take "
         f"{_mb(4 * sum(p.numel() for p in model.parameters()))} MiB and are not counted):\n\n"
-        + md_table(["method", *PHASES[:-1], "max"], mem_rows)
+        + md_table(["method", *PHASES[:-1], "whole run (VmHWM)"], mem_rows)
     )
 
 
@@ -975,39 +1002,67 @@ def part_memory(args: argparse.Namespace, device: torch.device, report: Report) 
         + md_table(["function", "seconds", "peak extra RSS MiB", "in n × n float64 units"], rows)
     )
 
-    from torchmetrics.classification import MulticlassAccuracy
-
     dims = (256, 128, 128, 100) if args.tiny else tuple(args.memory_dims)
-    model = classifier(dims, device)
     n2 = dims[1]
-    eval_x = list(RandomBatches(1000, dims[0], 1000, seed=1, device=device))
-    with torch.no_grad():
-        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
     grid = sorted({max(1, round(v)) for v in torch.linspace(1, n2, 9)[:-1].tolist()}, reverse=True)
     krows = []
     for K in args.memory_samples if not args.tiny else [1000, 4000]:
-        progress(f"memory: K = {K}")
-        gc.collect()
-        metric = MulticlassAccuracy(num_classes=dims[3], average="micro").to(device)
-        train = RandomBatches(K, dims[0], args.scale_batch, seed=0, device=device)
-        meter, _ = project_sweep(
-            model, "fc6", train, K, eval_data, metric, eval_x[0][0][:1], grid, "svd_qr", device
-        )
+        progress(f"memory: K = {K} (fresh process)")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            str(K),
+            "--device",
+            str(device),
+            "--memory-dims",
+            *map(str, dims),
+            "--scale-batch",
+            str(args.scale_batch),
+        ]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        child = json.loads(out.strip().splitlines()[-1])
         krows.append(
             [
                 K,
-                *(_mb(meter.peak_rss.get(k, 0)) for k in PHASES[:-1]),
-                _mb(max(meter.peak_rss.values())),
+                *(_mb(child["peak"].get(k, 0)) for k in PHASES[:-1]),
+                _mb(child["hwm"]),
                 _mb(8 * n2 * K),
-                f"{meter.total:.1f}",
+                f"{child['total']:.1f}",
             ]
         )
     report.add(
         f"#### Peak extra RSS of the project's sweep against K, classifier "
         f"{'→'.join(map(str, dims))}, fc6's n = {n2}, {len(grid)} points, svd_qr "
         f"(n × n float64 = {_mb(8 * n2 * n2)} MiB)\n\n"
-        + md_table(["K", *PHASES[:-1], "max", "n·K float64 would be", "seconds"], krows)
+        "Each K runs in a fresh process (so no run reuses memory an earlier one freed). Per "
+        'phase: sampled RSS above the level before the sweep; "whole run": the kernel\'s '
+        "peak RSS (VmHWM, reset when the sweep starts) minus that level.\n\n"
+        + md_table(["K", *PHASES[:-1], "whole run", "n·K float64 would be", "seconds"], krows)
     )
+
+
+def memory_child(args: argparse.Namespace, device: torch.device) -> None:
+    """One K of the memory part's scan, in its own process; prints one JSON line."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    dims = tuple(args.memory_dims)
+    K = args.memory_child
+    model = classifier(dims, device)
+    eval_x = list(RandomBatches(1000, dims[0], 1000, seed=1, device=device))
+    with torch.no_grad():
+        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
+    n = dims[1]
+    grid = sorted({max(1, round(v)) for v in torch.linspace(1, n, 9)[:-1].tolist()}, reverse=True)
+    metric = MulticlassAccuracy(num_classes=dims[3], average="micro").to(device)
+    train = RandomBatches(K, dims[0], args.scale_batch, seed=0, device=device)
+    meter, _ = project_sweep(
+        model, "fc6", train, K, eval_data, metric, eval_x[0][0][:1], grid, "svd_qr", device
+    )
+    record = {"K": K, "hwm": meter.peak_hwm, "total": meter.total, "peak": meter.peak_rss}
+    print(json.dumps(record))
 
 
 def machine_description(device: torch.device) -> str:
@@ -1071,6 +1126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-n", type=int, default=4096, help="part memory: n of step 1")
     parser.add_argument("--memory-dims", type=int, nargs=4, default=[2304, 1024, 1024, 1000])
     parser.add_argument("--memory-samples", type=int, nargs="+", default=[5000, 20000, 80000])
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--markdown",
         type=Path,
@@ -1096,6 +1152,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
     device = torch.device(args.device)
+    if args.memory_child is not None:
+        memory_child(args, device)
+        return
     report = Report(args.markdown, args.section or "bench_sweep")
     started = time.perf_counter()
     report.add(
