@@ -831,10 +831,6 @@ def part_qr(args: argparse.Namespace, device: torch.device, report: Report) -> N
     """``pivoted_qr`` on the device vs geqp3 on the host, for ``A = U_pᵀ`` (p = n / 2 rows)."""
     from lightning_neuronprune.linalg import pivoted_qr
 
-    n = 256 if args.tiny else 4096
-    p = n // 2
-    gen = torch.Generator().manual_seed(0)
-    U = torch.linalg.qr(torch.randn(n, p, generator=gen, dtype=torch.float64))[0]
     rows = []
 
     def best(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
@@ -849,11 +845,16 @@ def part_qr(args: argparse.Namespace, device: torch.device, report: Report) -> N
             t_best = min(t_best, time.perf_counter() - t0)
         return t_best, out
 
-    for dtype in (torch.float32, torch.float64):
+    sizes = [256] if args.tiny else [500, 4096]  # 500: LeNet5-FC2's layer; 4096: CaffeNet's fc6
+    cases = [(n, dtype) for n in sizes for dtype in (torch.float32, torch.float64)]
+    for n, dtype in cases:
+        p = n // 2
+        gen = torch.Generator().manual_seed(n)
+        U = torch.linalg.qr(torch.randn(n, p, generator=gen, dtype=torch.float64))[0]
         A = U.T.contiguous().to(dtype)
         A_dev = A.to(device)
         pivoted_qr(A_dev, k=p)  # warm-up
-        t_ours, (Q, R, perm) = best(lambda A_dev=A_dev: pivoted_qr(A_dev, k=p))
+        t_ours, (Q, R, perm) = best(lambda A_dev=A_dev, p=p: pivoted_qr(A_dev, k=p))
         err = (A_dev.double()[:, perm] - Q.double() @ R.double()).norm() / A_dev.double().norm()
         perm = perm.cpu()
         name = str(dtype).replace("torch.", "")

@@ -305,6 +305,7 @@ class RowResult:
     chosen: int | None
     alg1: int | None
     paper_p: int
+    paper_weights: int
     energy_share: dict[float, int] = field(default_factory=dict)  # share of Σσ² -> p needed
     check: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -424,7 +425,8 @@ def run_row(
         kept_svd=kept_svd,
         chosen=chosen,
         alg1=algorithm1_stop(acc_svd, threshold),
-        paper_p=paper_p(row, junction, model, base_weights),
+        paper_p=(pp := paper_p(row, junction, model, base_weights)),
+        paper_weights=_params_after(junction, model, base_weights, pp),
         energy_share=energy_share(stats),
     )
     # Cross-check the chosen point on a real reduced model (eliminate_neurons, full forward).
@@ -629,7 +631,8 @@ def render(
                     rr.row.name,
                     f"`{rr.row.target}`",
                     f"{rr.n} → {p if p is not None else '—'}",
-                    rr.paper_p,
+                    f"{rr.paper_p} ({100 * rr.paper_weights / e0.weights:.2f} %, "
+                    f"{e0.weights / rr.paper_weights:.2f}x)",
                     f"{e0.weights:,}",
                     f"{e1.weights:,}" if e1 else "—",
                     f"{e0.weights + e0.activations:,}",
@@ -648,8 +651,9 @@ def render(
         "Ours first, the paper's figure in parentheses. `p` is the smallest number of kept "
         "features whose accuracy is at least our baseline minus the paper's drop for that row "
         '(`threshold`), with the paper\'s method (`svd_qr`, affine=False, ridge=0). "paper p" is '
-        "the p implied by the paper's memory column. Params count 32-bit weights (biases excluded, "
-        'as in the paper); "total" adds the activations.\n\n'
+        "the p implied by the paper's memory column, with the % and ratio that this p gives by "
+        "our count. Params count 32-bit weights (biases excluded, as in the paper); "
+        '"total" adds the activations.\n\n'
         + md_table(
             [
                 "layer",
