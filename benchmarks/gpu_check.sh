@@ -41,12 +41,12 @@ PY="${PYTHON:-python}"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 STARTED=$SECONDS
 
-# The package: installed, else editable install without dependencies, else PYTHONPATH=src.
+# The package: installed, else editable install without dependencies, else PYTHONPATH=the repository root.
 if ! "$PY" -c "import lightning_neuronprune" >/dev/null 2>&1; then
   if ! "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
       || ! "$PY" -c "import lightning_neuronprune" >/dev/null 2>&1; then
-    log "editable install failed or unusable; using PYTHONPATH=src"
-    export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+    log "editable install failed or unusable; using PYTHONPATH=."
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 if ! "$PY" -c "import lightning_neuronprune" >>"$LOG" 2>&1; then
