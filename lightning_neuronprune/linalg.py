@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["PivotedCholesky", "PivotedQR", "pivoted_cholesky", "pivoted_qr"]
+__all__ = ["PivotedCholesky", "PivotedQR", "pivoted_cholesky", "pivoted_qr", "prefix_qr_pivots"]
 
 _QR_BLOCK = 32
 """Panel width ``nb`` of the blocked pivoted QR (LAPACK's ``xGEQRF`` block size is 32)."""
@@ -32,6 +33,12 @@ _CHOLESKY_BLOCK = 128
 """Panel width of the blocked pivoted Cholesky."""
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+_CPU_BATCH_BYTES = 256 * 2**20
+"""Working memory of one chunk of :func:`prefix_qr_pivots` on the CPU."""
+
+_DEVICE_BATCH_FRACTION = 0.25
+"""Share of the free device memory that one chunk of :func:`prefix_qr_pivots` may take."""
 
 
 class PivotedQR(NamedTuple):
@@ -179,6 +186,8 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
         return PivotedQR(A.new_zeros((m, 0)), A.new_zeros((0, n)), perm)
 
     scale = _power_of_two_scale(amax, dtype)
+    if not _host_pivots(device):
+        return _pivoted_qr_gram(A, steps, scale, compute_q)
     nb = _QR_BLOCK
     # One buffer, one row per column of A, so that a single row swap moves everything that
     # follows a column: B[j] = [A[:, j] (m) | F[j, :] (nb) | ν_j² | tol3z ν̂_j²].
@@ -257,6 +266,31 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
     return PivotedQR(Q, R, torch.tensor(perm, dtype=torch.long, device=device))
 
 
+def _pivoted_qr_gram(A: Tensor, steps: int, scale: float, compute_q: bool) -> PivotedQR:
+    r"""The device path of :func:`pivoted_qr`: pivots from ``AᵀA``, factors from Householder QR.
+
+    Step ``i`` of the QR with column pivoting picks the column of largest norm once the chosen
+    ones are projected out; that squared norm is the Schur-complement diagonal of the Gram matrix
+    ``AᵀA``, so the greedy pivoted Cholesky of ``AᵀA`` (:func:`pivoted_cholesky`, whose pivots
+    never leave the device) picks the same columns. The Gram matrix is formed in float64 (one
+    GEMM), which keeps the partial norms as accurate as LAPACK's downdated ones on the matrices
+    we factor. ``Q`` and ``R`` then come from the unpivoted Householder QR of ``A[:, perm]``
+    (``geqrf``, LAPACK's reflectors), the same factors as ``geqp3`` given the same pivots.
+    """
+    m, n = A.shape
+    A64 = A.to(torch.float64) * scale
+    chol = pivoted_cholesky(A64.T @ A64, k=steps, rtol=0.0, _ties="position")
+    perm = chol.perm
+    a, tau = torch.geqrf(A.index_select(1, perm))
+    R = a[:steps].triu()
+    Q = (
+        torch.linalg.householder_product(a[:, :steps], tau[:steps])
+        if compute_q
+        else A.new_empty((m, 0))
+    )
+    return PivotedQR(Q, R, perm)
+
+
 def _recompute_norms(Y: Tensor, s1: Tensor, s2: Tensor, cols: Tensor, i: int, tol3z: float) -> None:
     """Recompute the partial norms ``s1[j] = ||Y[j, i:]||²`` of the columns ``j`` in ``cols``.
 
@@ -305,7 +339,7 @@ def _householder(x: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def pivoted_cholesky(
-    G: Tensor, k: int | None = None, *, rtol: float | None = None
+    G: Tensor, k: int | None = None, *, rtol: float | None = None, _ties: str = "index"
 ) -> PivotedCholesky:
     r"""Greedy diagonal-pivoted Cholesky factorization of a symmetric PSD matrix, in torch.
 
@@ -376,56 +410,225 @@ def pivoted_cholesky(
     P = G.new_zeros((nb + 2, n))
     d, orig = P[nb], P[nb + 1]
     d.copy_(W.diagonal())
-    orig.copy_(torch.arange(n, device=device))
-    tol = rtol * max(d.max().item(), 0.0) if n else 0.0
+    cols = torch.arange(n, device=device)
+    orig.copy_(cols)
+    tol = (d.max().clamp_min(0) * rtol) if n else d.new_zeros(())
+    # On a GPU the pivot stays on the device and the stopping test runs there: `rank_t` becomes
+    # the first step whose largest diagonal is at most `tol`. It is read once per panel (one
+    # host synchronisation per nb pivots); the steps after it in that panel only touch
+    # discarded columns of L and positions >= rank, which the final sort puts in index order.
+    rank_t = torch.full((), steps, dtype=torch.long, device=device)
+    host = _host_pivots(device)
+    tol_host = float(tol) if host else 0.0
     i = 0
-    done = False
-    while i < steps and not done:
+    rank = steps
+    while i < steps:
         c0 = i
         stop = min(c0 + nb, steps)
         if c0:
             P[:nb].zero_()
-        while i < stop:
+        for i in range(c0, stop):
             ds = d[i:]
             best = ds.max()
-            dmax = best.item()
-            if not dmax > tol:
-                done = True
-                break
-            # exact ties go to the lowest original index (the swaps permute the arrangement)
-            p = i + int(torch.where(ds == best, orig[i:], float(n)).argmin().item())
-            if p != i:
-                # symmetric swap of i and p in the upper triangle of W (LAPACK xPSTRF)
-                _swap(W[i, p + 1 :], W[p, p + 1 :])
-                _swap(W[i, i + 1 : p], W[i + 1 : p, p])
-                _swap(P[:, i], P[:, p])
-                if c0:
-                    _swap(L[i, :c0], L[p, :c0])
+            # exact ties go to the lowest original index (the swaps permute the arrangement), or
+            # with _ties="position" to the first in the current arrangement (LAPACK xGEQP3's rule)
+            where = (
+                ds.argmax()
+                if _ties == "position"
+                else torch.where(ds == best, orig[i:], n).argmin()
+            )
+            if host:  # on the CPU a read is free: the pivot is a Python int, swaps are slices
+                if not best.item() > tol_host:
+                    rank_t.fill_(i)
+                    break
+                _swap_slices(W, P, L, i, i + int(where), c0)
+                root = best.sqrt()
+            else:
+                ok = best > tol
+                rank_t = torch.where(ok | (rank_t < i), rank_t, i)
+                _swap_positions(W, P, L, i, where + i, cols, c0)
+                root = torch.where(ok, best, 1.0).sqrt()
             j = i - c0
-            root = math.sqrt(dmax)
             lj = P[j, i:]
             # L[i:, i] = (W[i, i:] - L[i:, c0:i] L[i, c0:i]ᵀ) / sqrt(d_i)
             torch.addmv(W[i, i:], P[:j, i:].T, P[:j, i], alpha=-1.0, out=lj)
-            lj.mul_(1.0 / root)
+            lj.div_(root)
             lj[0] = root
-            i += 1
-            below = P[j, i:]
-            d[i:].addcmul_(below, below, value=-1.0)
-        kb = i - c0
-        if kb:
-            L[:, c0:i] = P[:kb].T
-        if i < steps and not done:
+            below = P[j, i + 1 :]
+            d[i + 1 :].addcmul_(below, below, value=-1.0)
+        i = stop
+        rank = int(rank_t.item())  # the one synchronisation of the panel
+        kb = min(i, rank) - c0
+        if kb > 0:
+            L[:, c0 : c0 + kb] = P[:kb].T
+        if rank < i:
+            break
+        if i < steps:
             _update_upper(W, P[:kb], i)
 
-    rank = i
     perm = orig.to(torch.long)
-    if rank < n:  # list the indices left out in increasing order
+    if rank < n and _ties != "position":  # list the indices left out in increasing order
         rows = torch.cat((torch.arange(rank, device=device), torch.argsort(perm[rank:]) + rank))
         perm = perm[rows]
         L = L[:, :rank].index_select(0, rows)
     else:
         L = L[:, :rank]
     return PivotedCholesky(L, perm, rank)
+
+
+def _host_pivots(device: torch.device) -> bool:
+    """Whether pivots are read on the host: on the CPU a read costs nothing and slicing with a
+    Python int is cheaper than masked device-side swaps; elsewhere every read is a round trip.
+    ``_FORCE_DEVICE_PIVOTS`` (tests) runs the device-side path on the CPU."""
+    return device.type == "cpu" and not _FORCE_DEVICE_PIVOTS
+
+
+_FORCE_DEVICE_PIVOTS = False
+"""Run the synchronisation-free (GPU) code paths on the CPU too; for tests and benchmarks."""
+
+
+def _swap_slices(W: Tensor, P: Tensor, L: Tensor, i: int, p: int, c0: int) -> None:
+    """The host-pivot version of :func:`_swap_positions` (``p`` a Python int), with slices."""
+    if p != i:
+        _swap(W[i, p + 1 :], W[p, p + 1 :])
+        _swap(W[i, i + 1 : p], W[i + 1 : p, p])
+        _swap(P[:, i], P[:, p])
+        if c0:
+            _swap(L[i, :c0], L[p, :c0])
+
+
+def _swap_positions(
+    W: Tensor, P: Tensor, L: Tensor, i: int, p: Tensor, cols: Tensor, c0: int
+) -> None:
+    """Symmetric swap of positions ``i`` and ``p >= i`` (a 0-dim device tensor), in place.
+
+    ``W`` holds the Schur complement in its upper triangle (LAPACK ``xPSTRF``'s storage):
+    ``W[i, c] <-> W[p, c]`` for ``c > p`` and ``W[i, c] <-> W[c, p]`` for ``i < c < p``, written
+    with masks so that ``p`` never leaves the device. The panel buffer ``P`` swaps columns and
+    the finished columns of ``L`` (before ``c0``) swap rows. ``p == i`` leaves everything as is.
+    """
+    c = cols[i:]
+    row_i = W[i, i:]
+    row_p = W.index_select(0, p.view(1))[0, i:]
+    col_p = W.index_select(1, p.view(1))[i:, 0]
+    after = c > p
+    between = (c > i) & (c < p)
+    new_row_i = torch.where(after, row_p, torch.where(between, col_p, row_i))
+    new_row_p = torch.where(after, row_i, row_p)
+    new_col_p = torch.where(between, row_i, col_p)
+    W[i, i:] = new_row_i
+    W.index_put_((p.expand_as(c), c), new_row_p)
+    W.index_put_((c, p.expand_as(c)), new_col_p)
+    pair = torch.stack((p.new_tensor(i), p))
+    P.index_copy_(1, pair, P.index_select(1, pair.flip(0)))
+    if c0:
+        L.index_copy_(0, pair, L.index_select(0, pair.flip(0)))
+
+
+@torch.no_grad()
+def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = None) -> list[Tensor]:
+    r"""The first p pivots of the QR with column pivoting of ``U[:, :p]ᵀ``, for every p at once.
+
+    This is Golub–Klema–Stewart subset selection (Algorithm 2 of Zhang, Davoodi & Hu) for a whole
+    grid of ranks. Problem b factors ``U_bᵀ = U[:, :p_b]ᵀ`` (p_b × n). Because ``U`` has
+    orthonormal columns, the squared partial column norms of ``U_bᵀ`` are the Schur-complement
+    diagonal of its Gram matrix, the projector ``P_b = U_b U_bᵀ`` (n × n), so the pivots are those
+    of the greedy diagonal-pivoted Cholesky of ``P_b``. The projector is never formed: its column
+    j is ``U_b U_b[j, :]ᵀ``, a product with ``U``. Step i, for every problem with ``p_b > i``::
+
+        j_b      = argmax_k d_b[k]                     (ties to the lowest index)
+        ℓ_b      = L_b[j_b, :i]
+        L_b[:, i] = (U (m_b ⊙ U[j_b, :])ᵀ - L_b[:, :i] ℓ_bᵀ) / sqrt(d_b[j_b])
+        d_b     -= L_b[:, i]²,   d_b[j_b] = -∞
+
+    with ``d_b[k] = ||U_b[k, :]||²`` at the start and ``m_b`` the mask of the first p_b columns.
+    One GEMM with ``U`` serves all running problems (BLAS-3) and the correction is one batched
+    GEMV. Pivots stay device tensors: the loop has no host synchronisation. In exact arithmetic
+    the pivots are those of LAPACK ``xGEQP3`` on ``U_bᵀ`` (exact ties aside); in float64 they
+    agree on generic matrices.
+
+    Cost: ``≈ 3 n Σ_b p_b²`` flops, two thirds of them in GEMMs; ``L_b`` takes ``p_b × n``
+    entries, so the problems run in chunks of at most ``max_bytes`` (default: 256 MiB on the CPU,
+    a quarter of the free memory on a GPU).
+
+    Args:
+        U: ``(n, r)`` float32/float64 matrix with orthonormal columns (the left singular vectors
+            of the activations, largest first), on any device.
+        ps: the ranks, each in ``[1, r]``, in any order; repeats are allowed.
+        max_bytes: working-memory bound of one chunk.
+
+    Returns:
+        One ``(p,)`` int64 tensor per entry of ``ps``: the pivots in pivot order, on ``U``'s
+        device.
+
+    Raises:
+        ValueError: if ``U`` is not a finite float32/float64 matrix or a rank is out of range.
+
+    Example:
+        >>> U = torch.linalg.qr(torch.randn(50, 8, dtype=torch.float64))[0]
+        >>> piv = prefix_qr_pivots(U, [8, 3])
+        >>> torch.equal(piv[1], pivoted_qr(U[:, :3].T, k=3, compute_q=False).perm[:3])
+        True
+    """
+    _check_matrix(U, "U")
+    n, r = U.shape
+    ranks = []
+    for p in ps:
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 1 <= p <= r:
+            raise ValueError(f"ranks `ps` must be integers in [1, {r}] (U is {n} × {r}), got {p!r}")
+        ranks.append(int(p))
+    out: list[Tensor] = [U.new_empty(0, dtype=torch.long)] * len(ranks)
+    if not ranks:
+        return out
+    device = U.device
+    if max_bytes is None:
+        if device.type == "cuda":
+            max_bytes = int(torch.cuda.mem_get_info(device)[0] * _DEVICE_BATCH_FRACTION)
+        else:
+            max_bytes = _CPU_BATCH_BYTES
+    order = sorted(range(len(ranks)), key=lambda b: -ranks[b])
+    sq_cum = U.square().cumsum(1)  # d_b at the start is column p_b - 1 of this
+    start = 0
+    while start < len(order):
+        p0 = ranks[order[start]]
+        count = max(1, max_bytes // (p0 * n * U.element_size()))
+        chunk = order[start : start + count]
+        start += len(chunk)
+        for b, piv in zip(chunk, _prefix_pivots_chunk(U, sq_cum, [ranks[b] for b in chunk])):
+            out[b] = piv
+    return out
+
+
+def _prefix_pivots_chunk(U: Tensor, sq_cum: Tensor, ranks: list[int]) -> list[Tensor]:
+    """:func:`prefix_qr_pivots` for ``ranks`` sorted in decreasing order (one chunk)."""
+    n = U.shape[0]
+    B, p0 = len(ranks), ranks[0]
+    device = U.device
+    p_t = torch.tensor(ranks, device=device)
+    d = sq_cum.index_select(1, p_t - 1).T.contiguous()  # (B, n)
+    mask = (torch.arange(p0, device=device) < p_t[:, None]).to(U.dtype)  # (B, p0)
+    U_0 = U[:, :p0]
+    Lt = U.new_empty((B, p0, n))  # Lt[b, i] = L_b[:, i]; rows are written before they are read
+    piv = torch.zeros((B, p0), dtype=torch.long, device=device)
+    tiny = torch.finfo(U.dtype).tiny
+    active = B
+    for i in range(p0):
+        while ranks[active - 1] <= i:  # problems are sorted: the running ones are a prefix
+            active -= 1
+        d_a = d[:active]
+        j = d_a.argmax(1)  # (Ba,)
+        d_j = d_a.gather(1, j[:, None])  # (Ba, 1)
+        u = U_0.index_select(0, j).mul_(mask[:active])  # (Ba, p0): U_b[j_b, :]
+        col = u @ U_0.T  # (Ba, n): P_b[:, j_b]
+        if i:
+            ell = Lt[:active, :i].gather(2, j.view(active, 1, 1).expand(active, i, 1))
+            col.unsqueeze(1).baddbmm_(ell.transpose(1, 2), Lt[:active, :i], alpha=-1.0)
+        col.mul_(d_j.clamp_min(tiny).rsqrt())
+        Lt[:active, i] = col
+        d_a.addcmul_(col, col, value=-1.0)
+        d_a.scatter_(1, j[:, None], -math.inf)
+        piv[:active, i] = j
+    return [piv[b, : ranks[b]] for b in range(B)]
 
 
 def _update_upper(W: Tensor, Lt: Tensor, i: int, tile: int = 512) -> None:

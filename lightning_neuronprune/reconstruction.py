@@ -15,16 +15,21 @@ float64, on the statistics' device.
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_neuronprune.errors import NumericalWarning
 from lightning_neuronprune.statistics import JunctionStatistics
 
-__all__ = ["Reconstruction", "least_squares_transform", "reconstruct_consumer", "solve_psd"]
+__all__ = [
+    "Reconstruction",
+    "least_squares_transform",
+    "reconstruct_consumer",
+    "solve_psd",
+    "solve_psd_cholesky",
+    "solve_psd_pinv",
+]
 
 
 class Reconstruction(NamedTuple):
@@ -32,11 +37,11 @@ class Reconstruction(NamedTuple):
 
     Attributes:
         T: (n × p) float64.
-        c: (n,) float64 intercept (zeros unless the fit is affine).
+        c: (n,) float64 intercept, or ``None`` when the fit has none (not affine).
     """
 
     T: Tensor
-    c: Tensor
+    c: Tensor | None
 
 
 def solve_psd(A: Tensor, B: Tensor, *, rtol: float | None = None) -> Tensor:
@@ -54,25 +59,50 @@ def solve_psd(A: Tensor, B: Tensor, *, rtol: float | None = None) -> Tensor:
     Returns:
         Y: (n × p).
     """
+    Y, ok = solve_psd_cholesky(A, B, rtol=rtol)
+    if bool(ok):
+        return Y
+    return solve_psd_pinv(A, B, rtol=rtol)
+
+
+def _equilibration(A: Tensor) -> Tensor:
+    """Jacobi scaling ``d = diag(A)^(-1/2)`` (floored), which keeps the Cholesky test meaningful
+    across feature scales."""
+    eps = torch.finfo(A.dtype).eps
+    scale = A.diagonal().abs().amax().clamp_min(torch.finfo(A.dtype).tiny)
+    return A.diagonal().clamp_min(scale * eps).rsqrt()
+
+
+def solve_psd_cholesky(A: Tensor, B: Tensor, *, rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    """The Cholesky half of :func:`solve_psd`, with no host synchronisation.
+
+    Returns:
+        ``(Y, ok)``: ``ok`` is a 0-dim bool tensor on ``A``'s device, false when ``A`` is
+        singular or its equilibrated Cholesky pivots show near-singularity (smallest squared pivot
+        at most ``rtol`` times the largest); then ``Y`` must not be used and
+        :func:`solve_psd_pinv` gives the answer.
+    """
+    p = A.shape[0]
+    if p == 0:
+        return B.new_zeros(B.shape[0], 0), torch.ones((), dtype=torch.bool, device=A.device)
+    rtol = p * torch.finfo(A.dtype).eps if rtol is None else rtol
+    d = _equilibration(A)
+    L, info = torch.linalg.cholesky_ex(A * d[:, None] * d[None, :])
+    diag_L = L.diagonal()
+    ok = (info == 0) & (diag_L.amin().square() > rtol * diag_L.amax().square())
+    Y_eq = torch.cholesky_solve((B * d).T, L).T
+    return Y_eq * d, ok
+
+
+def solve_psd_pinv(A: Tensor, B: Tensor, *, rtol: float | None = None) -> Tensor:
+    """The pseudo-inverse half of :func:`solve_psd`: ``Y = B A⁺`` from ``eigh``, eigenvalues
+    below ``rtol`` times the largest discarded (always finite)."""
     p = A.shape[0]
     if p == 0:
         return B.new_zeros(B.shape[0], 0)
-    eps = torch.finfo(A.dtype).eps
-    rtol = p * eps if rtol is None else rtol
-    scale = A.diagonal().abs().max()
-    if scale == 0:
-        return torch.zeros_like(B)
-    # Jacobi equilibration keeps the Cholesky test meaningful across feature scales.
-    d = A.diagonal().clamp_min(scale * eps).rsqrt()
-    A_eq = A * d[:, None] * d[None, :]
-    L, info = torch.linalg.cholesky_ex(A_eq)
-    if info.item() == 0:
-        diagL = L.diagonal()
-        # Reject a factorisation whose pivots show near-singularity: use the pseudo-inverse.
-        if diagL.min() ** 2 > rtol * diagL.max() ** 2:
-            Y_eq = torch.cholesky_solve((B * d).T, L).T
-            return Y_eq * d
-    w, V = torch.linalg.eigh(A_eq)
+    rtol = p * torch.finfo(A.dtype).eps if rtol is None else rtol
+    d = _equilibration(A)
+    w, V = torch.linalg.eigh(A * d[:, None] * d[None, :])
     keep = w > rtol * w.max().clamp_min(0)
     w_inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
     Y_eq = ((B * d) @ V) * w_inv @ V.T
@@ -85,7 +115,9 @@ def least_squares_transform(
     *,
     affine: bool = False,
     ridge: float = 0.0,
-) -> Reconstruction:
+    moment: Tensor | None = None,
+    check: bool = True,
+) -> Reconstruction | tuple[Reconstruction, Tensor]:
     """Compute ``T`` (and ``c``) of Eq. 6 for the kept features ``S``.
 
     Args:
@@ -93,31 +125,30 @@ def least_squares_transform(
         kept: (p,) indices of the kept features.
         affine: fit an intercept (uses the covariance instead of the raw second moment).
         ridge: λ ≥ 0, added to the diagonal of the normal matrix, relative to its mean diagonal.
+        moment: ``stats.second_moment(centered=affine)``, if already computed (a sweep computes
+            it once for every p).
+        check: resolve a singular normal matrix at once (one host synchronisation). With
+            ``False`` the Cholesky result and its ``ok`` flag are returned, ``((T, c), ok)``,
+            for callers that batch the checks (see :func:`solve_psd_cholesky`).
 
     Returns:
-        :class:`Reconstruction` with ``T`` of shape (n × p) and ``c`` of shape (n,), float64.
-        Rows of ``T`` for kept features are the identity up to round-off.
+        :class:`Reconstruction` with ``T`` of shape (n × p) and ``c`` of shape (n,) or ``None``,
+        float64. Rows of ``T`` for kept features are the identity up to round-off.
     """
     if ridge < 0:
         raise ValueError(f"`ridge` must be non-negative, got {ridge!r}")
     kept = kept.to(stats.device)
-    M = stats.second_moment(centered=affine)
-    A = M[kept][:, kept]
-    B = M[:, kept]
+    M = stats.second_moment(centered=affine) if moment is None else moment
+    B = M.index_select(1, kept)
+    A = B.index_select(0, kept)
     if ridge > 0:
         A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    T = solve_psd(A, B)
-    if not torch.isfinite(T).all():  # pragma: no cover - solve_psd is built to prevent this
-        warnings.warn(
-            "least-squares transform was not finite; replaced by 0", NumericalWarning, stacklevel=2
-        )
-        T = torch.nan_to_num(T, nan=0.0, posinf=0.0, neginf=0.0)
-    if affine:
-        mu = stats.mean()
-        c = mu - T @ mu[kept]
-    else:
-        c = torch.zeros(M.shape[0], dtype=M.dtype, device=M.device)
-    return Reconstruction(T, c)
+    T, ok = solve_psd_cholesky(A, B)
+    if check and not bool(ok):
+        T = solve_psd_pinv(A, B)
+    c = stats.mean() - T @ stats.mean()[kept] if affine else None
+    rec = Reconstruction(T, c)
+    return rec if check else (rec, ok)
 
 
 def reconstruct_consumer(
@@ -132,12 +163,14 @@ def reconstruct_consumer(
 
     Returns:
         ``(W_p, b_p)`` in the dtype and on the device of ``weight``; ``b_p`` is ``None`` only when
-        ``bias`` is ``None`` and ``c`` is zero.
+        ``bias`` is ``None`` and the fit has no intercept.
     """
     W = weight.detach().to(rec.T.device, torch.float64)
     W_p = W @ rec.T
     b_p: Tensor | None = None
-    if bias is not None or bool(rec.c.any()):
+    if bias is not None or rec.c is not None:
         b = bias.detach().to(W) if bias is not None else W.new_zeros(W.shape[0])
-        b_p = (b + W @ rec.c).to(weight.device, weight.dtype)
+        if rec.c is not None:
+            b = b + W @ rec.c
+        b_p = b.to(weight.device, weight.dtype)
     return W_p.to(weight.device, weight.dtype), b_p

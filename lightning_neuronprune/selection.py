@@ -38,14 +38,22 @@ def _check_p(p: int, n: int) -> None:
         )
 
 
-def spectrum(stats: JunctionStatistics, *, centered: bool = False) -> tuple[Tensor, Tensor]:
+def spectrum(
+    stats: JunctionStatistics, *, centered: bool = False, moment: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of the (normalised) second moment, largest first.
+
+    Args:
+        stats: statistics of the n features.
+        centered: use the covariance.
+        moment: ``stats.second_moment(centered=centered)``, if already computed.
 
     Returns:
         ``(σ², U)``: eigenvalues (n,) in non-increasing order and eigenvectors (n × n) as columns,
         float64. ``U`` holds the left singular vectors of ``X``.
     """
-    w, U = torch.linalg.eigh(stats.second_moment(centered=centered))
+    M = stats.second_moment(centered=centered) if moment is None else moment
+    w, U = torch.linalg.eigh(M)
     return w.flip(0), U.flip(1)
 
 
@@ -65,23 +73,25 @@ def numerical_rank(
     return int((s > tol).sum().item())
 
 
-def nested_order(stats: JunctionStatistics, *, centered: bool = False) -> Tensor:
+def nested_order(
+    stats: JunctionStatistics, *, centered: bool = False, moment: Tensor | None = None
+) -> Tensor:
     """The full pivot order of the ``"qr"`` method: keeping ``order[:p]`` is the choice for p.
 
     Greedy pivoted Cholesky of ``G`` runs until the residual vanishes (the numerical rank r);
     the remaining n - r features, which are linear combinations of the first r, follow in order of
     decreasing residual diagonal, then by index.
 
+    ``moment`` is ``stats.second_moment(centered=centered)``, if already computed.
+
     Returns:
         (n,) LongTensor permutation of ``range(n)``.
     """
-    M = stats.second_moment(centered=centered)
+    M = stats.second_moment(centered=centered) if moment is None else moment
     n = M.shape[0]
     fac = pivoted_cholesky(M, rtol=n * torch.finfo(torch.float32).eps)
     head = fac.perm[: fac.rank]
-    mask = torch.ones(n, dtype=torch.bool, device=M.device)
-    mask[head] = False
-    rest = torch.nonzero(mask).flatten()
+    rest = fac.perm[fac.rank :]  # the other features, in increasing index order
     if rest.numel():
         L = fac.L[:, : fac.rank]
         # Residual diagonal of the trailing features, in original index order.

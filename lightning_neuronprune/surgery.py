@@ -44,6 +44,7 @@ __all__ = [
     "Junction",
     "apply_reduction",
     "find_junction",
+    "linear_from",
     "linear_layer_names",
     "rebuild_shapes",
 ]
@@ -408,50 +409,85 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _like(new: nn.Module, old: nn.Module) -> nn.Module:
-    ref = next(old.parameters(), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-        for p in new.parameters():
-            p.requires_grad_(ref.requires_grad)
-    new.train(old.training)
+def linear_from(
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    index: Tensor | None = None,
+    source_features: int | None = None,
+    like: nn.Module | None = None,
+) -> nn.Linear:
+    """An ``nn.Linear`` (a :class:`GatheredLinear` with ``index``) holding the given tensors.
+
+    The module is built on the meta device, so no random initialisation runs and no memory is
+    allocated for weights that are about to be replaced; then ``weight`` and ``bias`` become its
+    parameters as they are (same device and dtype, no copy).
+
+    Args:
+        weight: (m × p) weight.
+        bias: (m,) bias, or ``None``.
+        index: (p,) kept input features of a :class:`GatheredLinear`.
+        source_features: n, the input width before gathering (with ``index``).
+        like: copy ``requires_grad`` and the train/eval mode from this module.
+
+    Example:
+        >>> layer = linear_from(torch.ones(3, 2), torch.zeros(3))
+        >>> layer(torch.ones(1, 2)).tolist()
+        [[2.0, 2.0, 2.0]]
+    """
+    m, p = weight.shape
+    with torch.device("meta"):
+        if index is None:
+            new: nn.Linear = nn.Linear(p, m, bias=bias is not None)
+        else:
+            if source_features is None:
+                raise ValueError("`source_features` is required with `index`")
+            new = GatheredLinear(
+                torch.zeros(p, dtype=torch.long), m, bias=bias is not None,
+                source_features=source_features,
+            )  # fmt: skip
+    grad = next(like.parameters()).requires_grad if like is not None else True
+    new.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().contiguous(), requires_grad=grad)
+    if index is not None:
+        new.index = index.detach().to(device=weight.device, dtype=torch.long)
+    if like is not None:
+        new.train(like.training)
     return new
 
 
 def _reduced_producer(prod: nn.Linear, kept: Tensor) -> nn.Linear:
-    p = int(kept.numel())
+    idx = kept.to(prod.weight.device)
+    bias = prod.bias.detach().index_select(0, idx) if prod.bias is not None else None
+    weight = prod.weight.detach().index_select(0, idx)
     if isinstance(prod, GatheredLinear):
-        new: nn.Linear = GatheredLinear(
-            prod.index, p, bias=prod.bias is not None, source_features=prod.source_features
+        return linear_from(
+            weight, bias, index=prod.index, source_features=prod.source_features, like=prod
         )
-    else:
-        new = nn.Linear(prod.in_features, p, bias=prod.bias is not None)
-    new = _like(new, prod)
-    with torch.no_grad():
-        idx = kept.to(prod.weight.device)
-        new.weight.copy_(prod.weight[idx])
-        if prod.bias is not None:
-            new.bias.copy_(prod.bias[idx])
-    return new
+    return linear_from(weight, bias, like=prod)
 
 
 def _reduced_batchnorm(bn: nn.BatchNorm1d, kept: Tensor) -> nn.BatchNorm1d:
-    new = nn.BatchNorm1d(
-        int(kept.numel()),
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-    )
     ref = bn.weight if bn.affine else bn.running_mean
+    with torch.device("meta"):
+        new = nn.BatchNorm1d(
+            int(kept.numel()),
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+        )
+    new = new.to_empty(device=ref.device if ref is not None else "cpu")
     if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
+        new = new.to(dtype=ref.dtype)
     new.train(bn.training)
     with torch.no_grad():
         for attr in ("weight", "bias", "running_mean", "running_var"):
             src = getattr(bn, attr)
             if src is not None:
                 getattr(new, attr).copy_(src[kept.to(src.device)])
+                getattr(new, attr).requires_grad_(src.requires_grad)
         if bn.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     return new
@@ -460,22 +496,16 @@ def _reduced_batchnorm(bn: nn.BatchNorm1d, kept: Tensor) -> nn.BatchNorm1d:
 def _reduced_consumer(
     cons: nn.Linear, junction: Junction, kept: Tensor, W_p: Tensor, b_p: Tensor | None
 ) -> nn.Linear:
+    # copies: the caller keeps its tensors, the model gets parameters of its own
+    W_p = W_p.to(cons.weight, copy=True)
+    b_p = b_p.to(cons.weight, copy=True) if b_p is not None else None
     if junction.kind == "gather":
         index = kept.to(cons.weight.device)
         source = cons.in_features
         if isinstance(cons, GatheredLinear):
             index, source = cons.index[index], cons.source_features
-        new: nn.Linear = GatheredLinear(
-            index, cons.out_features, bias=b_p is not None, source_features=source
-        )
-    else:
-        new = nn.Linear(int(kept.numel()), cons.out_features, bias=b_p is not None)
-    new = _like(new, cons)
-    with torch.no_grad():
-        new.weight.copy_(W_p)
-        if b_p is not None:
-            new.bias.copy_(b_p)
-    return new
+        return linear_from(W_p, b_p, index=index, source_features=source, like=cons)
+    return linear_from(W_p, b_p, like=cons)
 
 
 def apply_reduction(

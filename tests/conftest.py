@@ -27,11 +27,22 @@ def generator(seed: int) -> torch.Generator:
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not (
-        MNIST_DIR / "train-images-idx3-ubyte"
-    ).exists():
+    if (
+        not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
+        and not (MNIST_DIR / "train-images-idx3-ubyte").exists()
+    ):
         pytest.skip(
             f"MNIST IDX files not found in {MNIST_DIR}; set NEURONPRUNE_MNIST_DIR to a directory "
             "holding them"
         )
     return MNIST_DIR
+
+
+@pytest.fixture(params=["host", "device"])
+def pivots_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with pivots read on the host (the CPU path) and kept on the device (the
+    synchronisation-free GPU path, forced on the CPU)."""
+    import lightning_neuronprune.linalg as linalg
+
+    monkeypatch.setattr(linalg, "_FORCE_DEVICE_PIVOTS", request.param == "device")
+    return request.param

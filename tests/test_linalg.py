@@ -24,6 +24,10 @@ import torch
 from lightning_neuronprune.linalg import PivotedCholesky, PivotedQR, pivoted_cholesky, pivoted_qr
 
 DTYPES = [torch.float32, torch.float64]
+
+# Every test runs twice: pivots read on the host (the CPU path) and kept on the device (the
+# synchronisation-free GPU path: device-side swaps, Gram-based QR pivots), forced on the CPU.
+pytestmark = pytest.mark.usefixtures("pivots_on")
 NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 SHAPES = [(50, 30), (30, 50), (64, 64), (128, 256)]
 

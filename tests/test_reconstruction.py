@@ -21,7 +21,7 @@ def test_transform_matches_lstsq(generator: torch.Generator, dtype: torch.dtype)
     ref = torch.linalg.lstsq(X[:, kept].double(), X.double()).solution.T
     torch.testing.assert_close(T, ref, rtol=1e-6, atol=1e-6 if dtype == torch.float64 else 1e-5)
     torch.testing.assert_close(T[kept], torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
-    assert not c.any()
+    assert c is None  # no intercept without the affine fit
 
 
 def test_affine_fit_matches_lstsq_with_intercept(generator: torch.Generator) -> None:
@@ -74,3 +74,22 @@ def test_ridge_shrinks_and_rejects_negative(generator: torch.Generator) -> None:
     assert T1.norm() < T0.norm()
     with pytest.raises(ValueError, match="`ridge` must be non-negative, got -1"):
         least_squares_transform(stats, kept, ridge=-1)
+
+
+def test_cholesky_solve_flags_singular_normal_matrices_without_synchronising() -> None:
+    from lightning_neuronprune.reconstruction import solve_psd_cholesky, solve_psd_pinv
+
+    X = torch.randn(4, 50, dtype=torch.float64)
+    A = X @ X.T
+    B = torch.randn(6, 4, dtype=torch.float64)
+    Y, ok = solve_psd_cholesky(A, B)
+    assert ok.dtype == torch.bool and ok.shape == () and bool(ok)
+    torch.testing.assert_close(Y @ A, B)
+    X_dup = torch.cat([X, X[:1]])  # a duplicate row: the 5 x 5 normal matrix is singular
+    A_dup = X_dup @ X_dup.T
+    B_dup = torch.randn(6, 5, dtype=torch.float64)
+    _, ok = solve_psd_cholesky(A_dup, B_dup)
+    assert not bool(ok)
+    Y = solve_psd(A_dup, B_dup)  # falls back to the pseudo-inverse
+    torch.testing.assert_close(Y, solve_psd_pinv(A_dup, B_dup))
+    torch.testing.assert_close(Y, B_dup @ torch.linalg.pinv(A_dup), atol=1e-8, rtol=1e-8)
