@@ -143,7 +143,7 @@ class JunctionFitter:
         for p in todo:
             _check_p(p, self.num_features)
         if self._basis is not None:
-            for p, pivots in zip(todo, prefix_qr_pivots(self._basis, todo)):
+            for p, pivots in zip(todo, prefix_qr_pivots(self._basis, todo), strict=True):
                 self._kept[p] = torch.sort(pivots).values
         else:
             for p in todo:

@@ -594,7 +594,8 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
         count = max(1, max_bytes // (p0 * n * U.element_size()))
         chunk = order[start : start + count]
         start += len(chunk)
-        for b, piv in zip(chunk, _prefix_pivots_chunk(U, sq_cum, [ranks[b] for b in chunk])):
+        pivots = _prefix_pivots_chunk(U, sq_cum, [ranks[b] for b in chunk])
+        for b, piv in zip(chunk, pivots, strict=True):
             out[b] = piv
     return out
 
