@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import JunctionError, StatisticsError
+from lightning_neuronprune.fitting import FitOptions, fit_junction
 from lightning_neuronprune.persistence import read_plan, write_plan
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import METHODS, Method, select_neurons
+from lightning_neuronprune.selection import METHODS, Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.surgery import Junction, apply_reduction, find_junction
 
@@ -133,12 +134,14 @@ def reduce_junction(
             f"statistics for {junction.consumer!r} have {stats.num_features} features, but the "
             f"layer reads {junction.num_features}"
         )
-    if kept is None:
-        kept = select_neurons(stats, p, method=method, centered=affine)
-    kept = torch.sort(kept.to(torch.long)).values
     consumer = model.get_submodule(junction.consumer)
-    rec = least_squares_transform(stats, kept, affine=affine, ridge=ridge)
-    W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
+    options = FitOptions(method=method, affine=affine, ridge=ridge)
+    if kept is None:
+        kept, W_p, b_p, _ = fit_junction(stats, consumer.weight, consumer.bias, p, options)
+    else:
+        kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
+        rec = least_squares_transform(stats, kept, affine=affine, ridge=ridge)
+        W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
     apply_reduction(model, junction, kept, W_p, b_p)
     return EliminationRecord(
         target=junction.target,

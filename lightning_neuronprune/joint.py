@@ -31,16 +31,10 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
-from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import (
-    Method,
-    nested_order,
-    numerical_rank,
-    select_neurons,
-    spectrum,
-)
+from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
-from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction
+from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction, linear_from
 from lightning_neuronprune.sweep import CachedEvaluator, Ranks, rank_grid, sweep_junction
 
 __all__ = [
@@ -161,19 +155,27 @@ class JointSearch:
         self.method, self.affine, self.ridge = method, affine, ridge
         self.max_samples = max_samples
         self.on_point = on_point
+        options = FitOptions(method=method, affine=affine, ridge=ridge)
+        self._fitters = {
+            j.layer: JunctionFitter(
+                self.stats[j.consumer],
+                model.get_submodule(j.consumer).weight,
+                model.get_submodule(j.consumer).bias,
+                options,
+            )
+            for j in self.junctions
+        }
         self.grids = {
             j.layer: [j.num_features]
             + [
                 p
-                for p in rank_grid(
-                    j.num_features,
-                    ranks,
-                    start=max(1, numerical_rank(self.stats[j.consumer], centered=affine)),
-                )
+                for p in rank_grid(j.num_features, ranks, start=self._fitters[j.layer].rank)
                 if p < j.num_features
             ]
             for j in self.junctions
         }
+        for layer, grid in self.grids.items():
+            self._fitters[layer].prepare(grid[1:])  # the whole grid in one batched selection
         self.evaluator = CachedEvaluator(model, self.junctions[0].consumer, eval_data, metric)
         base_acc, base_energy = baseline or (
             self.evaluator(),
@@ -191,24 +193,8 @@ class JointSearch:
         """Kept indices and the consumer's new weights for one junction, on original stats."""
         key = (layer, p)
         if key not in self._reductions:
-            j = self.by_layer[layer]
-            st = self.stats[j.consumer]
-            if layer not in self._selectors:
-                self._selectors[layer] = (
-                    nested_order(st, centered=self.affine)
-                    if self.method == "qr"
-                    else spectrum(st, centered=self.affine)[1]
-                )
-            pre = self._selectors[layer]
-            kept = select_neurons(
-                st, p, method=self.method, centered=self.affine,
-                order=pre if self.method == "qr" else None,
-                basis=pre if self.method == "svd_qr" else None,
-            )  # fmt: skip
-            consumer = self.model.get_submodule(j.consumer)
-            rec = least_squares_transform(st, kept, affine=self.affine, ridge=self.ridge)
-            W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
-            self._reductions[key] = (kept, W_p, b_p)
+            fit = self._fitters[layer].fit(p)
+            self._reductions[key] = (fit.kept, fit.weight, fit.bias)
         return self._reductions[key]
 
     def build(self, config: Mapping[str, int]) -> nn.Module:
@@ -241,15 +227,10 @@ class JointSearch:
         p0 = config.get(first.layer, first.num_features)
         if self.evaluator.cached and p0 < first.num_features and not isinstance(c0, GatheredLinear):
             # The cache holds the full-width input of the first consumer: gather the kept part.
-            g = GatheredLinear(
-                torch.as_tensor(kept[first.layer], device=c0.weight.device), c0.out_features,
-                bias=c0.bias is not None, source_features=first.num_features,
-            ).to(device=c0.weight.device, dtype=c0.weight.dtype)  # fmt: skip
-            with torch.no_grad():
-                g.weight.copy_(c0.weight)
-                if c0.bias is not None:
-                    g.bias.copy_(c0.bias)
-            c0 = g
+            c0 = linear_from(
+                c0.weight, c0.bias, like=c0, source_features=first.num_features,
+                index=torch.as_tensor(kept[first.layer], device=c0.weight.device),
+            )  # fmt: skip
         swaps[first.consumer] = c0
         if self.evaluator.cached:
             acc = self.evaluator(modules=swaps)

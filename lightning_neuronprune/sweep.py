@@ -27,14 +27,8 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
-from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import (
-    Method,
-    nested_order,
-    numerical_rank,
-    select_neurons,
-    spectrum,
-)
+from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
+from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input
 from lightning_neuronprune.surgery import (
     GatheredLinear,
@@ -42,6 +36,7 @@ from lightning_neuronprune.surgery import (
     _set,
     _Tracer,
     apply_reduction,
+    linear_from,
 )
 
 __all__ = [
@@ -60,6 +55,9 @@ Ranks = str | int | Sequence[int | float] | None
 
 #: The number of grid points of the default ``ranks="auto"`` for wide layers.
 AUTO_POINTS = 48
+
+#: Grid points evaluated between two host synchronisations of :func:`sweep_junction`.
+SWEEP_BLOCK = 8
 
 
 def rank_grid(n: int, ranks: Ranks = "auto", *, start: int | None = None) -> list[int]:
@@ -239,7 +237,8 @@ class CachedEvaluator:
         replacement: nn.Module | None = None,
         *,
         modules: Mapping[str, nn.Module] | None = None,
-    ) -> float:
+        sync: bool = True,
+    ) -> float | Tensor:
         """The metric of the network with some modules temporarily replaced.
 
         Args:
@@ -247,6 +246,9 @@ class CachedEvaluator:
                 full original input (e.g. a :class:`GatheredLinear` of the kept features).
             modules: more replacements, by qualified name. In the cached mode, only modules
                 from the consumer onward can be replaced (see :meth:`replaceable`).
+            sync: return a Python float (reads the device). With ``False`` the metric's
+                value stays a tensor on the device, so that several evaluations can be queued
+                before one read.
         """
         self.metric.reset()
         root: nn.Module = self._suffix if self.cached else self.model  # type: ignore[assignment]
@@ -261,7 +263,8 @@ class CachedEvaluator:
                 for k, (x, y) in enumerate(self._batches):
                     out = root(*self._boundaries[k]) if self.cached else root(_to(x, self.device))
                     self.metric.update(_logits(out), _to(y, self.device))
-            return float(self.metric.compute())
+            value = self.metric.compute()
+            return float(value) if sync else value
         finally:
             for name, module in originals.items():
                 _set(root, name, module)
@@ -367,12 +370,18 @@ def sweep_junction(
     method: Method = "svd_qr",
     affine: bool = False,
     ridge: float = 0.0,
+    options: FitOptions | None = None,
     max_accuracy_drop: float | None = None,
     baseline: tuple[float, EnergyReport] | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
+    block: int = SWEEP_BLOCK,
 ) -> list[SweepPoint]:
     """Algorithm 1 for one junction: evaluate the reduced network for each p of the grid.
 
+    The kept sets of the whole grid are selected at once (one batched factorization for
+    ``svd_qr``, one nested order for ``qr``). The grid is then evaluated in blocks of ``block``
+    points with no host synchronisation inside a block: the least-squares fits, the probe layers
+    and the metrics stay on the device, and the stopping test reads the block's metrics once.
     ``model`` is modified only temporarily (to model each configuration's energy) and is
     restored, also on error.
 
@@ -384,14 +393,18 @@ def sweep_junction(
         energy_model: prices each configuration.
         example_input: one input for the energy model.
         ranks: the grid (see :func:`rank_grid`); it starts at rank(X).
-        method, affine, ridge: the selection and reconstruction options.
+        method, affine, ridge: the selection and reconstruction options (or ``options``).
+        options: the :class:`~lightning_neuronprune.fitting.FitOptions`; overrides ``method``,
+            ``affine`` and ``ridge``.
         max_accuracy_drop: stop after the first p whose drop exceeds this (``None``: never).
         baseline: ``(metric, energy)`` of the unreduced model, if already known.
         on_point: called with each point as it is evaluated (progress, logging).
+        block: grid points evaluated between two reads of the metric.
 
     Returns:
         The points, the baseline (p = n) first, then p descending.
     """
+    options = options or FitOptions(method=method, affine=affine, ridge=ridge)
     n = junction.num_features
     consumer = model.get_submodule(junction.consumer)
     if baseline is None:
@@ -402,43 +415,64 @@ def sweep_junction(
     ]
     if on_point is not None:
         on_point(points[0])
-    sigma2, U = spectrum(stats, centered=affine)
-    rank = max(1, numerical_rank(stats, centered=affine, eigenvalues=sigma2))
-    order = nested_order(stats, centered=affine) if method == "qr" else None
-    for p in rank_grid(n, ranks, start=rank):
-        if p == n:
-            continue
-        kept = select_neurons(stats, p, method=method, centered=affine, order=order, basis=U)
-        rec = least_squares_transform(stats, kept, affine=affine, ridge=ridge)
-        W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
-        kept_dev = kept.to(consumer.weight.device)
-        probe = GatheredLinear(kept_dev, consumer.out_features, bias=b_p is not None).to(
-            device=consumer.weight.device, dtype=consumer.weight.dtype
-        )
-        with torch.no_grad():
-            probe.weight.copy_(W_p)
-            if b_p is not None:
-                probe.bias.copy_(b_p)
-        acc = evaluator(probe)
-        with _temporarily_reduced(model, junction, kept_dev, W_p, b_p) as reduced:
-            energy = energy_model.estimate(reduced, example_input)
-        point = SweepPoint(
-            layer=junction.layer,
-            p=p,
-            n=n,
-            accuracy=acc,
-            accuracy_drop=base_acc - acc,
-            energy=energy,
-            energy_ratio=base_energy.energy_ratio(energy),
-            memory_ratio=base_energy.memory_ratio(energy),
-            kept=tuple(int(i) for i in kept.tolist()),
-        )
-        points.append(point)
-        if on_point is not None:
-            on_point(point)
-        if max_accuracy_drop is not None and point.accuracy_drop > max_accuracy_drop:
-            break
+    fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
+    grid = [p for p in rank_grid(n, ranks, start=fitter.rank) if p != n]
+    fitter.prepare(grid)
+
+    def measure(fit: Fit, sync: bool) -> tuple[Any, EnergyReport]:
+        acc = evaluator(_probe(consumer, fit), sync=sync)
+        with _temporarily_reduced(model, junction, fit.kept, fit.weight, fit.bias) as reduced:
+            return acc, energy_model.estimate(reduced, example_input)
+
+    for first in range(0, len(grid), block):
+        ps = grid[first : first + block]
+        fits = [fitter.fit(p, check=False) for p in ps]
+        results = [measure(fit, sync=False) for fit in fits]
+        # the one synchronisation of the block: metrics, solver flags and kept sets together
+        dev = fits[0].kept.device
+        read = torch.cat(
+            [
+                torch.stack(
+                    [torch.as_tensor(a).reshape(()).to(dev, torch.float64) for a, _ in results]
+                )
+            ]
+            + [torch.stack([fit.ok for fit in fits]).double()]
+            + [fit.kept.double() for fit in fits]
+        ).tolist()
+        accs, oks, kept = read[: len(ps)], read[len(ps) : 2 * len(ps)], read[2 * len(ps) :]
+        offset = 0
+        for k, (p, fit) in enumerate(zip(ps, fits, strict=True)):
+            acc, energy = accs[k], results[k][1]
+            if not oks[k]:  # singular normal matrix: redo this p with the pseudo-inverse
+                fit = fitter.fit(p, check=True)
+                acc, energy = measure(fit, sync=True)
+            point = SweepPoint(
+                layer=junction.layer,
+                p=p,
+                n=n,
+                accuracy=acc,
+                accuracy_drop=base_acc - acc,
+                energy=energy,
+                energy_ratio=base_energy.energy_ratio(energy),
+                memory_ratio=base_energy.memory_ratio(energy),
+                kept=tuple(int(i) for i in kept[offset : offset + p]),
+            )
+            offset += p
+            points.append(point)
+            if on_point is not None:
+                on_point(point)
+            if max_accuracy_drop is not None and point.accuracy_drop > max_accuracy_drop:
+                return points
     return points
+
+
+def _probe(consumer: nn.Module, fit: Fit) -> nn.Linear:
+    """The reduced consumer as it reads the consumer's full original input: a gathered layer
+    of the kept features with the re-fitted weights (built without initialisation or copies)."""
+    index, source = fit.kept, consumer.in_features
+    if isinstance(consumer, GatheredLinear):
+        index, source = consumer.index[index], consumer.source_features
+    return linear_from(fit.weight, fit.bias, index=index, source_features=source)
 
 
 def choose(points: Iterable[SweepPoint], max_accuracy_drop: float) -> SweepPoint | None:
