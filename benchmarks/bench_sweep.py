@@ -13,9 +13,11 @@ LeNet300-100-FC2 with the package's ``"auto"`` grid), on the same trained networ
 * *project*: ``collect_statistics`` (streamed ``G = X Xᵀ``), then ``sweep_junction`` with a
   ``CachedEvaluator`` (method ``svd_qr``, the paper's); ``qr`` is timed as well.
 
-Phases are timed by wrapping the package's functions (selection: ``spectrum``/``nested_order``/
-``select_neurons``; reconstruction: ``least_squares_transform``/``reconstruct_consumer``;
-evaluation: the evaluator, including building its cache; energy: ``EnergyModel.estimate``).
+Phases are timed at their boundaries (one device synchronisation each): statistics; the
+evaluation cache; selection (``JunctionFitter``: eigendecomposition or nested order, then the
+whole grid's kept sets at once); sweep (``sweep_junction``: least squares, evaluation and energy
+of every point, with one device read per block of points). The straightforward implementation
+reports reconstruction, evaluation and energy separately.
 
 **Part ``scale``.** A CaffeNet-sized classifier (9216→4096→4096→1000, random weights), statistics of
 fc6's 4096 neurons from 50000 random inputs streamed in batches, a 64-point rank grid, methods
@@ -82,7 +84,18 @@ from torch import Tensor, nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PHASES = ("statistics", "selection", "reconstruction", "evaluation", "energy", "other")
+PHASES = (
+    "statistics",
+    "evaluation cache",
+    "selection",
+    "reconstruction",
+    "evaluation",
+    "energy",
+    "sweep",
+    "other",
+)
+"""Phases of both implementations: the project's sweep fills ``sweep`` (fits, evaluations and
+energy of every point, unsynchronised inside), the straightforward one the three before it."""
 #: Default MNIST rows: (paper name, architecture, target, rank grid).
 ROWS = {
     "LeNet5-FC2": ("lenet5", "net.fc2:in", "all"),
@@ -259,46 +272,6 @@ def _mb(x: int | float | None) -> str:
 # the project's sweep, instrumented
 
 
-class _TimedEvaluator:
-    def __init__(self, evaluator: Any, meter: Meter) -> None:
-        self.evaluator, self.meter = evaluator, meter
-
-    def __call__(self, replacement: nn.Module | None = None) -> float:
-        with self.meter.phase("evaluation"):
-            return self.evaluator(replacement)
-
-
-class _TimedEnergy:
-    def __init__(self, energy_model: Any, meter: Meter) -> None:
-        self.energy_model, self.meter = energy_model, meter
-
-    def estimate(self, *args: Any, **kwargs: Any) -> Any:
-        with self.meter.phase("energy"):
-            return self.energy_model.estimate(*args, **kwargs)
-
-
-@contextmanager
-def instrumented(meter: Meter) -> Iterator[None]:
-    """Wrap the package functions that ``sweep_junction`` calls, to time its phases."""
-    import lightning_neuronprune.sweep as sweep_module
-
-    names = {
-        "spectrum": "selection",
-        "nested_order": "selection",
-        "select_neurons": "selection",
-        "least_squares_transform": "reconstruction",
-        "reconstruct_consumer": "reconstruction",
-    }
-    saved = {name: getattr(sweep_module, name) for name in names}
-    try:
-        for name, phase in names.items():
-            setattr(sweep_module, name, meter.timed(phase, saved[name]))
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(sweep_module, name, fn)
-
-
 def project_sweep(
     model: nn.Module,
     target: str,
@@ -312,11 +285,18 @@ def project_sweep(
     device: torch.device,
     profile: cProfile.Profile | None = None,
 ) -> tuple[Meter, list[Any]]:
-    """statistics → CachedEvaluator → sweep_junction, timed per phase."""
+    """statistics → CachedEvaluator → selection (JunctionFitter) → sweep_junction, per phase.
+
+    Phases are timed at their boundaries only (one device synchronisation each), so the sweep
+    runs as it does in the callback: "sweep" is the least-squares fits, the evaluations and the
+    energy model of every grid point together.
+    """
     from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
-    from lightning_neuronprune.sweep import CachedEvaluator, sweep_junction
+    from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+    from lightning_neuronprune.sweep import CachedEvaluator, rank_grid, sweep_junction
 
     junction = find_junction(model, target)
+    consumer = model.get_submodule(junction.consumer)
     meter = Meter(device)
     with meter:
         if profile is not None:
@@ -325,19 +305,19 @@ def project_sweep(
             stats = collect_statistics(
                 model, [junction.consumer], train_data, max_samples=samples, device=device
             )[junction.consumer]
-        with meter.phase("evaluation"):
+        with meter.phase("evaluation cache"):
             evaluator = CachedEvaluator(model, junction.consumer, eval_data, metric, device=device)
-        with instrumented(meter):
-            points = sweep_junction(
-                model,
-                junction,
-                stats,
-                _TimedEvaluator(evaluator, meter),
-                _TimedEnergy(EnergyModel(), meter),
-                example,
-                ranks=ranks,
-                method=method,
+        with meter.phase("selection"):
+            fitter = JunctionFitter(
+                stats, consumer.weight, consumer.bias, FitOptions(method=method)
             )
+            n = junction.num_features
+            fitter.prepare([p for p in rank_grid(n, ranks, start=fitter.rank) if p < n])
+        with meter.phase("sweep"):
+            points = sweep_junction(
+                model, junction, stats, evaluator, EnergyModel(), example,
+                ranks=ranks, method=method, fitter=fitter,
+            )  # fmt: skip
         if profile is not None:
             profile.disable()
     return meter, points
@@ -827,6 +807,75 @@ def part_scale(args: argparse.Namespace, device: torch.device, report: Report) -
     )
 
 
+def part_grid(args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """A 2048-wide layer's svd_qr sweep (64 points, K = 20000) vs geqp3 alone on the same grid.
+
+    The sweep runs end to end (statistics, eigendecomposition, the grid's selection, least
+    squares, evaluation and energy of every point). The baseline is only LAPACK geqp3 (scipy) of
+    ``U_pᵀ`` for every p of the same grid, with ``U`` from the sweep's own statistics; the kept
+    sets must be the same at every grid point (then so is the accuracy curve).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_neuronprune.selection import spectrum
+
+    if scipy_linalg is None:
+        report.add("(part grid skipped: scipy missing)")
+        return
+    n = 256 if args.tiny else args.grid_n
+    dims = (2 * n, n, n, 100)
+    model = classifier(dims, device)
+    K = 2000 if args.tiny else args.grid_samples
+    eval_x = list(RandomBatches(500 if args.tiny else 2000, dims[0], 500, seed=1, device=device))
+    with torch.no_grad():
+        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
+    example = eval_x[0][0][:1]
+    grid = sorted(
+        {max(1, round(v)) for v in torch.linspace(1, n, args.scale_points + 1)[:-1].tolist()},
+        reverse=True,
+    )
+    metric = MulticlassAccuracy(num_classes=dims[3], average="micro").to(device)
+    train = RandomBatches(K, dims[0], args.scale_batch, seed=0, device=device)
+    progress(f"grid: project sweep, n = {n}, {len(grid)} points, K = {K}")
+    meter, points = project_sweep(
+        model, "fc6", train, K, eval_data, metric, example, grid, "svd_qr", device
+    )
+    progress("grid: geqp3 of every U_pᵀ")
+    from lightning_neuronprune import collect_statistics
+
+    stats = collect_statistics(model, ["fc7"], train, max_samples=K, device=device)["fc7"]
+    U = spectrum(stats)[1].cpu().numpy()
+    ps = [pt.p for pt in points[1:]]
+    t0 = time.perf_counter()
+    ref = {
+        p: scipy_linalg.qr(np.ascontiguousarray(U[:, :p].T), mode="r", pivoting=True)[1][:p]
+        for p in ps
+    }
+    t_ref = time.perf_counter() - t0
+    same = sum(sorted(ref[pt.p].tolist()) == list(pt.kept) for pt in points[1:])
+    report.data["grid"] = {
+        "n": n, "K": K, "points": len(ps), "sweep_seconds": meter.total,
+        "seconds": dict(meter.seconds), "geqp3_seconds": t_ref, "same_kept": same,
+        "peak_rss": meter.peak_hwm,
+    }  # fmt: skip
+    report.add(
+        f"#### svd_qr sweep of a {n}-wide layer ({dims[0]}→{n}→{n}→{dims[3]}, random weights), "
+        f"{len(ps)}-point grid, K = {K}, device {device}, against LAPACK geqp3 alone\n\n"
+        + md_table(
+            ["sweep end to end [s]", *PHASES, f"geqp3 × {len(ps)} [s]", "ratio", "same kept sets"],
+            [
+                [
+                    f"{meter.total:.2f}",
+                    *(f"{meter.seconds.get(k, 0.0):.2f}" for k in PHASES),
+                    f"{t_ref:.2f}",
+                    f"{meter.total / t_ref:.2f}x",
+                    f"{same} of {len(ps)}",
+                ]
+            ],
+        )
+    )
+
+
 def part_qr(args: argparse.Namespace, device: torch.device, report: Report) -> None:
     """``pivoted_qr`` on the device vs geqp3 on the host, for ``A = U_pᵀ`` (p = n / 2 rows)."""
     from lightning_neuronprune.linalg import pivoted_qr
@@ -1104,7 +1153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parts",
         nargs="+",
         default=["mnist", "scale", "qr"],
-        choices=["mnist", "scale", "qr", "memory"],
+        choices=["mnist", "scale", "qr", "memory", "grid"],
         help="memory (where the O(n²) memory goes; peak vs K) is not in the default run",
     )
     parser.add_argument("--rows", nargs="+", default=None, choices=sorted(ROWS))
@@ -1124,6 +1173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-eval", type=int, default=None, help="default 2000")
     parser.add_argument("--scale-batch", type=int, default=500)
     parser.add_argument("--scale-methods", nargs="+", default=["svd_qr", "qr"])
+    parser.add_argument("--grid-n", type=int, default=2048, help="part grid: layer width")
+    parser.add_argument("--grid-samples", type=int, default=20_000, help="part grid: K")
     parser.add_argument("--memory-n", type=int, default=4096, help="part memory: n of step 1")
     parser.add_argument("--memory-dims", type=int, nargs=4, default=[2304, 1024, 1024, 1000])
     parser.add_argument("--memory-samples", type=int, nargs="+", default=[5000, 20000, 80000])
@@ -1178,6 +1229,8 @@ def main(argv: list[str] | None = None) -> None:
         part_qr(args, device, report)
     if "memory" in args.parts:
         part_memory(args, device, report)
+    if "grid" in args.parts:
+        part_grid(args, device, report)
     report.add(f"Total wall time of this run: {time.perf_counter() - started:.0f} s.")
     if args.json is not None:
         args.json.write_text(json.dumps(report.data, indent=1, default=str))

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
 from lightning_neuronprune.reporting import (
     PREFIX,
@@ -132,6 +133,7 @@ class NeuronEliminationCallback(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        self._fitters: dict[str, JunctionFitter] = {}
         if targets != "auto":
             if isinstance(targets, str):
                 targets = [targets]
@@ -341,12 +343,18 @@ class NeuronEliminationCallback(pl.Callback):
         stats = self._collect(pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
         metric = self._metric(pl_module, example, device)
-        self.points = self._sweep(pl_module, junctions, stats, eval_loader, metric, example, device)
-        every = [pt for pts in self.points.values() for pt in pts]
-        self.results = [pt.as_dict() for pt in every]
-        self.joint_points = self._joint(
-            pl_module, junctions, stats, eval_loader, train_loader, metric, example
-        )
+        self._fitters.clear()
+        try:
+            self.points = self._sweep(
+                pl_module, junctions, stats, eval_loader, metric, example, device
+            )
+            every = [pt for pts in self.points.values() for pt in pts]
+            self.results = [pt.as_dict() for pt in every]
+            self.joint_points = self._joint(
+                pl_module, junctions, stats, eval_loader, train_loader, metric, example
+            )
+        finally:
+            self._fitters.clear()  # they hold n × n matrices per junction
         self.chosen, plan = self._choose(every, junctions)
         self._report(trainer, every)
         self._apply(pl_module, junctions, stats, plan)
@@ -418,9 +426,13 @@ class NeuronEliminationCallback(pl.Callback):
                     f"{pt.energy_ratio:.2f}× lower"
                 )
 
+            consumer = pl_module.get_submodule(j.consumer)
+            options = FitOptions(method=self.method, affine=self.affine, ridge=self.ridge)
+            fitter = JunctionFitter(stats[j.consumer], consumer.weight, consumer.bias, options)
+            self._fitters[j.layer] = fitter  # the joint search reuses the selection work
             points[j.layer] = sweep_junction(
                 pl_module, j, stats[j.consumer], evaluator, self.energy_model, example,
-                ranks=self.ranks, method=self.method, affine=self.affine, ridge=self.ridge,
+                ranks=self.ranks, options=options, fitter=fitter,
                 max_accuracy_drop=self.max_accuracy_drop, baseline=baseline, on_point=progress,
             )  # fmt: skip
         return points
@@ -447,7 +459,7 @@ class NeuronEliminationCallback(pl.Callback):
             pl_module, junctions, stats, eval_loader, metric, self.energy_model, example,
             train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
             ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
-            baseline=(first.accuracy, first.energy),
+            baseline=(first.accuracy, first.energy), fitters=self._fitters,
         )  # fmt: skip
         if self.joint == "greedy":
             return search.greedy(self.max_accuracy_drop)

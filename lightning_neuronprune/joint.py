@@ -121,6 +121,8 @@ class JointSearch:
         max_samples: samples for re-collected statistics.
         on_point: called with each evaluated point (progress).
         baseline: ``(metric, energy)`` of the unreduced model, if already measured.
+        fitters: ``{layer: JunctionFitter}`` already built on the same statistics and options
+            (the sweep's), whose selection work is reused.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class JointSearch:
         max_samples: int | None = None,
         on_point: Callable[[JointPoint], None] | None = None,
         baseline: tuple[float, EnergyReport] | None = None,
+        fitters: Mapping[str, JunctionFitter] | None = None,
     ) -> None:
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         self.model = model
@@ -156,7 +159,10 @@ class JointSearch:
         self.max_samples = max_samples
         self.on_point = on_point
         options = FitOptions(method=method, affine=affine, ridge=ridge)
-        self._fitters = {
+        given = {
+            layer: f for layer, f in (fitters or {}).items() if f.options == options
+        }  # fitters built for the same options (e.g. by the sweep) are reused
+        self._fitters = given | {
             j.layer: JunctionFitter(
                 self.stats[j.consumer],
                 model.get_submodule(j.consumer).weight,
@@ -164,6 +170,7 @@ class JointSearch:
                 options,
             )
             for j in self.junctions
+            if j.layer not in given
         }
         self.grids = {
             j.layer: [j.num_features]

@@ -375,6 +375,7 @@ def sweep_junction(
     baseline: tuple[float, EnergyReport] | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
     block: int = SWEEP_BLOCK,
+    fitter: JunctionFitter | None = None,
 ) -> list[SweepPoint]:
     """Algorithm 1 for one junction: evaluate the reduced network for each p of the grid.
 
@@ -400,6 +401,8 @@ def sweep_junction(
         baseline: ``(metric, energy)`` of the unreduced model, if already known.
         on_point: called with each point as it is evaluated (progress, logging).
         block: grid points evaluated between two reads of the metric.
+        fitter: a :class:`~lightning_neuronprune.fitting.JunctionFitter` of this junction's
+            consumer with these options, if already built (it holds the selection work).
 
     Returns:
         The points, the baseline (p = n) first, then p descending.
@@ -415,7 +418,8 @@ def sweep_junction(
     ]
     if on_point is not None:
         on_point(points[0])
-    fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
+    if fitter is None:
+        fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
     grid = [p for p in rank_grid(n, ranks, start=fitter.rank) if p != n]
     fitter.prepare(grid)
 
