@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_neuronprune.callback as callback_module
-from lightning_neuronprune import NeuronEliminationCallback, StatisticsError, collect_statistics
+from lightning_neuronprune import (
+    NeuronEliminationCallback,
+    StatisticsError,
+    collect_statistics,
+    eliminate_neurons,
+)
 
 DTYPES = {
     "32-true": torch.float32,
@@ -129,3 +134,16 @@ def test_16_mixed_on_cuda(tmp_path: Path, seed: int) -> None:
     trainer.fit(model, datamodule=BlobsData())
     assert callback.applied == {"net.2": 7} and model.net[2].weight.dtype == torch.float32
     assert callback.points["net.0"][0].accuracy > 0.8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_functional_elimination_keeps_the_model_dtype(seed: int, dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU())
+    model = nn.Sequential(*model, nn.Linear(8, 3)).to(dtype)
+    data = [torch.randn(16, 6) for _ in range(3)]
+    reduced, _ = eliminate_neurons(
+        model, {"0": 4, "2": 5}, data=data, transfer=lambda x: x.to(dtype)
+    )  # the second junction's statistics are re-collected on the reduced model
+    assert {p.dtype for p in reduced.parameters()} == {dtype}
+    assert reduced[0].out_features == 4 and reduced[2].out_features == 5
+    assert reduced(data[0].to(dtype)).dtype == dtype
