@@ -384,6 +384,7 @@ class NeuronEliminationCallback(pl.Callback):
         device = trainer.strategy.root_device
         pl_module.to(device)
         self._forward = _trainer_forward(trainer)
+        self.reduced_checkpoint_path = self.source_checkpoint_path = None
         if self.weights == "best":
             self._load_best(trainer, pl_module)
 
@@ -400,7 +401,7 @@ class NeuronEliminationCallback(pl.Callback):
         self._report(trainer, every)
         before = dict(pl_module.named_parameters())
         self._apply(pl_module, junctions, stats, plan)
-        if self.applied:
+        if plan:
             self._save_reduced(trainer, pl_module, before)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
@@ -679,8 +680,10 @@ class NeuronEliminationCallback(pl.Callback):
             install_plan_hook(
                 pl_module,
                 advice=(
-                    "ModelCheckpoint's checkpoints hold the unreduced weights; pass the reduced "
-                    "model itself, without `ckpt_path`."
+                    "The reduced model lives in memory only (the Trainer has no ModelCheckpoint "
+                    "to write its checkpoint next to): pass it without `ckpt_path`, or save it "
+                    "first (`trainer.save_checkpoint(path)`, `save_reduced(model, path)`). Load "
+                    "unreduced weights into a fresh, unreduced instance."
                 ),
             )
             return
