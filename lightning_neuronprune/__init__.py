@@ -15,6 +15,7 @@ from lightning_neuronprune.elimination import (
 )
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import (
+    CheckpointMismatchError,
     JunctionError,
     NeuronEliminationError,
     NumericalWarning,
@@ -22,13 +23,22 @@ from lightning_neuronprune.errors import (
     UnsupportedLayerError,
 )
 from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
-from lightning_neuronprune.persistence import load_reduced, read_plan, save_reduced
+from lightning_neuronprune.persistence import (
+    ReducedCheckpointMixin,
+    install_plan_hook,
+    load_reduced,
+    match_plan,
+    read_plan,
+    rebind_optimizer,
+    save_reduced,
+)
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import nested_order, select_neurons
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
 from lightning_neuronprune.surgery import GatheredLinear, Junction, find_junction, rebuild_shapes
 
 __all__ = [
+    "CheckpointMismatchError",
     "Elimination",
     "EliminationRecord",
     "EnergyModel",
@@ -40,18 +50,22 @@ __all__ = [
     "NeuronEliminationCallback",
     "NeuronEliminationError",
     "NumericalWarning",
+    "ReducedCheckpointMixin",
     "StatisticsError",
     "UnsupportedLayerError",
     "batch_input",
     "collect_statistics",
     "eliminate_neurons",
     "find_junction",
+    "install_plan_hook",
     "least_squares_transform",
     "load_reduced",
+    "match_plan",
     "nested_order",
     "pivoted_cholesky",
     "pivoted_qr",
     "read_plan",
+    "rebind_optimizer",
     "rebuild_shapes",
     "reconstruct_consumer",
     "reduce_junction",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +25,7 @@ from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
+from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.reporting import (
     PREFIX,
     log_joint_scalars,
@@ -48,6 +52,7 @@ __all__ = ["NeuronEliminationCallback"]
 log = logging.getLogger(__name__)
 
 APPLY_MODES = ("max_energy_saving",)
+WEIGHTS = ("last", "best")
 
 
 class NeuronEliminationCallback(pl.Callback):
@@ -64,7 +69,26 @@ class NeuronEliminationCallback(pl.Callback):
     3. logs everything under ``neuron_elimination/<layer>/...`` with ``step = p``, plus a figure
        of accuracy versus energy and a text table for loggers that take them (TensorBoard), and
        writes ``neuron_elimination.json``/``.csv`` to the trainer's log dir;
-    4. applies the configuration picked by ``apply`` to the LightningModule, in place.
+    4. applies the configuration picked by ``apply`` to the LightningModule, in place, and writes
+       it as a standard Lightning checkpoint next to ``ModelCheckpoint``'s
+       (:attr:`reduced_checkpoint_path`, also in the log and the JSON report).
+
+    With ``weights="best"``, the weights of ``ModelCheckpoint``'s best checkpoint are loaded into
+    the LightningModule first, and those are reduced.
+
+    Forward passes run the way the Trainer runs them: batches go through the precision plugin's
+    ``convert_input`` and the strategy's ``batch_to_device`` (so the LightningModule's batch
+    transfer hooks too), and the model runs under the precision plugin's ``forward_context``, so
+    every ``Trainer(precision=...)`` works; the statistics are accumulated in float64 and the
+    reduced layers keep the model's dtype.
+
+    Checkpoints: in ``setup`` the callback makes the LightningModule's ``load_state_dict`` rebuild
+    reduced shapes from a checkpoint's plan first, so ``trainer.fit/validate/test/predict(
+    ckpt_path=<reduced checkpoint>)`` work on a fresh instance (optimizer state included).
+    ``trainer.test(ckpt_path="best")`` after a reduction refuses with a
+    :class:`~lightning_neuronprune.errors.CheckpointMismatchError` that names the reduced
+    checkpoint to pass instead: "best" and "last" are ``ModelCheckpoint``'s checkpoints, written
+    before the reduction. See :mod:`~lightning_neuronprune.persistence`.
 
     Work runs in ``on_train_end``, while the model is still on the training device and the
     process group is alive. Every rank performs the same reduction; only rank zero reports.
@@ -97,6 +121,9 @@ class NeuronEliminationCallback(pl.Callback):
         joint_order: the layer order of the sequential strategy (default: network order).
         joint_shares: the budget shares of the sequential strategy (default: equal).
         verbose: print a line per evaluated configuration (rank zero).
+        weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
+            Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
+            without ``monitor`` its "best" is its latest checkpoint).
 
     Attributes:
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
@@ -104,6 +131,9 @@ class NeuronEliminationCallback(pl.Callback):
         chosen: the applied :class:`SweepPoint`, or ``None``.
         applied: ``{layer: p}`` that was applied.
         report_paths: the JSON and CSV files written.
+        reduced_checkpoint_path: the Lightning checkpoint of the reduced model, or ``None`` (no
+            reduction, or no ``ModelCheckpoint`` to write it next to).
+        source_checkpoint_path: with ``weights="best"``, the checkpoint whose weights were reduced.
 
     Example::
 
@@ -131,6 +161,7 @@ class NeuronEliminationCallback(pl.Callback):
         joint_order: list[str] | None = None,
         joint_shares: list[float] | None = None,
         verbose: bool = True,
+        weights: str = "last",
     ) -> None:
         super().__init__()
         self._fitters: dict[str, JunctionFitter] = {}
@@ -224,6 +255,11 @@ class NeuronEliminationCallback(pl.Callback):
         self.joint_order = joint_order
         self.joint_shares = joint_shares
         self.verbose = verbose
+        if weights not in WEIGHTS:
+            raise MisconfigurationException(
+                f"`weights` must be one of {list(WEIGHTS)}, got {weights!r}"
+            )
+        self.weights = weights
 
         self.results: list[dict[str, Any]] = []
         self.points: dict[str, list[SweepPoint]] = {}
@@ -231,9 +267,19 @@ class NeuronEliminationCallback(pl.Callback):
         self.chosen: SweepPoint | JointPoint | None = None
         self.applied: dict[str, int] = {}
         self.report_paths: tuple[Any, ...] = ()
+        self.reduced_checkpoint_path: str | None = None
+        self.source_checkpoint_path: str | None = None
+        self._forward: dict[str, Any] = {}
         self._failed = False
 
     # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the Trainer restores `ckpt_path`: reduced checkpoints rebuild their shapes.
+        install_plan_hook(pl_module)
+        if stage == "fit" and self.weights == "best":
+            self._best_checkpoint(trainer, check_path=False)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,6 +385,10 @@ class NeuronEliminationCallback(pl.Callback):
         train_loader = self._train_loader(trainer)
         device = trainer.strategy.root_device
         pl_module.to(device)
+        self._forward = _trainer_forward(trainer)
+        self.reduced_checkpoint_path = self.source_checkpoint_path = None
+        if self.weights == "best":
+            self._load_best(trainer, pl_module)
 
         stats = self._collect(pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
@@ -357,7 +407,10 @@ class NeuronEliminationCallback(pl.Callback):
             self._fitters.clear()  # they hold n × n matrices per junction
         self.chosen, plan = self._choose(every, junctions)
         self._report(trainer, every)
+        before = dict(pl_module.named_parameters())
         self._apply(pl_module, junctions, stats, plan)
+        if plan:
+            self._save_reduced(trainer, pl_module, before)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
             + (f"applied {self.applied}" if self.applied else "model unchanged")
@@ -373,13 +426,16 @@ class NeuronEliminationCallback(pl.Callback):
         )
         return collect_statistics(
             pl_module, [j.consumer for j in junctions], loader,
-            max_samples=self.max_samples, device=device,
+            max_samples=self.max_samples, device=device, **self._forward_kwargs(),
         )  # fmt: skip
 
     def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
         if self.example_input is not None:
-            return _to(self.example_input, device)
-        x = batch_input(next(iter(loader)))
+            convert = self._forward.get("convert", lambda x: x)
+            return convert(_to(self.example_input, device))
+        batch = next(iter(loader))
+        transfer = self._forward.get("transfer")
+        x = batch_input(transfer(batch) if transfer is not None else batch)
         return _to(x[:1], device)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
@@ -387,8 +443,9 @@ class NeuronEliminationCallback(pl.Callback):
             return self.metric.to(device)
         was_training = pl_module.training
         pl_module.eval()
+        context = self._forward.get("forward_context") or contextlib.nullcontext
         try:
-            with torch.no_grad():
+            with torch.no_grad(), context():
                 out = pl_module(example)
         finally:
             pl_module.train(was_training)
@@ -411,7 +468,9 @@ class NeuronEliminationCallback(pl.Callback):
         points: dict[str, list[SweepPoint]] = {}
         baseline = None
         for i, j in enumerate(junctions, 1):
-            evaluator = CachedEvaluator(pl_module, j.consumer, loader, metric, device=device)
+            evaluator = CachedEvaluator(
+                pl_module, j.consumer, loader, metric, device=device, **self._forward_kwargs()
+            )
             if baseline is None:
                 baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
                 self._info(
@@ -460,6 +519,7 @@ class NeuronEliminationCallback(pl.Callback):
             train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
             ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
             baseline=(first.accuracy, first.energy), fitters=self._fitters,
+            **self._forward_kwargs(),
         )  # fmt: skip
         if self.joint == "greedy":
             return search.greedy(self.max_accuracy_drop)
@@ -522,6 +582,9 @@ class NeuronEliminationCallback(pl.Callback):
             extra={
                 "applied": self._pending_plan(),
                 "joint": [pt.as_dict() for pt in self.joint_points],
+                "weights": self.weights,
+                "source_checkpoint": self.source_checkpoint_path,
+                "reduced_checkpoint": None,
                 "joint_front": [
                     pt.as_dict()
                     for pt in pareto_front(self.joint_points)
@@ -565,6 +628,112 @@ class NeuronEliminationCallback(pl.Callback):
         )  # fmt: skip
         self.applied = dict(plan)
         self._info(f"neuron elimination: applied {plan}")
+
+    # ------------------------------------------------------- precision and checkpoints
+
+    def _forward_kwargs(self) -> dict[str, Any]:
+        """``transfer`` and ``forward_context`` for the functional core (empty outside a run)."""
+        return {k: v for k, v in self._forward.items() if k in ("transfer", "forward_context")}
+
+    def _best_checkpoint(self, trainer: pl.Trainer, *, check_path: bool = True) -> str:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or not hasattr(checkpoint, "best_model_path"):
+            raise MisconfigurationException(
+                "NeuronEliminationCallback(weights='best') reduces the best checkpoint's weights, "
+                "but the Trainer has no ModelCheckpoint: add "
+                "`ModelCheckpoint(monitor=...)` to its callbacks, or use `weights='last'`"
+            )
+        path = checkpoint.best_model_path
+        if check_path and not path:
+            raise MisconfigurationException(
+                "NeuronEliminationCallback(weights='best'): ModelCheckpoint has no best checkpoint "
+                f"(`best_model_path` is empty; monitor={checkpoint.monitor!r}), so there are no "
+                "best weights to reduce: check that the monitored metric is logged, or use "
+                "`weights='last'`"
+            )
+        return path
+
+    def _load_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load ModelCheckpoint's best weights into ``pl_module`` (every rank), in place."""
+        # Under DDP every rank reduces rank zero's best (ranks may rank their own metrics apart).
+        path = trainer.strategy.broadcast(self._best_checkpoint(trainer))
+        checkpoint = trainer.strategy.load_checkpoint(path)
+        trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
+        self.source_checkpoint_path = str(path)
+        self._info(f"neuron elimination: reducing the best checkpoint's weights, {path}")
+
+    def _reduced_path(self, trainer: pl.Trainer) -> str | None:
+        """``<ModelCheckpoint.dirpath>/<best stem>-reduced.ckpt`` or ``reduced-step=<k>.ckpt``."""
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if not dirpath:
+            return None
+        if self.source_checkpoint_path:
+            stem = os.path.splitext(os.path.basename(self.source_checkpoint_path))[0] + "-reduced"
+        else:
+            stem = f"reduced-step={trainer.global_step}"
+        path, version = os.path.join(dirpath, stem + ".ckpt"), 0
+        while os.path.exists(path):
+            version += 1
+            path = os.path.join(dirpath, f"{stem}-v{version}.ckpt")
+        return trainer.strategy.broadcast(path)
+
+    def _save_reduced(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
+    ) -> None:
+        """Make the trainer's state consistent with the reduced model and checkpoint it.
+
+        The optimizers are re-pointed at the new parameters (the reduced layers' optimizer state
+        starts afresh), so that the checkpoint resumes; it is written with
+        ``trainer.save_checkpoint`` (every rank calls it, rank zero writes).
+        """
+        for optimizer in trainer.optimizers:
+            rebind_optimizer(optimizer, before, pl_module)
+        path = self._reduced_path(trainer)
+        if path is None:
+            install_plan_hook(
+                pl_module,
+                advice=(
+                    "The reduced model lives in memory only (the Trainer has no ModelCheckpoint "
+                    "to write its checkpoint next to): pass it without `ckpt_path`, or save it "
+                    "first (`trainer.save_checkpoint(path)`, `save_reduced(model, path)`). Load "
+                    "unreduced weights into a fresh, unreduced instance."
+                ),
+            )
+            return
+        trainer.save_checkpoint(path)
+        self.reduced_checkpoint_path = path
+        install_plan_hook(
+            pl_module,
+            advice=(
+                f"NeuronEliminationCallback saved the reduced model as {path!r} "
+                f"(`callback.reduced_checkpoint_path`): pass `ckpt_path={path!r}`, or pass the "
+                "model without `ckpt_path` to use it as it is in memory. ModelCheckpoint's "
+                "'best' and 'last' checkpoints were written before the reduction and hold the "
+                "unreduced weights."
+            ),
+        )
+        rank_zero_info(f"neuron elimination: reduced model saved as the checkpoint {path}")
+        if trainer.is_global_zero and self.report_paths:
+            report = self.report_paths[0]
+            doc = json.loads(report.read_text())
+            doc["reduced_checkpoint"] = path
+            report.write_text(json.dumps(doc, indent=2))
+
+
+def _trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:
+    """How the Trainer feeds its model: ``transfer`` (a raw batch through the precision plugin's
+    ``convert_input`` then the strategy's ``batch_to_device``, as the fit loop does),
+    ``convert`` (an input's dtype only) and ``forward_context`` (the precision plugin's)."""
+    strategy, precision = trainer.strategy, trainer.precision_plugin
+
+    def transfer(batch: Any) -> Any:
+        return strategy.batch_to_device(precision.convert_input(batch))
+
+    return {
+        "transfer": transfer,
+        "convert": precision.convert_input,
+        "forward_context": precision.forward_context,
+    }
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:

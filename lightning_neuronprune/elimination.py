@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -187,6 +188,8 @@ def eliminate_neurons(
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
     kept: Mapping[str, Sequence[int] | Tensor] | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> Elimination:
     """Remove redundant neurons of one or more ``nn.Linear`` layers, without retraining.
 
@@ -218,6 +221,9 @@ def eliminate_neurons(
             :func:`~lightning_neuronprune.statistics.batch_input`).
         kept: ``{target: indices}`` to keep instead of selecting them (e.g. a sweep's choice or
             a baseline's); p must equal ``len(indices)``. The weights are still re-fitted.
+        transfer, forward_context: how batches reach the model (e.g. converted to a
+            ``bfloat16`` model's dtype) and what its forward passes run under; see
+            :func:`~lightning_neuronprune.statistics.collect_statistics`.
 
     Returns:
         :class:`Elimination` ``(model, records)``. The model also carries the records as plain
@@ -284,7 +290,13 @@ def eliminate_neurons(
         st = _stats_for(stats, junction)
         if st is None or (k > 0 and data is not None):
             st = collect_statistics(
-                work, [junction.consumer], data, max_samples=max_samples, input_fn=input_fn
+                work,
+                [junction.consumer],
+                data,
+                max_samples=max_samples,
+                input_fn=input_fn,
+                transfer=transfer,
+                forward_context=forward_context,
             )[junction.consumer]
         records.append(
             reduce_junction(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointMismatchError",
     "JunctionError",
     "NeuronEliminationError",
     "NumericalWarning",
@@ -13,6 +14,14 @@ __all__ = [
 
 class NeuronEliminationError(RuntimeError):
     """Base class of every error this package raises at run time."""
+
+
+class CheckpointMismatchError(NeuronEliminationError, ValueError):
+    """A state dict and a model disagree on the neuron elimination.
+
+    One is reduced and the other is not, or they were reduced differently. The message names the
+    layer, both shapes and the call to use instead.
+    """
 
 
 class JunctionError(NeuronEliminationError, ValueError):

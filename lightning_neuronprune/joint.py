@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -123,6 +124,8 @@ class JointSearch:
         baseline: ``(metric, energy)`` of the unreduced model, if already measured.
         fitters: ``{layer: JunctionFitter}`` already built on the same statistics and options
             (the sweep's), whose selection work is reused.
+        transfer, forward_context: how batches reach the model and what its forward passes run
+            under (see :func:`~lightning_neuronprune.statistics.collect_statistics`).
     """
 
     def __init__(
@@ -144,7 +147,10 @@ class JointSearch:
         on_point: Callable[[JointPoint], None] | None = None,
         baseline: tuple[float, EnergyReport] | None = None,
         fitters: Mapping[str, JunctionFitter] | None = None,
+        transfer: Callable[[Any], Any] | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
+        self._forward: dict[str, Any] = {"transfer": transfer, "forward_context": forward_context}
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         self.model = model
         self.junctions = sorted(junctions, key=lambda j: order[j.consumer])
@@ -183,7 +189,9 @@ class JointSearch:
         }
         for layer, grid in self.grids.items():
             self._fitters[layer].prepare(grid[1:])  # the whole grid in one batched selection
-        self.evaluator = CachedEvaluator(model, self.junctions[0].consumer, eval_data, metric)
+        self.evaluator = CachedEvaluator(
+            model, self.junctions[0].consumer, eval_data, metric, **self._forward
+        )
         base_acc, base_energy = baseline or (
             self.evaluator(),
             energy_model.estimate(model, example_input),
@@ -243,7 +251,7 @@ class JointSearch:
             acc = self.evaluator(modules=swaps)
         else:
             acc = CachedEvaluator(
-                reduced, first.consumer, self.eval_data, self.metric, cache=False
+                reduced, first.consumer, self.eval_data, self.metric, cache=False, **self._forward
             )()
         energy = self.energy_model.estimate(reduced, self.example_input)
         base = self.baseline
@@ -344,7 +352,7 @@ class JointSearch:
             if p >= j.num_features:
                 continue
             st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples
+                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._forward
             )[j.consumer]
             reduce_junction(
                 work, j, st, p, method=self.method, affine=self.affine, ridge=self.ridge,
@@ -389,9 +397,11 @@ class JointSearch:
             allowed += budget * w / total
             j = self.by_layer[layer]
             st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples
+                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._forward
             )[j.consumer]
-            evaluator = CachedEvaluator(work, j.consumer, self.eval_data, self.metric)
+            evaluator = CachedEvaluator(
+                work, j.consumer, self.eval_data, self.metric, **self._forward
+            )
             base = (self.baseline.accuracy, self.baseline.energy)
             swept = sweep_junction(
                 work, j, st, evaluator, self.energy_model, self.example_input,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +185,8 @@ def collect_statistics(
     input_fn: Callable[[Any], Any] | None = None,
     device: torch.device | str | None = None,
     sync: bool = True,
+    transfer: Callable[[Any], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, JunctionStatistics]:
     """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
 
@@ -202,6 +205,12 @@ def collect_statistics(
         device: where the model runs and the statistics live; defaults to the model's device.
         sync: all-reduce the statistics over ``torch.distributed`` ranks when a process group is
             initialised, so that every rank holds the same numbers.
+        transfer: maps each raw batch to the batch the model runs on, before ``input_fn``; e.g.
+            a Trainer's precision ``convert_input`` and strategy ``batch_to_device``, so that
+            ``bf16-true`` or ``64-true`` models get inputs of their dtype.
+        forward_context: a context-manager factory entered around each forward pass, e.g. the
+            precision plugin's ``forward_context`` (autocast under ``*-mixed``). The statistics
+            are accumulated in float64 whatever the activations' dtype.
 
     Returns:
         ``{consumer name: JunctionStatistics}``.
@@ -240,20 +249,21 @@ def collect_statistics(
         return hook
 
     get_input = input_fn if input_fn is not None else batch_input
+    prepare = transfer if transfer is not None else (lambda b: b)
+    context = forward_context if forward_context is not None else nullcontext
     was_training = model.training
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
     seen = 0
     try:
         model.eval()
         for batch in data:
-            x = _move(get_input(batch), device)
-            if max_samples is not None:
-                remaining = max_samples - seen
-                if remaining <= 0:
-                    break
-                if _batch_size(x) > remaining:
-                    x = _truncate(x, remaining)
-            model(x)
+            if max_samples is not None and seen >= max_samples:
+                break
+            x = _move(get_input(prepare(batch)), device)
+            if max_samples is not None and _batch_size(x) > max_samples - seen:
+                x = _truncate(x, max_samples - seen)
+            with context():
+                model(x)
             seen += _batch_size(x)
             log.debug("statistics: %d samples", seen)
     finally:

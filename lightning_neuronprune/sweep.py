@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,11 @@ class CachedEvaluator:
         target_fn: maps a batch to the target (default :func:`batch_target`).
         device: where to run; defaults to the model's device.
         cache: set to ``False`` to force the uncached fallback (for comparisons).
+        transfer: maps each raw batch to the batch the model runs on, before ``input_fn`` and
+            ``target_fn`` (e.g. a Trainer's precision ``convert_input`` and ``batch_to_device``).
+            Raw batches are kept and transferred when used, as a Trainer does each epoch.
+        forward_context: a context-manager factory entered around every forward pass (e.g. the
+            precision plugin's ``forward_context``).
 
     Attributes:
         cached: whether the fx split succeeded and the front is cached.
@@ -208,6 +213,8 @@ class CachedEvaluator:
         target_fn: Callable[[Any], Tensor] | None = None,
         device: torch.device | str | None = None,
         cache: bool = True,
+        transfer: Callable[[Any], Any] | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model = model
         self.consumer = consumer
@@ -215,7 +222,12 @@ class CachedEvaluator:
         self.device = torch.device(device) if device is not None else _device_of(model)
         get_input = input_fn or batch_input
         get_target = target_fn or batch_target
-        self._batches = [(get_input(b), get_target(b)) for b in data]
+        self._context = forward_context or nullcontext
+        self._batches: list[Any]
+        if transfer is None:
+            self._batches = [(get_input(b), get_target(b)) for b in data]
+        else:  # transferred (to the device, in the model's dtype) only when used
+            self._batches = [_Lazy(b, transfer, get_input, get_target) for b in data]
         if not self._batches:
             raise NeuronEliminationError("the evaluation data is empty")
         self.cached = False
@@ -227,8 +239,12 @@ class CachedEvaluator:
             except Exception as err:  # noqa: BLE001 - any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
-                with _evaluating(model), torch.no_grad():
-                    self._boundaries = [prefix(_to(x, self.device)) for x, _ in self._batches]
+                with _evaluating(model), torch.no_grad(), self._context():
+                    for k, batch in enumerate(self._batches):
+                        x, y = batch
+                        self._boundaries.append(prefix(_to(x, self.device)))
+                        # keep the target only, on the device: no copies per evaluation
+                        self._batches[k] = (None, _to(y, self.device))
                 self.cached = True
 
     @torch.no_grad()
@@ -259,7 +275,7 @@ class CachedEvaluator:
         try:
             for name, module in swaps.items():
                 _set(root, name, module)
-            with _evaluating(self.model), _evaluating(root):
+            with _evaluating(self.model), _evaluating(root), self._context():
                 for k, (x, y) in enumerate(self._batches):
                     out = root(*self._boundaries[k]) if self.cached else root(_to(x, self.device))
                     self.metric.update(_logits(out), _to(y, self.device))
@@ -278,6 +294,21 @@ class CachedEvaluator:
         except AttributeError:
             return False
         return True
+
+
+class _Lazy:
+    """A raw batch that unpacks to ``(input, target)`` of its transferred form, on each use."""
+
+    def __init__(
+        self, batch: Any, transfer: Callable[[Any], Any], get_input: Callable[[Any], Any],
+        get_target: Callable[[Any], Any],
+    ) -> None:  # fmt: skip
+        self.batch, self.transfer = batch, transfer
+        self.get_input, self.get_target = get_input, get_target
+
+    def __iter__(self):  # noqa: ANN204
+        moved = self.transfer(self.batch)
+        return iter((self.get_input(moved), self.get_target(moved)))
 
 
 def _device_of(model: nn.Module) -> torch.device:

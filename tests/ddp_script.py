@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,13 +22,14 @@ from lightning_neuronprune import NeuronEliminationCallback, read_plan  # noqa: 
 def main(out: Path) -> None:
     pl.seed_everything(0, workers=True)
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks="all", max_accuracy_drop=0.02
+        targets=["net.0", "net.2"], ranks="all", max_accuracy_drop=0.02, weights="best"
     )
+    checkpoint = ModelCheckpoint(dirpath=out / "ckpt", monitor="val_loss")
     model = LitMLP()
     trainer = pl.Trainer(
         max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", default_root_dir=out,
         logger=CSVLogger(out, name="logs"), enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback],
+        enable_model_summary=False, callbacks=[checkpoint, callback],
     )  # fmt: skip
     trainer.fit(model, datamodule=BlobsData())
     digest = hashlib.sha256()
@@ -42,6 +44,8 @@ def main(out: Path) -> None:
         "applied": callback.applied,
         "results": callback.results,
         "report_paths": [str(p) for p in callback.report_paths],
+        "source_checkpoint": callback.source_checkpoint_path,
+        "reduced_checkpoint": callback.reduced_checkpoint_path,
         "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_neuronprune import ReducedCheckpointMixin
+
 
 def blobs(n: int, seed: int, dim: int = 12, classes: int = 4) -> TensorDataset:
     """Gaussian blobs: learnable in a few epochs, with some redundant input directions."""
@@ -65,3 +67,7 @@ class BlobsData(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class ReducibleLitMLP(ReducedCheckpointMixin, LitMLP):
+    """``LitMLP`` with the one line that makes ``load_from_checkpoint`` take reduced checkpoints."""

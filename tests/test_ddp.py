@@ -25,6 +25,10 @@ def test_two_process_ddp_gives_the_same_reduction_on_every_rank(tmp_path: Path) 
     assert r0["plan"] == r1["plan"] and r0["shapes"] == r1["shapes"]
     assert r0["state_sha256"] == r1["state_sha256"]
     assert r0["results"] == r1["results"]
+    # weights="best": both ranks reduced rank zero's best checkpoint; rank zero wrote it reduced.
+    assert r0["source_checkpoint"] and r0["source_checkpoint"] == r1["source_checkpoint"]
+    assert r0["reduced_checkpoint"] == r1["reduced_checkpoint"]
+    assert Path(r0["reduced_checkpoint"]).is_file()
     # Only rank zero reports.
     assert r0["report_paths"] and r1["report_paths"] == []
     metrics = list((tmp_path / "logs").rglob("metrics.csv"))
