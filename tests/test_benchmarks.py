@@ -180,7 +180,10 @@ def test_bench_sweep_tiny(mnist_dir: Path, tmp_path: Path) -> None:
     assert "Agreement and speed-up" in stdout
     tables = _tables(md.read_text())
 
-    phases = ["statistics", "selection", "reconstruction", "evaluation", "energy", "other"]
+    phases = [
+        "statistics", "evaluation cache", "selection", "reconstruction", "evaluation", "energy",
+        "sweep", "other",
+    ]  # fmt: skip
     times = _table(tables, "Wall time per phase")
     assert [r["run"].split(" ", 1)[1] for r in times] == [
         "project svd_qr",
