@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# GPU check of issue 4, in one prepared script (under 5 minutes on one H100/H200):
+# GPU check of issue 8, in one prepared script (about 5 minutes on one H100/H200):
 #
-#   1. pivoted_qr on the GPU vs scipy geqp3 on the host, float32, A = U_p^T, n = 4096, p = 2048;
-#   2. the CaffeNet-sized sweep (9216->4096->4096->1000, K = 50000 streamed samples, 64-point grid,
-#      svd_qr and qr) on the GPU: time and peak memory per phase;
-#   3. the MNIST sweeps (LeNet5-FC2 every p, LeNet300-100-FC2) on the GPU against the
-#      straightforward Algorithm 1 (numpy/scipy on the host, its forward passes on the GPU),
-#      when MNIST is found; trained models come from benchmarks/.cache (carry it), else they are
-#      trained for 2 epochs here.
+#   0. the CUDA tests (pivoted factorizations on the device, 16-mixed precision);
+#   1. pivoted_qr on the GPU vs scipy geqp3 on the host, A = U_p^T, 2048 x 4096 (and 250 x 500),
+#      float32 and float64;
+#   2. the CaffeNet-sized fc6 sweep (9216->4096->4096->1000, K = 50000 streamed samples, 64-point
+#      grid, svd_qr and qr) on the GPU, end to end, with time and peak memory per phase;
+#   3. the callback on MNIST LeNet-300-100 (3 epochs; targets net.fc1:in, net.fc1, net.fc2;
+#      default grid; joint=None and joint="greedy") on the GPU and on the host CPU.
 #
 # Usage (from anywhere; it runs in the repository root):
 #   benchmarks/gpu_check.sh [OUT_DIR] [--device cpu]
 # OUT_DIR defaults to $OUT, else ./gpu_check_out. It receives gpu_check.md (all tables),
-# gpu_check_*.json and gpu_check.log. `--device cpu` runs the same steps with --tiny sizes on the
-# CPU: a dry run of this script's logic on a machine without a GPU.
+# gpu_check_*.json, callback_profile.txt and gpu_check.log. `--device cpu` runs the same steps at
+# --tiny sizes on the CPU: a dry run of this script's logic on a machine without a GPU.
+# MNIST is read from $NEURONPRUNE_MNIST_DIR, ../shared/data/mnist or benchmarks/.cache/mnist
+# (copy the IDX files there and carry benchmarks/.cache to a machine without ../shared); the
+# trained LeNet-300-100 is taken from benchmarks/.cache when present, else trained here.
 #
-# Needs python with torch, pytorch_lightning and torchmetrics. numpy/scipy may be missing: the
-# comparisons that need them are skipped with a note. No network access is needed.
+# Needs python with torch, pytorch_lightning and torchmetrics; numpy/scipy for the host
+# baselines. No network access is needed.
 set -uo pipefail
 
 OUT_DIR="${OUT:-}"
@@ -36,18 +39,16 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/gpu_check.log"
 MD="$OUT_DIR/gpu_check.md"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 : > "$LOG"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 STARTED=$SECONDS
 
-# The package: installed, else editable install without dependencies, else PYTHONPATH=the repository root.
-if ! "$PY" -c "import lightning_neuronprune" >/dev/null 2>&1; then
-  if ! "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
-      || ! "$PY" -c "import lightning_neuronprune" >/dev/null 2>&1; then
-    log "editable install failed or unusable; using PYTHONPATH=."
-    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  fi
+# The package runs from this tree. pytest, when missing, comes from carried wheels in .whl/.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import pytest" >/dev/null 2>&1 && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site \
+    "$REPO"/.whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
 fi
 if ! "$PY" -c "import lightning_neuronprune" >>"$LOG" 2>&1; then
   log "FATAL: cannot import lightning_neuronprune"; exit 1
@@ -67,8 +68,12 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 SIZE=()
-LIMIT=260
-if [ "$DEVICE" = "cpu" ]; then SIZE=(--tiny --threads 1); LIMIT=240; fi
+LIMIT=200
+CB_ARGS=(--devices cuda cpu)
+if [ "$DEVICE" = "cpu" ]; then
+  SIZE=(--tiny --threads 1); LIMIT=240
+  CB_ARGS=(--devices cpu --epochs 1 --limit-train 2000 --joint none)
+fi
 
 # MNIST: the first directory holding the IDX files.
 MNIST=""
@@ -78,30 +83,32 @@ for d in "${NEURONPRUNE_MNIST_DIR:-}" "$REPO/../shared/data/mnist" "$REPO/shared
     MNIST="$d"; break
   fi
 done
-EPOCHS=()
-if [ ! -e benchmarks/.cache/lenet5-e12-nall-s0.pt ] || [ ! -e benchmarks/.cache/lenet300100-e12-nall-s0.pt ]; then
-  EPOCHS=(--epochs 2)
-  log "trained models not in benchmarks/.cache: training 2 epochs here (curves differ from CPU run)"
-fi
 
 status=0
-run() {  # run NAME TIMEOUT ARGS...: one bench_sweep.py call, its tables into gpu_check.md
+step() {  # step NAME TIMEOUT COMMAND...: one step, its output into the log
   local name="$1" limit="$2"; shift 2
-  log "step $name: bench_sweep.py $*"
+  log "step $name: $*"
   local t0=$SECONDS
-  timeout "$limit" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" "$@" \
-    --markdown "$MD" --section "gpu_check_$name" --json "$OUT_DIR/gpu_check_$name.json" \
-    >>"$LOG" 2>&1
+  timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   log "step $name: exit $rc after $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
 }
 
-run qr_scale "$LIMIT" --parts qr scale
+if [ "$DEVICE" != "cpu" ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
+  step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_linalg.py -k cuda tests/test_precision.py -k "16"
+  grep -E "passed|failed" "$LOG" | tail -1
+fi
+step qr "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts qr \
+  --markdown "$MD" --section gpu_check_qr --json "$OUT_DIR/gpu_check_qr.json"
+step scale "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts scale \
+  --markdown "$MD" --section gpu_check_scale --json "$OUT_DIR/gpu_check_scale.json"
 if [ -n "$MNIST" ]; then
-  run mnist "$LIMIT" --parts mnist --data-dir "$MNIST" "${EPOCHS[@]}"
+  step callback "$LIMIT" "$PY" benchmarks/bench_callback.py "${CB_ARGS[@]}" --data-dir "$MNIST" \
+    --markdown "$MD" --section gpu_check_callback --profile "$OUT_DIR/callback_profile.txt"
 else
-  log "step mnist skipped: no MNIST IDX files (set NEURONPRUNE_MNIST_DIR or copy them to benchmarks/.cache/mnist)"
+  log "step callback skipped: no MNIST IDX files (set NEURONPRUNE_MNIST_DIR or copy them to benchmarks/.cache/mnist)"
 fi
 
 log "done in $((SECONDS - STARTED)) s, status $status; tables in $MD"
