@@ -151,6 +151,14 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
     formed once, at the end, from the stored reflectors (:func:`torch.linalg.householder_product`).
     The matrix is first scaled by a power of two (exact) so that squared norms cannot overflow.
 
+    **On a GPU** (any device but the CPU) the pivots never leave the device: they come from the
+    greedy pivoted Cholesky of ``AᵀA`` formed in float64 (the squared partial column norms are
+    its Schur-complement diagonal, so in exact arithmetic the pivots are the same), whose pivot
+    step is replayed as a CUDA graph, and ``Q``, ``R`` from the Householder QR (``geqrf``) of
+    ``A[:, perm]``, LAPACK's reflectors. Two documented differences from ``geqp3``: exact ties
+    go to the lowest column index (not the first in LAPACK's swapped order), and ``perm[k:]``
+    lists the other columns in increasing order.
+
     Args:
         A: ``(m, n)`` float32 or float64 matrix, finite, on any device. It is not modified, and
             the factorization is not differentiable (it runs under :func:`torch.no_grad`).
@@ -271,15 +279,15 @@ def _pivoted_qr_gram(A: Tensor, steps: int, scale: float, compute_q: bool) -> Pi
 
     Step ``i`` of the QR with column pivoting picks the column of largest norm once the chosen
     ones are projected out; that squared norm is the Schur-complement diagonal of the Gram matrix
-    ``AᵀA``, so the greedy pivoted Cholesky of ``AᵀA`` (:func:`pivoted_cholesky`, whose pivots
-    never leave the device) picks the same columns. The Gram matrix is formed in float64 (one
+    ``AᵀA``, so the greedy pivoted Cholesky of ``AᵀA`` (:func:`_pivoted_cholesky_device`, whose
+    pivots never leave the device) picks the same columns. The Gram matrix is formed in float64 (one
     GEMM), which keeps the partial norms as accurate as LAPACK's downdated ones on the matrices
     we factor. ``Q`` and ``R`` then come from the unpivoted Householder QR of ``A[:, perm]``
     (``geqrf``, LAPACK's reflectors), the same factors as ``geqp3`` given the same pivots.
     """
     m, n = A.shape
     A64 = A.to(torch.float64) * scale
-    chol = pivoted_cholesky(A64.T @ A64, k=steps, rtol=0.0, _ties="position")
+    chol = pivoted_cholesky(A64.T @ A64, k=steps, rtol=0.0)
     perm = chol.perm
     a, tau = torch.geqrf(A.index_select(1, perm))
     R = a[:steps].triu()
@@ -339,7 +347,7 @@ def _householder(x: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def pivoted_cholesky(
-    G: Tensor, k: int | None = None, *, rtol: float | None = None, _ties: str = "index"
+    G: Tensor, k: int | None = None, *, rtol: float | None = None
 ) -> PivotedCholesky:
     r"""Greedy diagonal-pivoted Cholesky factorization of a symmetric PSD matrix, in torch.
 
@@ -401,6 +409,8 @@ def pivoted_cholesky(
     elif isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0.0:
         raise ValueError(f"`rtol` must be a non-negative float or None, got {rtol!r}")
     W = _symmetrized(G, amax)  # the trailing block W[i:, i:] is the Schur complement
+    if not _host_pivots(G.device):
+        return _pivoted_cholesky_device(W, steps, rtol)
     device = G.device
 
     nb = min(_CHOLESKY_BLOCK, max(steps, 1))
@@ -410,70 +420,139 @@ def pivoted_cholesky(
     P = G.new_zeros((nb + 2, n))
     d, orig = P[nb], P[nb + 1]
     d.copy_(W.diagonal())
-    cols = torch.arange(n, device=device)
-    orig.copy_(cols)
-    tol = (d.max().clamp_min(0) * rtol) if n else d.new_zeros(())
-    # On a GPU the pivot stays on the device and the stopping test runs there: `rank_t` becomes
-    # the first step whose largest diagonal is at most `tol`. It is read once per panel (one
-    # host synchronisation per nb pivots); the steps after it in that panel only touch
-    # discarded columns of L and positions >= rank, which the final sort puts in index order.
-    rank_t = torch.full((), steps, dtype=torch.long, device=device)
-    host = _host_pivots(device)
-    tol_host = float(tol) if host else 0.0
+    orig.copy_(torch.arange(n, device=device))
+    tol = rtol * max(d.max().item(), 0.0) if n else 0.0
     i = 0
-    rank = steps
-    while i < steps:
+    done = False
+    while i < steps and not done:
         c0 = i
         stop = min(c0 + nb, steps)
         if c0:
             P[:nb].zero_()
-        for i in range(c0, stop):
+        while i < stop:
             ds = d[i:]
             best = ds.max()
-            # exact ties go to the lowest original index (the swaps permute the arrangement), or
-            # with _ties="position" to the first in the current arrangement (LAPACK xGEQP3's rule)
-            where = (
-                ds.argmax()
-                if _ties == "position"
-                else torch.where(ds == best, orig[i:], n).argmin()
-            )
-            if host:  # on the CPU a read is free: the pivot is a Python int, swaps are slices
-                if not best.item() > tol_host:
-                    rank_t.fill_(i)
-                    break
-                _swap_slices(W, P, L, i, i + int(where), c0)
-                root = best.sqrt()
-            else:
-                ok = best > tol
-                rank_t = torch.where(ok | (rank_t < i), rank_t, i)
-                _swap_positions(W, P, L, i, where + i, cols, c0)
-                root = torch.where(ok, best, 1.0).sqrt()
+            dmax = best.item()  # on the CPU a read is free (see _pivoted_cholesky_device)
+            if not dmax > tol:
+                done = True
+                break
+            # exact ties go to the lowest original index (the swaps permute the arrangement)
+            p = i + int(torch.where(ds == best, orig[i:], float(n)).argmin().item())
+            if p != i:
+                # symmetric swap of i and p in the upper triangle of W (LAPACK xPSTRF)
+                _swap(W[i, p + 1 :], W[p, p + 1 :])
+                _swap(W[i, i + 1 : p], W[i + 1 : p, p])
+                _swap(P[:, i], P[:, p])
+                if c0:
+                    _swap(L[i, :c0], L[p, :c0])
             j = i - c0
+            root = math.sqrt(dmax)
             lj = P[j, i:]
             # L[i:, i] = (W[i, i:] - L[i:, c0:i] L[i, c0:i]ᵀ) / sqrt(d_i)
             torch.addmv(W[i, i:], P[:j, i:].T, P[:j, i], alpha=-1.0, out=lj)
-            lj.div_(root)
+            lj.mul_(1.0 / root)
             lj[0] = root
-            below = P[j, i + 1 :]
-            d[i + 1 :].addcmul_(below, below, value=-1.0)
-        i = stop
-        rank = int(rank_t.item())  # the one synchronisation of the panel
-        kb = min(i, rank) - c0
-        if kb > 0:
-            L[:, c0 : c0 + kb] = P[:kb].T
-        if rank < i:
-            break
-        if i < steps:
+            i += 1
+            below = P[j, i:]
+            d[i:].addcmul_(below, below, value=-1.0)
+        kb = i - c0
+        if kb:
+            L[:, c0:i] = P[:kb].T
+        if i < steps and not done:
             _update_upper(W, P[:kb], i)
 
+    rank = i
     perm = orig.to(torch.long)
-    if rank < n and _ties != "position":  # list the indices left out in increasing order
+    if rank < n:  # list the indices left out in increasing order
         rows = torch.cat((torch.arange(rank, device=device), torch.argsort(perm[rank:]) + rank))
         perm = perm[rows]
         L = L[:, :rank].index_select(0, rows)
     else:
         L = L[:, :rank]
     return PivotedCholesky(L, perm, rank)
+
+
+def _pivoted_cholesky_device(W: Tensor, steps: int, rtol: float) -> PivotedCholesky:
+    r"""The device path of :func:`pivoted_cholesky`: no host synchronisation per pivot.
+
+    The same greedy algorithm, arranged for accelerators: indices are never swapped. ``W``
+    (the symmetric Schur complement, updated once per panel with one GEMM,
+    ``W -= L_c L_cᵀ``) and ``L`` stay in the original index order; a chosen index gets
+    ``d = -∞``. One step, for the panel's columns ``L_c`` (n × nb, zero beyond the current one)::
+
+        best, p = max(d)                       (first maximum: ties to the lowest index)
+        l = (W[p, :] - L_c L_c[p, :]ᵀ) / sqrt(best),    l[chosen] = 0
+        L_c[:, j] = l,   d -= l²,   d[p] = -∞,   perm[i] = p
+
+    is a fixed sequence of about a dozen kernels on fixed-size buffers, with the step counters
+    ``i`` and ``j`` on the device too. On CUDA the step is captured once as a CUDA graph and
+    replayed for every pivot, so a pivot costs a dozen kernel launches from the GPU itself
+    rather than from Python. The stopping test (``best <= rtol * max(diag G)``) is recorded on
+    the device and read once per panel; the steps after it only touch discarded columns.
+    """
+    n = W.shape[0]
+    device = W.device
+    nb = min(_CHOLESKY_BLOCK, max(steps, 1))
+    d = W.diagonal().clone()
+    tol = d.max().clamp_min(0) * rtol if n else d.new_zeros(())
+    Lc = W.new_zeros((n, nb))
+    L = W.new_zeros((n, steps))
+    perm = torch.zeros(steps, dtype=torch.long, device=device)
+    i_t = torch.zeros((), dtype=torch.long, device=device)
+    j_t = torch.zeros((), dtype=torch.long, device=device)
+    rank_t = torch.full((), steps, dtype=torch.long, device=device)
+
+    def step() -> None:
+        best, p = d.max(0)
+        ok = best > tol
+        rank_t.copy_(torch.where(ok | (rank_t < i_t), rank_t, i_t))
+        pv = p.view(1)
+        col = torch.addmv(W.index_select(0, pv)[0], Lc, Lc.index_select(0, pv)[0], alpha=-1.0)
+        col.mul_(torch.where(ok, best, 1.0).rsqrt())
+        col.masked_fill_(d == -math.inf, 0.0)
+        Lc.index_copy_(1, j_t.view(1), col[:, None])
+        d.addcmul_(col, col, value=-1.0)
+        d.index_fill_(0, pv, -math.inf)
+        perm.index_copy_(0, i_t.view(1), pv)
+        i_t.add_(1)
+        j_t.add_(1)
+
+    graph = None
+    i = 0
+    rank = steps
+    while i < steps:
+        c0 = i
+        stop = min(c0 + nb, steps)
+        for i in range(c0, stop):
+            if graph is not None:
+                graph.replay()
+            else:
+                step()  # on CUDA, the first step also warms up the kernels for the capture
+                if device.type == "cuda" and _CUDA_GRAPHS and i + 1 < steps:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()
+        i = stop
+        rank = int(rank_t.item())  # the one synchronisation of the panel
+        kb = min(i, rank) - c0
+        if kb > 0:
+            L[:, c0 : c0 + kb] = Lc[:, :kb]
+        if rank < i:
+            break
+        if i < steps:
+            W.addmm_(Lc[:, :kb], Lc[:, :kb].T, alpha=-1.0)
+            Lc.zero_()
+            j_t.zero_()
+
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
+    chosen[perm[:rank]] = True
+    rest = torch.argsort(chosen.to(torch.int8), stable=True)[: n - rank]  # increasing order
+    full = torch.cat((perm[:rank], rest))
+    return PivotedCholesky(L[:, :rank].index_select(0, full), full, rank)
+
+
+_CUDA_GRAPHS = True
+"""Replay the pivot step of :func:`_pivoted_cholesky_device` as a CUDA graph (on CUDA)."""
 
 
 def _host_pivots(device: torch.device) -> bool:
@@ -485,44 +564,6 @@ def _host_pivots(device: torch.device) -> bool:
 
 _FORCE_DEVICE_PIVOTS = False
 """Run the synchronisation-free (GPU) code paths on the CPU too; for tests and benchmarks."""
-
-
-def _swap_slices(W: Tensor, P: Tensor, L: Tensor, i: int, p: int, c0: int) -> None:
-    """The host-pivot version of :func:`_swap_positions` (``p`` a Python int), with slices."""
-    if p != i:
-        _swap(W[i, p + 1 :], W[p, p + 1 :])
-        _swap(W[i, i + 1 : p], W[i + 1 : p, p])
-        _swap(P[:, i], P[:, p])
-        if c0:
-            _swap(L[i, :c0], L[p, :c0])
-
-
-def _swap_positions(
-    W: Tensor, P: Tensor, L: Tensor, i: int, p: Tensor, cols: Tensor, c0: int
-) -> None:
-    """Symmetric swap of positions ``i`` and ``p >= i`` (a 0-dim device tensor), in place.
-
-    ``W`` holds the Schur complement in its upper triangle (LAPACK ``xPSTRF``'s storage):
-    ``W[i, c] <-> W[p, c]`` for ``c > p`` and ``W[i, c] <-> W[c, p]`` for ``i < c < p``, written
-    with masks so that ``p`` never leaves the device. The panel buffer ``P`` swaps columns and
-    the finished columns of ``L`` (before ``c0``) swap rows. ``p == i`` leaves everything as is.
-    """
-    c = cols[i:]
-    row_i = W[i, i:]
-    row_p = W.index_select(0, p.view(1))[0, i:]
-    col_p = W.index_select(1, p.view(1))[i:, 0]
-    after = c > p
-    between = (c > i) & (c < p)
-    new_row_i = torch.where(after, row_p, torch.where(between, col_p, row_i))
-    new_row_p = torch.where(after, row_i, row_p)
-    new_col_p = torch.where(between, row_i, col_p)
-    W[i, i:] = new_row_i
-    W.index_put_((p.expand_as(c), c), new_row_p)
-    W.index_put_((c, p.expand_as(c)), new_col_p)
-    pair = torch.stack((p.new_tensor(i), p))
-    P.index_copy_(1, pair, P.index_select(1, pair.flip(0)))
-    if c0:
-        L.index_copy_(0, pair, L.index_select(0, pair.flip(0)))
 
 
 @torch.no_grad()
