@@ -484,10 +484,10 @@ def _pivoted_cholesky_device(W: Tensor, steps: int, rtol: float) -> PivotedChole
         l = (W[p, :] - L_c L_c[p, :]ᵀ) / sqrt(best),    l[chosen] = 0
         L_c[:, j] = l,   d -= l²,   d[p] = -∞,   perm[i] = p
 
-    is a fixed sequence of about a dozen kernels on fixed-size buffers, with the step counters
-    ``i`` and ``j`` on the device too. On CUDA the step is captured once as a CUDA graph and
-    replayed for every pivot, so a pivot costs a dozen kernel launches from the GPU itself
-    rather than from Python. The stopping test (``best <= rtol * max(diag G)``) is recorded on
+    is a fixed sequence of 15 kernels on fixed-size buffers, with the step counters ``i`` and
+    ``j`` on the device too. On CUDA the step is captured once as a CUDA graph and replayed for
+    every pivot, so a pivot costs 15 kernel launches from the GPU itself rather than from
+    Python. The stopping test (``best <= rtol * max(diag G)``) is recorded on
     the device and read once per panel; the steps after it only touch discarded columns.
     """
     n = W.shape[0]
@@ -498,24 +498,21 @@ def _pivoted_cholesky_device(W: Tensor, steps: int, rtol: float) -> PivotedChole
     Lc = W.new_zeros((n, nb))
     L = W.new_zeros((n, steps))
     perm = torch.zeros(steps, dtype=torch.long, device=device)
-    i_t = torch.zeros((), dtype=torch.long, device=device)
-    j_t = torch.zeros((), dtype=torch.long, device=device)
-    rank_t = torch.full((), steps, dtype=torch.long, device=device)
+    bests = W.new_zeros(steps)  # the largest diagonal of every step: the stopping test
+    ij = torch.zeros(2, dtype=torch.long, device=device)  # the step counters i and j
 
-    def step() -> None:
+    def step() -> None:  # 15 kernels, no host synchronisation
         best, p = d.max(0)
-        ok = best > tol
-        rank_t.copy_(torch.where(ok | (rank_t < i_t), rank_t, i_t))
         pv = p.view(1)
+        bests.index_copy_(0, ij[:1], best.view(1))
         col = torch.addmv(W.index_select(0, pv)[0], Lc, Lc.index_select(0, pv)[0], alpha=-1.0)
-        col.mul_(torch.where(ok, best, 1.0).rsqrt())
+        col.mul_(best.rsqrt())  # inf/NaN only after the stop, in discarded columns
         col.masked_fill_(d == -math.inf, 0.0)
-        Lc.index_copy_(1, j_t.view(1), col[:, None])
+        Lc.index_copy_(1, ij[1:], col[:, None])
         d.addcmul_(col, col, value=-1.0)
         d.index_fill_(0, pv, -math.inf)
-        perm.index_copy_(0, i_t.view(1), pv)
-        i_t.add_(1)
-        j_t.add_(1)
+        perm.index_copy_(0, ij[:1], pv)
+        ij.add_(1)
 
     graph = None
     i = 0
@@ -533,16 +530,19 @@ def _pivoted_cholesky_device(W: Tensor, steps: int, rtol: float) -> PivotedChole
                     with torch.cuda.graph(graph):
                         step()
         i = stop
-        rank = int(rank_t.item())  # the one synchronisation of the panel
+        # the one synchronisation of the panel: the first step whose best diagonal was <= tol
+        failed = torch.where(bests[c0:stop] > tol, stop, torch.arange(c0, stop, device=device))
+        rank = int(failed.min())
         kb = min(i, rank) - c0
         if kb > 0:
             L[:, c0 : c0 + kb] = Lc[:, :kb]
         if rank < i:
             break
+        rank = steps
         if i < steps:
             W.addmm_(Lc[:, :kb], Lc[:, :kb].T, alpha=-1.0)
             Lc.zero_()
-            j_t.zero_()
+            ij[1].zero_()
 
     chosen = torch.zeros(n, dtype=torch.bool, device=device)
     chosen[perm[:rank]] = True
