@@ -628,26 +628,32 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
         else:
             max_bytes = _CPU_BATCH_BYTES
     order = sorted(range(len(ranks)), key=lambda b: -ranks[b])
-    sq_cum = U.square().cumsum(1)  # d_b at the start is column p_b - 1 of this
+    # d_b at the start: the squared row norms of U[:, :p_b], accumulated over column blocks
+    # (no n × r temporary)
+    d0: dict[int, Tensor] = {}
+    running, done = U.new_zeros(n), 0
+    for p in sorted(set(ranks)):
+        running = running + U[:, done:p].square().sum(1)
+        d0[p], done = running, p
     start = 0
     while start < len(order):
         p0 = ranks[order[start]]
         count = max(1, max_bytes // (p0 * n * U.element_size()))
         chunk = order[start : start + count]
         start += len(chunk)
-        pivots = _prefix_pivots_chunk(U, sq_cum, [ranks[b] for b in chunk])
+        pivots = _prefix_pivots_chunk(U, d0, [ranks[b] for b in chunk])
         for b, piv in zip(chunk, pivots, strict=True):
             out[b] = piv
     return out
 
 
-def _prefix_pivots_chunk(U: Tensor, sq_cum: Tensor, ranks: list[int]) -> list[Tensor]:
+def _prefix_pivots_chunk(U: Tensor, d0: dict[int, Tensor], ranks: list[int]) -> list[Tensor]:
     """:func:`prefix_qr_pivots` for ``ranks`` sorted in decreasing order (one chunk)."""
     n = U.shape[0]
     B, p0 = len(ranks), ranks[0]
     device = U.device
     p_t = torch.tensor(ranks, device=device)
-    d = sq_cum.index_select(1, p_t - 1).T.contiguous()  # (B, n)
+    d = torch.stack([d0[p] for p in ranks])  # (B, n)
     mask = (torch.arange(p0, device=device) < p_t[:, None]).to(U.dtype)  # (B, p0)
     U_0 = U[:, :p0]
     Lt = U.new_empty((B, p0, n))  # Lt[b, i] = L_b[:, i]; rows are written before they are read
