@@ -756,20 +756,29 @@ def classifier(dims: tuple[int, int, int, int], device: torch.device) -> nn.Sequ
     )
 
 
+def random_problem(
+    dims: tuple[int, int, int, int], device: torch.device, n_eval: int, batch: int, points: int
+) -> tuple[nn.Module, list[tuple[Tensor, Tensor]], Tensor, list[int]]:
+    """A random classifier, held-out inputs labelled by it (the metric is top-1 agreement with
+    the unreduced network), one example input, and a ``points``-point grid of fc6's width."""
+    model = classifier(dims, device)
+    eval_x = list(RandomBatches(n_eval, dims[0], batch, seed=1, device=device))
+    with torch.no_grad():
+        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
+    n = dims[1]
+    grid = sorted(
+        {max(1, round(v)) for v in torch.linspace(1, n, points + 1)[:-1].tolist()}, reverse=True
+    )
+    return model, eval_data, eval_x[0][0][:1], grid
+
+
 def part_scale(args: argparse.Namespace, device: torch.device, report: Report) -> None:
     from torchmetrics.classification import MulticlassAccuracy
 
     dims = (256, 128, 128, 100) if args.tiny else (9216, 4096, 4096, 1000)
-    model = classifier(dims, device)
     n, K = dims[1], args.scale_samples
-    # held-out inputs, labelled by the unreduced network: the metric is top-1 agreement
-    eval_x = list(RandomBatches(args.scale_eval, dims[0], 1000, seed=1, device=device))
-    with torch.no_grad():
-        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
-    example = eval_x[0][0][:1]
-    grid = sorted(
-        {max(1, round(v)) for v in torch.linspace(1, n, args.scale_points + 1)[:-1].tolist()},
-        reverse=True,
+    model, eval_data, example, grid = random_problem(
+        dims, device, args.scale_eval, 1000, args.scale_points
     )
     rows, mem_rows = [], []
     for method in args.scale_methods:
@@ -824,15 +833,9 @@ def part_grid(args: argparse.Namespace, device: torch.device, report: Report) ->
         return
     n = 256 if args.tiny else args.grid_n
     dims = (2 * n, n, n, 100)
-    model = classifier(dims, device)
     K = 2000 if args.tiny else args.grid_samples
-    eval_x = list(RandomBatches(500 if args.tiny else 2000, dims[0], 500, seed=1, device=device))
-    with torch.no_grad():
-        eval_data = [(x, model(x).argmax(-1)) for x, _ in eval_x]
-    example = eval_x[0][0][:1]
-    grid = sorted(
-        {max(1, round(v)) for v in torch.linspace(1, n, args.scale_points + 1)[:-1].tolist()},
-        reverse=True,
+    model, eval_data, example, grid = random_problem(
+        dims, device, 500 if args.tiny else 2000, 500, args.scale_points
     )
     metric = MulticlassAccuracy(num_classes=dims[3], average="micro").to(device)
     train = RandomBatches(K, dims[0], args.scale_batch, seed=0, device=device)
