@@ -94,3 +94,16 @@ def test_fitter_rejects_bad_p(stats, consumer) -> None:
         fitter.fit(49)
     with pytest.raises(ValueError, match="got 0"):
         fitter.prepare([5, 0])
+
+
+def test_cpu_per_p_selection_equals_the_batched_one(stats, consumer, monkeypatch) -> None:
+    import lightning_neuronprune.fitting as fitting
+
+    grid = rank_grid(48, 5, start=40)
+    batched = JunctionFitter(stats, *consumer)
+    batched.prepare(grid)
+    monkeypatch.setattr(fitting, "CPU_BATCHED_MAX_FEATURES", 10)  # 48 > 10: one QR per p
+    per_p = JunctionFitter(stats, *consumer)
+    per_p.prepare(grid)
+    for p in grid:
+        assert torch.equal(per_p.kept(p), batched.kept(p)), f"p={p}"
