@@ -153,6 +153,10 @@ class JunctionFitter:
         todo = sorted({p for p in ps if p not in self._kept}, reverse=True)
         for p in todo:
             _check_p(p, self.num_features)
+        if self.options.method == "svd_qr" and self._basis is None and todo:
+            self._sigma2, self._basis = spectrum(
+                self.stats, centered=self.options.affine, moment=self.moment
+            )
         U = self._basis
         if U is not None and U.device.type == "cpu" and U.shape[0] > CPU_BATCHED_MAX_FEATURES:
             for p in todo:  # one blocked QR with column pivoting per p (LAPACK's xLAQPS)
@@ -164,6 +168,11 @@ class JunctionFitter:
         else:
             for p in todo:
                 self._kept[p] = torch.sort(self._order[:p]).values  # type: ignore[index]
+
+    def release(self) -> None:
+        """Free the eigenvectors (n × n) once the grid is selected; a later :meth:`prepare` of
+        a new p computes them again."""
+        self._basis = None
 
     def kept(self, p: int) -> Tensor:
         """(p,) sorted indices of the features kept at p."""

@@ -91,7 +91,7 @@ def solve_psd_cholesky(A: Tensor, B: Tensor, *, rtol: float | None = None) -> tu
     diag_L = L.diagonal()
     ok = (info == 0) & (diag_L.amin().square() > rtol * diag_L.amax().square())
     Y_eq = torch.cholesky_solve((B * d).T, L).T
-    return Y_eq * d, ok
+    return Y_eq.mul_(d), ok  # in place: one (n × p) temporary fewer
 
 
 def solve_psd_pinv(A: Tensor, B: Tensor, *, rtol: float | None = None) -> Tensor:

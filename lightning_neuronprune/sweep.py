@@ -453,6 +453,7 @@ def sweep_junction(
         fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
     grid = [p for p in rank_grid(n, ranks, start=fitter.rank) if p != n]
     fitter.prepare(grid)
+    fitter.release()  # the fits need the second moment only
 
     def measure(fit: Fit, sync: bool) -> tuple[Any, EnergyReport]:
         acc = evaluator(_probe(consumer, fit), sync=sync)
