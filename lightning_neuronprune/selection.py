@@ -6,6 +6,9 @@ Two methods, both computed from the Gram matrix ``G = X Xᵀ`` alone:
   first p pivots are kept (Golub–Klema–Stewart subset selection). It needs one pivoted QR per p.
 * ``"qr"`` (nested): greedy pivoted Cholesky of ``G``, which picks the same pivots as QR with
   column pivoting of ``Xᵀ``. The order is nested in p, so one factorisation serves a whole sweep.
+* ``"output"`` (output-aware, nested): greedy forward selection that maximises the energy of the
+  consumer's output ``W X`` explained by the kept features after the Eq. 6 re-fit. It needs the
+  consumer's weight ``W`` besides ``G``; see :func:`output_order`.
 
 When ``affine=True`` the centered covariance replaces ``G``, matching the affine least-squares fit.
 """
@@ -20,10 +23,21 @@ from torch import Tensor
 from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.statistics import JunctionStatistics
 
-__all__ = ["METHODS", "Method", "nested_order", "numerical_rank", "select_neurons", "spectrum"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "explained_output_energy",
+    "nested_order",
+    "numerical_rank",
+    "output_order",
+    "select_neurons",
+    "spectrum",
+]
 
-Method = Literal["svd_qr", "qr"]
-METHODS: tuple[str, ...] = ("svd_qr", "qr")
+Method = Literal["svd_qr", "qr", "output"]
+METHODS: tuple[str, ...] = ("svd_qr", "qr", "output")
+#: The methods whose selection depends on the consumer's weight ``W``.
+WEIGHT_METHODS: tuple[str, ...] = ("output",)
 
 
 def _check_method(method: str) -> None:
@@ -110,16 +124,20 @@ def select_neurons(
     centered: bool = False,
     order: Tensor | None = None,
     basis: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Pick the p features to keep.
 
     Args:
         stats: statistics of the n features.
         p: how many to keep, ``1 ≤ p ≤ n``.
-        method: ``"svd_qr"`` (Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
+        method: ``"svd_qr"`` (Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or ``"output"``
+            (output-aware greedy, :func:`output_order`; needs ``weight`` or ``order``).
         centered: select on the covariance instead of ``G`` (use with the affine fit).
-        order: a precomputed :func:`nested_order` for ``method="qr"`` (saves the factorisation).
+        order: a precomputed :func:`nested_order` for ``method="qr"`` or :func:`output_order`
+            for ``method="output"`` (saves the factorisation).
         basis: precomputed eigenvectors ``U`` from :func:`spectrum` for ``method="svd_qr"``.
+        weight: the consumer's weight ``W`` (m × n), for ``method="output"``.
 
     Returns:
         (p,) sorted LongTensor of kept feature indices, on the statistics' device.
@@ -131,8 +149,112 @@ def select_neurons(
         if order is None:
             order = nested_order(stats, centered=centered)
         kept = order[:p]
+    elif method == "output":
+        if order is None:
+            if weight is None:
+                raise ValueError(
+                    "`method='output'` needs the consumer's `weight` (or a precomputed `order`)"
+                )
+            order = output_order(stats, weight, centered=centered, steps=p)
+        kept = order[:p]
     else:
         U = basis if basis is not None else spectrum(stats, centered=centered)[1]
         U_p = U[:, :p]
         kept = pivoted_qr(U_p.T.contiguous(), k=p, compute_q=False).perm[:p]
     return torch.sort(kept).values
+
+
+def _output_factor(weight: Tensor, n: int, like: Tensor) -> Tensor:
+    """A factor ``F`` with ``Fᵀ F = Wᵀ W`` and at most n rows (``W`` itself when m ≤ n)."""
+    if weight.dim() != 2 or weight.shape[1] != n:
+        raise ValueError(
+            f"`weight` must be the consumer's (m × {n}) weight matrix, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    W = weight.detach().to(device=like.device, dtype=like.dtype)
+    if W.shape[0] > n:
+        W = torch.linalg.qr(W, mode="r").R  # (n × n): RᵀR = WᵀW, fewer rows to update
+    return W
+
+
+def output_order(
+    stats: JunctionStatistics,
+    weight: Tensor,
+    *,
+    centered: bool = False,
+    steps: int | None = None,
+    rtol: float | None = None,
+) -> Tensor:
+    """The nested order of the ``"output"`` method: keeping ``order[:p]`` is the choice for p.
+
+    Greedy forward selection of the features that best explain the consumer's output ``Y = W X``
+    after the least-squares re-fit of Eq. 6. With the kept set S, the re-fitted output is the
+    projection of ``Y`` on the row space of ``X_S`` and the unexplained part of the features is the
+    Schur complement ``R = G - G[:, S] G[S, S]⁻¹ G[S, :]`` (n × n). Adding feature j explains
+
+        gain_j = ‖W R[:, j]‖² / R[j, j]
+
+    more of ``‖Y‖²_F``, so the step picks ``argmax_j gain_j`` and updates, with ``r = R[:, k]``,
+
+        R ← R - r rᵀ / R[k, k],     V = W R ← V - V[:, k] rᵀ / R[k, k]       (V: m × n).
+
+    Each step costs O(n² + m n) and needs no host synchronisation: the pivot stays a device
+    tensor, features whose residual falls under ``rtol · max diag(G)`` (linear combinations of the
+    kept ones) score below every other, and their update is skipped on the device. When m > n,
+    ``W`` is replaced by the triangular factor of its QR (same ``WᵀW``). Features that explain
+    nothing more come last, in index order.
+
+    Args:
+        stats: statistics of the n features (``G``, or the covariance with ``centered``).
+        weight: the consumer's weight ``W`` (m × n).
+        centered: use the covariance (the affine fit's normal matrix) instead of ``G``.
+        steps: stop the greedy after this many picks (the rest follows in index order);
+            defaults to n.
+        rtol: residual cut-off relative to the largest diagonal of ``G``; defaults to
+            ``n · eps(float32)``, the tolerance of :func:`numerical_rank`.
+
+    Returns:
+        (n,) LongTensor permutation of ``range(n)``, on the statistics' device.
+    """
+    M = stats.second_moment(centered=centered)
+    n = M.shape[0]
+    steps = n if steps is None else max(0, min(int(steps), n))
+    rtol = n * torch.finfo(torch.float32).eps if rtol is None else rtol
+    F = _output_factor(weight, n, M)
+    R = M.clone()
+    V = F @ R
+    tol = rtol * M.diagonal().max().clamp_min(torch.finfo(M.dtype).tiny)
+    taken = torch.zeros(n, dtype=torch.bool, device=M.device)
+    order = torch.empty(steps, dtype=torch.long, device=M.device)
+    # Untaken features that explain nothing more score -1 (first by index: argmax takes the first
+    # maximum), taken ones -inf.
+    floor = torch.full((n,), -1.0, dtype=M.dtype, device=M.device)
+    gone = torch.full((n,), -float("inf"), dtype=M.dtype, device=M.device)
+    for step in range(steps):
+        d = R.diagonal()
+        live = d > tol
+        gain = torch.where(live, (V * V).sum(0) / torch.where(live, d, torch.ones_like(d)), floor)
+        k = torch.argmax(torch.where(taken, gone, gain))
+        order[step] = k
+        taken[k] = True
+        dk = d[k]
+        scale = torch.where(dk > tol, 1.0 / dk.clamp_min(tol), torch.zeros_like(dk))
+        r = R[:, k].clone()
+        R.sub_(torch.outer(r * scale, r))
+        V.sub_(torch.outer(V[:, k] * scale, r))
+    rest = torch.nonzero(~taken).flatten()
+    return torch.cat([order, rest])
+
+
+def explained_output_energy(
+    stats: JunctionStatistics, weight: Tensor, kept: Tensor, *, centered: bool = False
+) -> Tensor:
+    """``tr(W G[:, S] G[S, S]⁺ G[S, :] Wᵀ)``: the part of ``‖W X‖²_F`` (per sample) that the
+    kept features S explain after the least-squares re-fit; what :func:`output_order` maximises
+    greedily. Returns a float64 scalar tensor."""
+    M = stats.second_moment(centered=centered)
+    W = weight.detach().to(device=M.device, dtype=M.dtype)
+    kept = kept.to(device=M.device, dtype=torch.long)
+    B = W @ M[:, kept]  # (m × p)
+    A = M[kept][:, kept]
+    return (B @ torch.linalg.pinv(A, hermitian=True) * B).sum()
