@@ -29,8 +29,10 @@ from common import DEFAULT_MNIST, accuracy, loader, mnist_tensors, trained
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
+from lightning_neuronprune.confirmation import confirm_front, front_within, split_batches
 from lightning_neuronprune.joint import JointPoint, JointSearch, apply_joint
-from lightning_neuronprune.reporting import tradeoff_figure
+from lightning_neuronprune.reporting import mark_confirmations, tradeoff_figure
+from lightning_neuronprune.selection import METHODS
 from lightning_neuronprune.sweep import CachedEvaluator, SweepPoint, pareto_front, sweep_junction
 
 SETUPS = {
@@ -53,22 +55,35 @@ def _energy_ceiling(model: torch.nn.Module, example: torch.Tensor) -> tuple[floa
     return floor.total, base.total / floor.total
 
 
-def _row(name: str, pt: Any, test_acc: float, base_test: float) -> dict[str, Any]:
-    return {
+def _row(
+    name: str, pt: Any, test_acc: float, base_test: float, confirmation: Any = None,
+    unconfirmed: tuple[Any, float] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    row = {
         "configuration": name,
         "p": pt.label if isinstance(pt, JointPoint) else f"{pt.layer}={pt.p}",
         "val_drop_points": 100 * pt.accuracy_drop,
+        "confirmed_drop_points": None if confirmation is None else 100 * confirmation,
         "test_accuracy": 100 * test_acc,
         "test_drop_points": 100 * (base_test - test_acc),
         "energy_ratio": pt.energy_ratio,
         "memory_ratio": pt.memory_ratio,
         "params": pt.energy.weights,
     }
+    if unconfirmed is not None:  # the search's own choice, before confirmation
+        upt, uacc = unconfirmed
+        row["unconfirmed"] = {
+            "p": upt.label if isinstance(upt, JointPoint) else f"{upt.layer}={upt.p}",
+            "energy_ratio": upt.energy_ratio,
+            "test_drop_points": 100 * (base_test - uacc),
+        }
+    return row
 
 
 def _apply_single(
-    model: torch.nn.Module, junctions: list, pt: SweepPoint, stats: dict, affine: bool
-) -> Any:
+    model: torch.nn.Module, junctions: list, pt: SweepPoint, stats: dict, affine: bool,
+    method: str = "svd_qr",
+) -> Any:  # fmt: skip
     from lightning_neuronprune import eliminate_neurons
 
     j = next(j for j in junctions if j.layer == pt.layer)
@@ -79,6 +94,7 @@ def _apply_single(
         stats={j.consumer: stats[j.consumer]},
         kept={j.target: pt.kept},
         affine=affine,
+        method=method,
     )
     return reduced
 
@@ -109,8 +125,47 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         val = loader(x_test, y_test)  # the paper's setting: the budget is checked on the test set
     else:
         val = loader(x_train[55_000:], y_train[55_000:])
+    confirm = None
+    if args.confirm > 0:  # search on one part of the selection set, confirm on the other
+        val, held_out = split_batches(val, args.confirm)
+        confirm = (torch.cat([b[0] for b in held_out]), torch.cat([b[1] for b in held_out]))
     example = x_test[:1]
     base_test = accuracy(model, x_test, y_test)
+    base_confirm = accuracy(model, *confirm) if confirm else None
+    tests: dict[int, float] = {}
+
+    def build(pt: Any) -> torch.nn.Module:
+        if isinstance(pt, JointPoint):
+            reduced = copy.deepcopy(model)
+            apply_joint(reduced, junctions, pt, affine=args.affine, method=args.method)
+            return reduced
+        return _apply_single(model, junctions, pt, stats, args.affine, args.method)
+
+    def test_acc(pt: Any) -> float:
+        if id(pt) not in tests:
+            tests[id(pt)] = accuracy(build(pt), x_test, y_test)
+        return tests[id(pt)]
+
+    confirmations: list[Any] = []
+
+    def chosen_row(label: str, pts: list[Any]) -> tuple[Any, dict[str, Any]] | None:
+        """The lowest-energy point within the budget, confirmed on the held-out part."""
+        front = front_within(pts, budget)
+        if not front:
+            return None
+        if confirm is None:
+            return front[0], _row(label, front[0], test_acc(front[0]), base_test)
+        best, tried = confirm_front(
+            front, lambda pt: accuracy(build(pt), *confirm), base_confirm, budget
+        )
+        confirmations.extend(tried)
+        if best is None:
+            return None
+        c = next(t for t in tried if t.point is best)
+        return best, _row(
+            label, best, test_acc(best), base_test, c.confirmed_drop,
+            unconfirmed=(front[0], test_acc(front[0])),
+        )  # fmt: skip
     junctions = [find_junction(model, t) for t in targets]
     stats = collect_statistics(model, [j.consumer for j in junctions], train)
     em = EnergyModel()
@@ -122,22 +177,19 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         baseline = baseline or (ev(), em.estimate(model, example))
         singles[j.layer] = sweep_junction(
             model, j, stats[j.consumer], ev, em, example, ranks=args.ranks, baseline=baseline,
-            max_accuracy_drop=budget, affine=args.affine,
+            max_accuracy_drop=budget, affine=args.affine, method=args.method,
         )  # fmt: skip
 
     rows, all_joint, timings = [], [], {}
     for layer, pts in singles.items():
-        ok = [pt for pt in pts if pt.p < pt.n and pt.accuracy_drop <= budget]
-        if ok:
-            best = min(ok, key=lambda pt: pt.energy.total)
-            acc = accuracy(
-                _apply_single(model, junctions, best, stats, args.affine), x_test, y_test
-            )
-            rows.append(_row(f"single layer {layer}", best, acc, base_test))
+        got = chosen_row(f"single layer {layer}", [pt for pt in pts if pt.p < pt.n])
+        if got:
+            rows.append(got[1])
 
     search = JointSearch(
         model, junctions, stats, val, _metric(), em, example, train_data=train,
-        ranks=args.ranks, affine=args.affine, baseline=baseline,
+        ranks=args.ranks, affine=args.affine, baseline=baseline, method=args.method,
+        max_samples=args.refit_samples,
     )  # fmt: skip
     n = len(junctions)
     strategies = {
@@ -149,7 +201,11 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         "sequential, network order, front-loaded shares": lambda: search.sequential(
             budget, shares=[2.0 ** (n - i) for i in range(n)]
         ),
+        "greedy, compensating refits of its path": lambda: search.greedy(
+            budget, refit=False, compensate=True, slack=budget / 2
+        ),
     }
+    strategies = {k: v for i, (k, v) in enumerate(strategies.items()) if str(i) in args.strategies}
     best_joint: JointPoint | None = None
     for name, fn in strategies.items():
         t0 = time.perf_counter()
@@ -158,22 +214,21 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         all_joint += pts
         kinds = sorted({pt.strategy for pt in pts})
         for kind in kinds:
-            ok = [pt for pt in pts if pt.strategy == kind and pt.accuracy_drop <= budget]
-            if not ok:
+            label = name if kind in ("sequential", "greedy", "greedy+compensated") else (
+                f"{name} + refit"
+            )
+            got = chosen_row(label, [pt for pt in pts if pt.strategy == kind])
+            if got is None:
                 continue
-            best = min(ok, key=lambda pt: (pt.energy.total, -pt.accuracy))
-            reduced = copy.deepcopy(model)
-            apply_joint(reduced, junctions, best, affine=args.affine)
-            acc = accuracy(reduced, x_test, y_test)
-            label = name if kind == "sequential" or kind == "greedy" else f"{name} + refit"
-            rows.append(_row(label, best, acc, base_test))
+            best, row = got
+            rows.append(row)
             if best_joint is None or best.energy.total < best_joint.energy.total:
                 best_joint = best
 
     finetune = None
     if best_joint is not None and args.finetune_epochs > 0:
         reduced = copy.deepcopy(model)
-        apply_joint(reduced, junctions, best_joint, affine=args.affine)
+        apply_joint(reduced, junctions, best_joint, affine=args.affine, method=args.method)
         before = accuracy(reduced, x_test, y_test)
         fine_tune(reduced, args.data_dir, args.finetune_epochs, args.limit_train)
         after = accuracy(reduced, x_test, y_test)
@@ -191,10 +246,14 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         images = Path(args.out) / "images"
         images.mkdir(parents=True, exist_ok=True)
         fig = tradeoff_figure(singles, best_joint, joint=all_joint)
+        if confirmations:
+            mark_confirmations(fig, confirmations, baseline[0])
         fig.axes[0].set_title(
-            f"{arch}: single-layer curves and joint configurations ({args.select_on} set)"
+            f"{arch}: single-layer curves and joint configurations ({args.select_on} set, "
+            f"{args.method})",
+            fontsize=9,
         )
-        figure_path = images / f"joint_{arch}_{args.select_on}.png"
+        figure_path = images / f"joint_{arch}_{args.select_on}_{args.method}.png"
         fig.savefig(figure_path)
     return {
         "arch": arch,
@@ -205,6 +264,10 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         "baseline_val": 100 * baseline[0],
         "select_on": args.select_on,
         "affine": args.affine,
+        "method": args.method,
+        "confirm": args.confirm,
+        "baseline_confirm": None if base_confirm is None else 100 * base_confirm,
+        "confirmations": [c.as_dict() for c in confirmations],
         "rows": rows,
         "front": [pt.as_dict() for pt in pareto_front(all_joint)],
         "evaluated": len(all_joint),
@@ -221,21 +284,34 @@ def markdown(result: dict[str, Any]) -> str:
         f"### {result['arch']}: targets {', '.join(result['targets'])}, budget "
         f"{result['budget_points']:.2f} points",
         "",
-        f"Configurations chosen on the {result['select_on']} set. Baseline: "
-        f"{result['baseline_test']:.2f}% test, {result['baseline_val']:.2f}% on the selection set."
+        f"Selection method `{result['method']}`. Configurations searched on the "
+        f"{result['select_on']} set"
+        + (
+            f" (the {1 - result['confirm']:.0%} search part; every choice re-measured on the "
+            f"held-out {result['confirm']:.0%}, {result['baseline_confirm']:.2f}% unreduced)"
+            if result["confirm"]
+            else ""
+        )
+        + f". Baseline: {result['baseline_test']:.2f}% test, {result['baseline_val']:.2f}% on "
+        f"the search set."
         f" Paper: {result['paper']}. {result['evaluated']} joint configurations evaluated in "
         f"{result['wall_s']:.0f} s.",
         "",
-        "| configuration | kept p | selection drop | test acc | test drop | energy ratio "
-        "| memory ratio "
-        "| params |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | kept p | search drop | confirmed drop | test acc | test drop "
+        "| energy ratio | memory ratio | params | unconfirmed choice: energy, test drop |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        conf = r["confirmed_drop_points"]
+        u = r.get("unconfirmed")
         lines.append(
             f"| {r['configuration']} | {r['p']} | {r['val_drop_points']:.2f} | "
+            f"{'—' if conf is None else f'{conf:.2f}'} | "
             f"{r['test_accuracy']:.2f}% | {r['test_drop_points']:.2f} | "
-            f"{r['energy_ratio']:.2f}× | {r['memory_ratio']:.2f}× | {r['params']} |"
+            f"{r['energy_ratio']:.2f}× | {r['memory_ratio']:.2f}× | {r['params']} | "
+            + ("same" if u is None or u["p"] == r["p"] else
+               f"{u['energy_ratio']:.2f}×, {u['test_drop_points']:.2f}")
+            + " |"
         )
     if result["energy_ceiling"]:
         joules, ratio = result["energy_ceiling"]
@@ -268,6 +344,21 @@ def main() -> None:
         help="where the budget is checked: the held-out validation split (default) or, as in the "
         "paper, the test set",
     )  # fmt: skip
+    parser.add_argument("--method", choices=METHODS, default="svd_qr", help="selection method")
+    parser.add_argument(
+        "--confirm", type=float, default=0.5,
+        help="fraction of the selection set held out to confirm each choice (0: no confirmation)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strategies", default="0123",
+        help="joint strategies to run, by position: 0 greedy, 1 sequential, 2 sequential reverse, "
+        "3 sequential front-loaded, 4 greedy with compensating refits",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--refit-samples", type=int, default=20_000,
+        help="training images for re-collected statistics (sequential, refits)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (recipe)")
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--finetune-epochs", type=int, default=1)
@@ -276,6 +367,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.ranks not in ("auto", "all"):
         args.ranks = int(args.ranks)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.limit_train, args.ranks, args.finetune_epochs = 1, 3000, 64, 1
     data = mnist_tensors(args.data_dir)
@@ -287,7 +380,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"joint_{args.select_on}.json").write_text(
+        (out / f"joint_{args.select_on}_{args.method}.json").write_text(
             json.dumps(results, indent=2, default=str)
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -20,6 +21,12 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_neuronprune.confirmation import (
+    Confirmation,
+    confirm_front,
+    front_within,
+    split_batches,
+)
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
@@ -30,6 +37,7 @@ from lightning_neuronprune.reporting import (
     PREFIX,
     log_joint_scalars,
     log_scalars,
+    mark_confirmations,
     markdown_table,
     tradeoff_figure,
     write_report,
@@ -101,7 +109,9 @@ class NeuronEliminationCallback(pl.Callback):
             a dense tail), ``"all"`` (every p, Algorithm 1), an int step, a list of ints, or a list
             of fractions of n.
         max_accuracy_drop: the degradation threshold ε, as a fraction (0.02 = 2 points).
-        method: ``"svd_qr"`` (the paper's Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
+        method: ``"svd_qr"`` (the paper's Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or
+            ``"output"`` (output-aware greedy: the neurons that best explain the consumer's
+            output ``W X``; see :func:`~lightning_neuronprune.selection.output_order`).
         affine: fit an intercept in the least-squares update.
         ridge: relative ridge parameter of the update.
         metric: a ``torchmetrics.Metric`` over ``(logits, target)``; the default is multiclass
@@ -120,6 +130,16 @@ class NeuronEliminationCallback(pl.Callback):
             :mod:`~lightning_neuronprune.joint`.
         joint_order: the layer order of the sequential strategy (default: network order).
         joint_shares: the budget shares of the sequential strategy (default: equal).
+        confirm_fraction: the share of the evaluation samples held out to confirm the choice
+            (``None`` or 0: no confirmation; the budget is then checked only on the data the
+            search compared configurations on). The evaluation data is split deterministically,
+            by a fixed hash of each sample's position (see
+            :mod:`~lightning_neuronprune.confirmation`); the sweeps
+            and the joint search use the search part; the lowest-energy configuration within
+            the budget there is re-measured on the held-out part and, if it breaks the budget
+            there, the next one up the front is tried, until one holds.
+        confirm_margin: ask for a confirmed drop of at most ``max_accuracy_drop -
+            confirm_margin`` (a safety margin for the noise of the held-out part).
         verbose: print a line per evaluated configuration (rank zero).
         weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
@@ -128,7 +148,9 @@ class NeuronEliminationCallback(pl.Callback):
     Attributes:
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
         points: ``{layer: [SweepPoint, ...]}``.
-        chosen: the applied :class:`SweepPoint`, or ``None``.
+        chosen: the applied :class:`SweepPoint` or :class:`JointPoint`, or ``None``.
+        confirmations: the candidates re-measured on the held-out part, in the order tried
+            (:class:`~lightning_neuronprune.confirmation.Confirmation`).
         applied: ``{layer: p}`` that was applied.
         report_paths: the JSON and CSV files written.
         reduced_checkpoint_path: the Lightning checkpoint of the reduced model, or ``None`` (no
@@ -160,6 +182,8 @@ class NeuronEliminationCallback(pl.Callback):
         joint: str | None = "greedy",
         joint_order: list[str] | None = None,
         joint_shares: list[float] | None = None,
+        confirm_fraction: float | None = 0.5,
+        confirm_margin: float = 0.0,
         verbose: bool = True,
         weights: str = "last",
     ) -> None:
@@ -251,9 +275,28 @@ class NeuronEliminationCallback(pl.Callback):
             raise MisconfigurationException(
                 f"`joint_shares` must be non-negative numbers, got {joint_shares!r}"
             )
+        if confirm_fraction is not None and (
+            isinstance(confirm_fraction, bool)
+            or not isinstance(confirm_fraction, (int, float))
+            or not 0 <= confirm_fraction < 1
+        ):
+            raise MisconfigurationException(
+                f"`confirm_fraction` must be None or a fraction in [0, 1), got {confirm_fraction!r}"
+            )
+        if (
+            isinstance(confirm_margin, bool)
+            or not isinstance(confirm_margin, (int, float))
+            or not 0 <= confirm_margin <= max_accuracy_drop
+        ):
+            raise MisconfigurationException(
+                f"`confirm_margin` must be a number in [0, max_accuracy_drop="
+                f"{max_accuracy_drop}], got {confirm_margin!r}"
+            )
         self.joint = joint
         self.joint_order = joint_order
         self.joint_shares = joint_shares
+        self.confirm_fraction = float(confirm_fraction) if confirm_fraction else None
+        self.confirm_margin = float(confirm_margin)
         self.verbose = verbose
         if weights not in WEIGHTS:
             raise MisconfigurationException(
@@ -265,6 +308,7 @@ class NeuronEliminationCallback(pl.Callback):
         self.points: dict[str, list[SweepPoint]] = {}
         self.joint_points: list[JointPoint] = []
         self.chosen: SweepPoint | JointPoint | None = None
+        self.confirmations: list[Confirmation[Any]] = []
         self.applied: dict[str, int] = {}
         self.report_paths: tuple[Any, ...] = ()
         self.reduced_checkpoint_path: str | None = None
@@ -374,6 +418,76 @@ class NeuronEliminationCallback(pl.Callback):
         _check_nonempty(loader, "training")
         return loader
 
+    def _split_eval(self, loader: Iterable[Any]) -> tuple[Iterable[Any], list[Any] | None]:
+        """The search part and the held-out confirmation part of the evaluation data."""
+        self.confirmations = []
+        if self.confirm_fraction is None:
+            return loader, None
+        search, held_out = split_batches(loader, self.confirm_fraction)
+        self._info(
+            f"neuron elimination: {1 - self.confirm_fraction:.0%} of the evaluation samples for "
+            f"the search, {self.confirm_fraction:.0%} held out to confirm the choice"
+        )
+        return search, held_out
+
+    def _confirm(
+        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        stats: dict[str, JunctionStatistics], every: list[SweepPoint], held_out: list[Any],
+        metric: Metric, device: torch.device,
+    ) -> tuple[SweepPoint | JointPoint | None, dict[str, int]]:  # fmt: skip
+        """Re-measure the candidates on the held-out part, from the lowest energy up, and keep
+        the first whose drop there stays within the budget (minus ``confirm_margin``)."""
+        candidates: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
+        candidates += [pt for pt in self.joint_points if pt.strategy != "baseline"]
+        front = front_within(candidates, self.max_accuracy_drop)
+        first = junctions[0].consumer
+        baseline = CachedEvaluator(pl_module, first, held_out, metric, device=device, cache=False)()
+
+        def measure(pt: SweepPoint | JointPoint) -> float:
+            reduced = copy.deepcopy(pl_module)
+            self._reduce(reduced, junctions, stats, pt)
+            return CachedEvaluator(reduced, first, held_out, metric, device=device, cache=False)()
+
+        chosen, self.confirmations = confirm_front(
+            front, measure, baseline, self.max_accuracy_drop,
+            higher_is_better=getattr(metric, "higher_is_better", True),
+            margin=self.confirm_margin,
+        )  # fmt: skip
+        for c in self.confirmations:
+            self._info(
+                f"neuron elimination [confirm] {_label(c.point)}: drop {c.search_drop:+.4f} on the "
+                f"search part, {c.confirmed_drop:+.4f} held out -> "
+                + ("kept" if c.held else "rejected")
+            )
+        if chosen is None:
+            rank_zero_warn(
+                f"NeuronEliminationCallback: no configuration within the budget "
+                f"{self.max_accuracy_drop} on the search part kept it on the held-out part "
+                f"({len(self.confirmations)} tried); the model is left unchanged"
+            )
+            return None, {}
+        if isinstance(chosen, JointPoint):
+            sizes = {j.layer: j.num_features for j in junctions}
+            return chosen, {k: v for k, v in chosen.config.items() if v < sizes[k]}
+        return chosen, {chosen.layer: chosen.p}
+
+    def _reduce(
+        self, module: torch.nn.Module, junctions: list[Junction],
+        stats: dict[str, JunctionStatistics], pt: SweepPoint | JointPoint,
+    ) -> None:  # fmt: skip
+        """Apply one evaluated configuration to ``module`` in place, exactly as evaluated."""
+        if isinstance(pt, JointPoint):
+            apply_joint(
+                module, junctions, pt, method=self.method, affine=self.affine, ridge=self.ridge
+            )
+            return
+        j = next(j for j in junctions if j.layer == pt.layer)
+        eliminate_neurons(
+            module, {j.target: pt.p}, stats={j.consumer: stats[j.consumer]},
+            kept={j.target: pt.kept}, method=self.method, affine=self.affine, ridge=self.ridge,
+            inplace=True,
+        )  # fmt: skip
+
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(message)
@@ -394,18 +508,23 @@ class NeuronEliminationCallback(pl.Callback):
         example = self._example(eval_loader, device)
         metric = self._metric(pl_module, example, device)
         self._fitters.clear()
+        search_loader, held_out = self._split_eval(eval_loader)
         try:
             self.points = self._sweep(
-                pl_module, junctions, stats, eval_loader, metric, example, device
+                pl_module, junctions, stats, search_loader, metric, example, device
             )
             every = [pt for pts in self.points.values() for pt in pts]
             self.results = [pt.as_dict() for pt in every]
             self.joint_points = self._joint(
-                pl_module, junctions, stats, eval_loader, train_loader, metric, example
+                pl_module, junctions, stats, search_loader, train_loader, metric, example
             )
         finally:
             self._fitters.clear()  # they hold n × n matrices per junction
         self.chosen, plan = self._choose(every, junctions)
+        if held_out is not None and self.apply == "max_energy_saving":
+            self.chosen, plan = self._confirm(
+                pl_module, junctions, stats, every, held_out, metric, device
+            )
         self._report(trainer, every)
         before = dict(pl_module.named_parameters())
         self._apply(pl_module, junctions, stats, plan)
@@ -556,6 +675,7 @@ class NeuronEliminationCallback(pl.Callback):
             log_scalars(trainer.loggers, every)
             if self.joint_points:
                 log_joint_scalars(trainer.loggers, self.joint_points)
+            self._log_confirmations(trainer)
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
@@ -566,9 +686,14 @@ class NeuronEliminationCallback(pl.Callback):
             table += "\n**Pareto front, joint and single-layer:**\n\n" + markdown_table(
                 front, self.chosen
             )
+        if self.confirmations:
+            table += "\n" + self._confirmation_table()
         figure = None
         try:
             figure = tradeoff_figure(self.points, self.chosen, joint=self.joint_points)
+            if self.confirmations:
+                search_base = next(iter(self.points.values()))[0].accuracy
+                mark_confirmations(figure, self.confirmations, search_base)
         except ImportError:
             rank_zero_warn("matplotlib is not installed: the trade-off figure is not logged")
         for lg in trainer.loggers:
@@ -590,9 +715,38 @@ class NeuronEliminationCallback(pl.Callback):
                     for pt in pareto_front(self.joint_points)
                     if isinstance(pt, JointPoint)
                 ],
+                "confirm_fraction": self.confirm_fraction,
+                "confirmation": [c.as_dict() for c in self.confirmations],
             },
         )  # fmt: skip
         self._info(f"neuron elimination: report written to {self.report_paths[0]}")
+
+    def _log_confirmations(self, trainer: pl.Trainer) -> None:
+        """Search and held-out drops side by side, ``step`` = the order they were tried in."""
+        for i, c in enumerate(self.confirmations):
+            values = {
+                f"{PREFIX}/confirmation/search_drop": c.search_drop,
+                f"{PREFIX}/confirmation/confirmed_drop": c.confirmed_drop,
+                f"{PREFIX}/confirmation/held": float(c.held),
+                f"{PREFIX}/confirmation/energy_ratio": c.point.energy_ratio,
+            }
+            for lg in trainer.loggers:
+                lg.log_metrics(values, step=i)
+
+    def _confirmation_table(self) -> str:
+        lines = [
+            f"**Held-out confirmation** ({self.confirm_fraction:.0%} of the evaluation samples; "
+            f"budget {self.max_accuracy_drop:.4f}, margin {self.confirm_margin:.4f}):",
+            "",
+            "| configuration | search drop | held-out drop | energy ratio | result |",
+            "|---|---|---|---|---|",
+        ]
+        for c in self.confirmations:
+            lines.append(
+                f"| {_label(c.point)} | {c.search_drop:.4f} | {c.confirmed_drop:.4f} | "
+                f"{c.point.energy_ratio:.2f}× | {'confirmed' if c.held else 'rejected'} |"
+            )
+        return "\n".join(lines) + "\n"
 
     def _pending_plan(self) -> dict[str, int]:
         if isinstance(self.chosen, JointPoint):
@@ -734,6 +888,10 @@ def _trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:
         "convert": precision.convert_input,
         "forward_context": precision.forward_context,
     }
+
+
+def _label(pt: SweepPoint | JointPoint) -> str:
+    return pt.label if isinstance(pt, JointPoint) else f"{pt.layer}={pt.p}"
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:

@@ -122,7 +122,7 @@ def reduce_junction(
         junction: from :func:`~lightning_neuronprune.surgery.find_junction`.
         stats: statistics of the consumer's n input features.
         p: features to keep.
-        method: ``"svd_qr"`` or ``"qr"``.
+        method: ``"svd_qr"``, ``"qr"`` or ``"output"`` (output-aware, uses the consumer's weight).
         affine: fit an intercept, folded into the consumer's bias.
         ridge: relative ridge parameter of the least-squares fit.
         kept: use these kept indices instead of selecting (e.g. from a baseline).
@@ -211,7 +211,8 @@ def eliminate_neurons(
         data: an iterable of batches for the statistics.
         stats: precomputed statistics, keyed by consumer (or target) name, as returned by
             :func:`~lightning_neuronprune.statistics.collect_statistics`.
-        method: ``"svd_qr"`` (the paper's Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
+        method: ``"svd_qr"`` (the paper's Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or
+            ``"output"`` (output-aware greedy on the consumer's weight and ``G``).
         affine: also fit an intercept, folded into the consumer's bias.
         ridge: relative ridge parameter λ of the fit (``λ · mean(diag G[S, S])`` is added).
         inplace: modify ``model`` itself instead of a deep copy.

@@ -9,6 +9,12 @@ layers". Two strategies search the joint configurations ``{layer: p}``:
   accuracy lost that keeps the total drop within the budget. Each junction is fitted on the
   original network's statistics. The chosen configuration is finally re-fitted sequentially on
   data (``refit``), which is recorded as one more point.
+  With ``compensate``, the greedy path is also re-fitted by *compensating* fits
+  (:mod:`~lightning_neuronprune.compensation`): junction by junction, the consumer of the
+  reduced network is fitted to reproduce the original network's consumer output from the kept
+  features (cross statistics of both networks on the same training data), so each fit absorbs
+  the errors of the junctions before it. The path is explored up to ``budget + slack`` and the
+  compensated re-fits are tried from the cheapest configuration up.
 * ``"sequential"`` (data-driven): reduce one junction after another (``order``); the statistics of
   each junction are collected on the network reduced so far, so that its least-squares fit
   compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
@@ -30,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune.compensation import collect_cross_statistics, compensate_junction
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
@@ -66,6 +73,8 @@ class JointPoint:
             ``"greedy+refit"``, ``"sequential"``).
         kept: ``{layer: kept indices}`` of the reduced layers.
         stats: ``{consumer: statistics}`` each reduced junction was fitted with.
+        weights: ``{consumer: (W_p, b_p)}`` final consumer parameters of a compensated re-fit,
+            which :func:`apply_joint` copies in after rebuilding the structure (empty otherwise).
     """
 
     config: dict[str, int]
@@ -77,6 +86,9 @@ class JointPoint:
     strategy: str
     kept: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     stats: dict[str, JunctionStatistics] = field(default_factory=dict, repr=False, compare=False)
+    weights: dict[str, tuple[Tensor, Tensor | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def label(self) -> str:
@@ -229,6 +241,7 @@ class JointSearch:
     def _score(
         self, reduced: nn.Module, config: Mapping[str, int], strategy: str,
         kept: Mapping[str, tuple[int, ...]], stats: Mapping[str, JunctionStatistics],
+        weights: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
     ) -> JointPoint:  # fmt: skip
         swaps: dict[str, nn.Module] = {}
         first = self.junctions[0]
@@ -259,7 +272,7 @@ class JointSearch:
             config=dict(config), accuracy=acc, accuracy_drop=base.accuracy - acc, energy=energy,
             energy_ratio=base.energy.energy_ratio(energy),
             memory_ratio=base.energy.memory_ratio(energy),
-            strategy=strategy, kept=dict(kept), stats=dict(stats),
+            strategy=strategy, kept=dict(kept), stats=dict(stats), weights=dict(weights or {}),
         )  # fmt: skip
         if self.on_point is not None:
             self.on_point(point)
@@ -284,7 +297,15 @@ class JointSearch:
 
     # ------------------------------------------------------------------ strategies
 
-    def greedy(self, budget: float, *, refit: bool = True, lazy: bool = True) -> list[JointPoint]:
+    def greedy(
+        self,
+        budget: float,
+        *,
+        refit: bool = True,
+        lazy: bool = True,
+        compensate: bool = False,
+        slack: float = 0.0,
+    ) -> list[JointPoint]:
         """Greedy by marginal cost. Returns every evaluated point, the path's points included.
 
         A move takes one layer one point down its grid. Its merit is the energy saved per
@@ -297,7 +318,16 @@ class JointSearch:
             budget: the largest accepted accuracy drop.
             refit: re-fit the final configuration sequentially on ``train_data`` (if given).
             lazy: re-evaluate only the most promising move at each step.
+            compensate: also re-fit the path's configurations with compensating fits (needs
+                ``train_data``), from the cheapest within ``budget + slack`` up, until one is
+                within ``budget``; every compensated point is returned
+                (strategy ``"greedy+compensated"``).
+            slack: how far past the budget the greedy path explores for ``compensate``.
         """
+        if slack < 0:
+            raise ValueError(f"`slack` must be non-negative, got {slack!r}")
+        explore = budget + slack if compensate and self.train_data is not None else budget
+        path: list[JointPoint] = []
         config = {j.layer: j.num_features for j in self.junctions}
         position = {layer: 0 for layer in config}
         current = self.baseline
@@ -306,7 +336,7 @@ class JointSearch:
         infinite = (True, float("inf"))
 
         def merit(pt: JointPoint) -> tuple[bool, float]:
-            if pt.accuracy_drop > budget:
+            if pt.accuracy_drop > explore:
                 return (False, -float("inf"))
             saved = current.energy.total - pt.energy.total
             lost = pt.accuracy_drop - current.accuracy_drop
@@ -336,12 +366,51 @@ class JointSearch:
             if best is None:
                 break
             current = fresh[best]
+            path.append(current)
             position[best] += 1
             config = dict(current.config)
         points = list({id(pt): pt for pt in points}.values())  # evaluations are memoised
-        if refit and self.train_data is not None and current is not self.baseline:
-            points.append(self.sequential_refit(current))
+        within = [pt for pt in path if pt.accuracy_drop <= budget]
+        if refit and self.train_data is not None and within:
+            points.append(self.sequential_refit(within[-1]))
+        if compensate and self.train_data is not None:
+            for pt in sorted(path, key=lambda q: q.energy.total):
+                fitted = self.compensated_refit(pt)
+                points.append(fitted)
+                if fitted.accuracy_drop <= budget:
+                    break
         return points
+
+    def compensated_refit(self, point: JointPoint) -> JointPoint:
+        """Re-fit ``point``'s configuration junction by junction with compensating fits.
+
+        Junctions are reduced in network order on a copy of the model; each consumer is fitted
+        (and, with ``method="output"``, its kept set re-selected) against the original network's
+        consumer output, from cross statistics over ``train_data``. Other methods keep
+        ``point``'s kept sets. The affine and ridge options do not apply to this fit.
+        """
+        if self.train_data is None:
+            raise ValueError("the compensated refit needs `train_data`")
+        work = copy.deepcopy(self.model)
+        kept: dict[str, tuple[int, ...]] = {}
+        for j in self.junctions:
+            p = point.config[j.layer]
+            if p >= j.num_features:
+                continue
+            cs = collect_cross_statistics(
+                self.model, work, j.consumer, self.train_data, max_samples=self.max_samples
+            )
+            given = None if self.method == "output" else torch.as_tensor(point.kept[j.layer])
+            chosen = compensate_junction(work, j, cs, p, kept=given)
+            kept[j.layer] = tuple(int(i) for i in chosen.tolist())
+        stats = {self.by_layer[layer].consumer: self.stats[self.by_layer[layer].consumer]
+                 for layer in kept}  # fmt: skip
+        weights = {}
+        for consumer in stats:
+            module = work.get_submodule(consumer)
+            bias = module.bias.detach().clone() if module.bias is not None else None
+            weights[consumer] = (module.weight.detach().clone(), bias)
+        return self._score(work, point.config, "greedy+compensated", kept, stats, weights)
 
     def sequential_refit(self, point: JointPoint) -> JointPoint:
         """Re-fit ``point``'s configuration junction by junction on data, keeping its kept sets."""
@@ -443,12 +512,17 @@ def apply_joint(
     affine: bool = False,
     ridge: float = 0.0,
 ) -> Elimination:
-    """Swap ``point``'s configuration into ``model`` in place, exactly as it was evaluated."""
+    """Swap ``point``'s configuration into ``model`` in place, exactly as it was evaluated.
+
+    The structure (kept features) is rebuilt by
+    :func:`~lightning_neuronprune.elimination.eliminate_neurons`; the consumer parameters of a
+    compensated re-fit (``point.weights``) are then copied in.
+    """
     by_layer = {j.layer: j for j in junctions}
     reduced = {layer: p for layer, p in point.config.items() if p < by_layer[layer].num_features}
     if not reduced:
         return Elimination(model, [])
-    return eliminate_neurons(
+    result = eliminate_neurons(
         model,
         {by_layer[layer].target: p for layer, p in reduced.items()},
         stats={
@@ -457,3 +531,10 @@ def apply_joint(
         kept={by_layer[layer].target: point.kept[layer] for layer in reduced},
         method=method, affine=affine, ridge=ridge, inplace=True,
     )  # fmt: skip
+    with torch.no_grad():
+        for consumer, (W_p, b_p) in point.weights.items():
+            module = model.get_submodule(consumer)
+            module.weight.copy_(W_p)
+            if b_p is not None and module.bias is not None:
+                module.bias.copy_(b_p)
+    return result

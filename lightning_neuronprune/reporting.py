@@ -15,6 +15,7 @@ __all__ = [
     "PREFIX",
     "log_joint_scalars",
     "log_scalars",
+    "mark_confirmations",
     "markdown_table",
     "point_metrics",
     "tradeoff_figure",
@@ -188,6 +189,43 @@ def tradeoff_figure(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def mark_confirmations(fig: Any, confirmations: Sequence[Any], search_baseline: float) -> Any:
+    """Mark the held-out confirmations on a :func:`tradeoff_figure`.
+
+    Each re-measured candidate (a :class:`~lightning_neuronprune.confirmation.Confirmation`) is
+    drawn at its search accuracy (open marker) and at ``search_baseline - confirmed_drop``, the
+    accuracy its confirmed drop stands for on the search scale (filled: green star if the budget
+    held there, red cross if not), joined by a vertical line: the gap is the selection bias.
+
+    Args:
+        fig: the figure (its first axes are used).
+        confirmations: the re-measured candidates, in the order they were tried.
+        search_baseline: the unreduced model's metric on the search part.
+
+    Returns:
+        ``fig``.
+    """
+    if not confirmations:
+        return fig
+    ax = fig.axes[0]
+    for held, marker, color, label in (
+        (True, "*", "tab:green", "confirmed on held-out data"),
+        (False, "x", "tab:red", "failed the held-out confirmation"),
+    ):
+        sel = [c for c in confirmations if c.held is held]
+        if not sel:
+            continue
+        x = [c.point.energy.total * 1e6 for c in sel]
+        y_search = [c.point.accuracy * 100 for c in sel]
+        y_conf = [(search_baseline - c.confirmed_drop) * 100 for c in sel]
+        ax.vlines(x, y_search, y_conf, colors=color, linewidth=0.8, zorder=5)
+        ax.scatter(x, y_search, s=30, facecolors="none", edgecolors=color, zorder=6)
+        ax.scatter(x, y_conf, s=60 if held else 40, marker=marker, color=color, zorder=6,
+                   label=label)  # fmt: skip
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -55,6 +55,7 @@ def fitted(tmp_path: Path, seed: int) -> tuple[LitMLP, NeuronEliminationCallback
         ranks="all",
         max_accuracy_drop=0.02,
         joint=None,
+        confirm_fraction=None,  # the choice is measured on the whole validation set
         verbose=False,
     )
     model = LitMLP()
@@ -182,7 +183,7 @@ def test_custom_metric_and_eval_dataloader(tmp_path: Path, seed: int) -> None:
         ({"ranks": "some"}, "`ranks` must be 'auto', 'all'"),
         ({"max_accuracy_drop": -0.1}, "`max_accuracy_drop` must be a fraction in \\[0, 1\\]"),
         ({"max_accuracy_drop": 5}, "got 5"),
-        ({"method": "lu"}, "`method` must be one of \\['svd_qr', 'qr'\\], got 'lu'"),
+        ({"method": "lu"}, "`method` must be one of \\['svd_qr', 'qr', 'output'\\], got 'lu'"),
         ({"ridge": -1.0}, "`ridge` must be a non-negative number, got -1.0"),
         ({"metric": "accuracy"}, "`metric` must be a torchmetrics.Metric, got str"),
         ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
