@@ -166,6 +166,7 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
             label, best, test_acc(best), base_test, c.confirmed_drop,
             unconfirmed=(front[0], test_acc(front[0])),
         )  # fmt: skip
+
     junctions = [find_junction(model, t) for t in targets]
     stats = collect_statistics(model, [j.consumer for j in junctions], train)
     em = EnergyModel()
@@ -214,8 +215,10 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         all_joint += pts
         kinds = sorted({pt.strategy for pt in pts})
         for kind in kinds:
-            label = name if kind in ("sequential", "greedy", "greedy+compensated") else (
-                f"{name} + refit"
+            label = (
+                name
+                if kind in ("sequential", "greedy", "greedy+compensated")
+                else (f"{name} + refit")
             )
             got = chosen_row(label, [pt for pt in pts if pt.strategy == kind])
             if got is None:
@@ -309,8 +312,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'—' if conf is None else f'{conf:.2f}'} | "
             f"{r['test_accuracy']:.2f}% | {r['test_drop_points']:.2f} | "
             f"{r['energy_ratio']:.2f}× | {r['memory_ratio']:.2f}× | {r['params']} | "
-            + ("same" if u is None or u["p"] == r["p"] else
-               f"{u['energy_ratio']:.2f}×, {u['test_drop_points']:.2f}")
+            + (
+                "same"
+                if u is None or u["p"] == r["p"]
+                else f"{u['energy_ratio']:.2f}×, {u['test_drop_points']:.2f}"
+            )
             + " |"
         )
     if result["energy_ceiling"]:

@@ -1063,9 +1063,7 @@ def compare_methods(
             mean = {m: 100 * sum(curves[m][p] for p in small) / len(small) for m in curves}
             wins = sum(curves["output"][p] > curves["svd_qr"][p] + 1e-12 for p in common_p)
             losses = sum(curves["output"][p] < curves["svd_qr"][p] - 1e-12 for p in common_p)
-            best_gap = max(
-                (100 * (curves["output"][p] - curves["svd_qr"][p]), p) for p in common_p
-            )
+            best_gap = max((100 * (curves["output"][p] - curves["svd_qr"][p]), p) for p in common_p)
             pmin = {m: smallest_within(curves[m], threshold) for m in curves}
             table.append([
                 row.name, j.layer, f"{100 * row.allowed_drop:.2f}",

@@ -42,6 +42,7 @@ from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_
 from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
 from lightning_neuronprune.joint import STRATEGIES, JointPoint
 from lightning_neuronprune.models import LitClassifier
+from lightning_neuronprune.selection import METHODS
 from lightning_neuronprune.sweep import SweepPoint, choose
 
 DEFAULT_TARGETS = {
@@ -100,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--joint", choices=[*STRATEGIES, "none"], default="greedy",
         help="also search joint configurations of all targets under the one budget",
     )  # fmt: skip
+    parser.add_argument(
+        "--method", choices=METHODS, default="output",
+        help="neuron selection: output-aware greedy, the paper's svd_qr, or nested qr",
+    )  # fmt: skip
+    parser.add_argument(
+        "--confirm-fraction", type=float, default=0.5,
+        help="share of the validation images held out to confirm the chosen configuration",
+    )  # fmt: skip
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root directory")
     parser.add_argument(
         "--output",
@@ -117,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.targets = DEFAULT_TARGETS[args.arch]
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.confirm_fraction < 1:
+        parser.error(f"--confirm-fraction must lie in [0, 1), got {args.confirm_fraction}")
     if args.limit_train is not None and args.limit_train < 1:
         parser.error(f"--limit-train must be positive, got {args.limit_train}")
     if not args.download and not _has_mnist(args.data_dir):
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         targets=args.targets,
         max_accuracy_drop=args.max_accuracy_drop,
         joint=None if args.joint == "none" else args.joint,
+        method=args.method,
+        confirm_fraction=args.confirm_fraction or None,
         verbose=args.verbose,
     )
     trainer = pl.Trainer(
@@ -212,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(model, datamodule=dm)
 
     print("\n=== Neuron elimination summary " + "=" * 40)
-    print(f"architecture {args.arch}, {args.epochs} epoch(s), budget: accuracy drop ≤ "
-          f"{args.max_accuracy_drop:.2%} (validation set, {dm.val_size} images)")  # fmt: skip
+    print(f"architecture {args.arch}, {args.epochs} epoch(s), method {args.method}, budget: "
+          f"accuracy drop ≤ {args.max_accuracy_drop:.2%} (validation set, {dm.val_size} images: "
+          f"searched on {1 - args.confirm_fraction:.0%}, confirmed on "
+          f"{args.confirm_fraction:.0%})")  # fmt: skip
     print(summary_table(pruner.points, args.max_accuracy_drop, pruner.chosen))
     print(describe_applied(pruner))
 
@@ -228,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     test_after = trainer.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
     print(f"validation accuracy of the reduced model: {val_after:.4f}")
     print(f"test accuracy: {test_before:.4f} before, {test_after:.4f} after the reduction")
+    test_drop = test_before - test_after
+    within = "within" if test_drop <= args.max_accuracy_drop else "OVER"
+    print(f"test drop: {100 * test_drop:.2f} points, {within} the budget of "
+          f"{100 * args.max_accuracy_drop:.2f} points")  # fmt: skip
+    for c in pruner.confirmations:
+        print(f"  confirmation of {c.as_dict()['configuration']}: drop {100 * c.search_drop:.2f} "
+              f"points on the search part, {100 * c.confirmed_drop:.2f} held out -> "
+              f"{'applied' if c.held else 'rejected'}")  # fmt: skip
 
     # Save, reload into a fresh module, and check that both compute the same outputs.
     run_dir = Path(tb_logger.log_dir)

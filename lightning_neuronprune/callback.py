@@ -130,6 +130,10 @@ class NeuronEliminationCallback(pl.Callback):
             :mod:`~lightning_neuronprune.joint`.
         joint_order: the layer order of the sequential strategy (default: network order).
         joint_shares: the budget shares of the sequential strategy (default: equal).
+        joint_compensate: with ``joint="greedy"``, also re-fit the greedy path with
+            compensating fits (each consumer fitted to the original network's output from the
+            reduced network's kept features, :mod:`~lightning_neuronprune.compensation`),
+            exploring up to 1.5 × the budget and trying the cheapest configurations first.
         confirm_fraction: the share of the evaluation samples held out to confirm the choice
             (``None`` or 0: no confirmation; the budget is then checked only on the data the
             search compared configurations on). The evaluation data is split deterministically,
@@ -182,6 +186,7 @@ class NeuronEliminationCallback(pl.Callback):
         joint: str | None = "greedy",
         joint_order: list[str] | None = None,
         joint_shares: list[float] | None = None,
+        joint_compensate: bool = False,
         confirm_fraction: float | None = 0.5,
         confirm_margin: float = 0.0,
         verbose: bool = True,
@@ -295,6 +300,11 @@ class NeuronEliminationCallback(pl.Callback):
         self.joint = joint
         self.joint_order = joint_order
         self.joint_shares = joint_shares
+        if not isinstance(joint_compensate, bool):
+            raise MisconfigurationException(
+                f"`joint_compensate` must be a bool, got {joint_compensate!r}"
+            )
+        self.joint_compensate = joint_compensate
         self.confirm_fraction = float(confirm_fraction) if confirm_fraction else None
         self.confirm_margin = float(confirm_margin)
         self.verbose = verbose
@@ -641,7 +651,10 @@ class NeuronEliminationCallback(pl.Callback):
             **self._forward_kwargs(),
         )  # fmt: skip
         if self.joint == "greedy":
-            return search.greedy(self.max_accuracy_drop)
+            return search.greedy(
+                self.max_accuracy_drop, compensate=self.joint_compensate,
+                slack=self.max_accuracy_drop / 2,
+            )  # fmt: skip
         return search.sequential(
             self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
         )

@@ -28,11 +28,16 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.reconstruction import solve_psd
-from lightning_neuronprune.selection import _output_factor
+from lightning_neuronprune.selection import _greedy_output, _output_factor
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, model_device
 from lightning_neuronprune.surgery import Junction, apply_reduction
 
-__all__ = ["CrossStatistics", "collect_cross_statistics", "compensated_order", "compensate_junction"]
+__all__ = [
+    "CrossStatistics",
+    "collect_cross_statistics",
+    "compensated_order",
+    "compensate_junction",
+]
 
 
 @dataclass
@@ -70,7 +75,10 @@ def collect_cross_statistics(
     """
     device = torch.device(device) if device is not None else model_device(original)
     mods = [m.get_submodule(consumer) for m in (original, reduced)]
-    if not all(isinstance(m, nn.Linear) for m in mods) or mods[0].in_features != mods[1].in_features:
+    if (
+        not all(isinstance(m, nn.Linear) for m in mods)
+        or mods[0].in_features != mods[1].in_features
+    ):
         raise StatisticsError(
             f"{consumer!r} must be an nn.Linear reading the same features in both networks, got "
             f"{[type(m).__name__ for m in mods]}"
@@ -123,10 +131,8 @@ def collect_cross_statistics(
     if stats.count == 0:
         raise StatisticsError(f"no sample reached {consumer!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        count = stats.count
         stats.all_reduce()
         torch.distributed.all_reduce(cross)
-        del count
     return CrossStatistics(stats, cross)
 
 
@@ -141,26 +147,7 @@ def compensated_order(cs: CrossStatistics, weight: Tensor, *, steps: int | None 
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
     F = _output_factor(weight, n, G)
-    R = G.clone()
-    V = F @ cs.cross
-    tol = n * torch.finfo(torch.float32).eps * G.diagonal().max().clamp_min(torch.finfo(G.dtype).tiny)
-    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
-    order = torch.empty(steps, dtype=torch.long, device=G.device)
-    floor = torch.full((n,), -1.0, dtype=G.dtype, device=G.device)
-    gone = torch.full((n,), -float("inf"), dtype=G.dtype, device=G.device)
-    for step in range(steps):
-        d = R.diagonal()
-        live = d > tol
-        gain = torch.where(live, (V * V).sum(0) / torch.where(live, d, torch.ones_like(d)), floor)
-        k = torch.argmax(torch.where(taken, gone, gain))
-        order[step] = k
-        taken[k] = True
-        dk = d[k]
-        scale = torch.where(dk > tol, 1.0 / dk.clamp_min(tol), torch.zeros_like(dk))
-        r = R[:, k].clone()
-        R.sub_(torch.outer(r * scale, r))
-        V.sub_(torch.outer(V[:, k] * scale, r))
-    return torch.cat([order, torch.nonzero(~taken).flatten()])
+    return _greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
 
 
 def compensate_junction(

@@ -221,15 +221,25 @@ def output_order(
     steps = n if steps is None else max(0, min(int(steps), n))
     rtol = n * torch.finfo(torch.float32).eps if rtol is None else rtol
     F = _output_factor(weight, n, M)
-    R = M.clone()
-    V = F @ R
-    tol = rtol * M.diagonal().max().clamp_min(torch.finfo(M.dtype).tiny)
-    taken = torch.zeros(n, dtype=torch.bool, device=M.device)
-    order = torch.empty(steps, dtype=torch.long, device=M.device)
+    return _greedy_output(M, F @ M, steps, rtol)
+
+
+def _greedy_output(G: Tensor, V: Tensor, steps: int, rtol: float) -> Tensor:
+    """The greedy recursion of :func:`output_order` from ``R = G`` and a given ``V`` (m × n).
+
+    ``V = F G`` gives the output-aware selection; ``V = F C`` with a cross moment ``C`` gives the
+    compensating one (:mod:`~lightning_neuronprune.compensation`). Neither input is modified.
+    """
+    n = G.shape[0]
+    R = G.clone()
+    V = V.clone()
+    tol = rtol * G.diagonal().max().clamp_min(torch.finfo(G.dtype).tiny)
+    taken = torch.zeros(n, dtype=torch.bool, device=G.device)
+    order = torch.empty(steps, dtype=torch.long, device=G.device)
     # Untaken features that explain nothing more score -1 (first by index: argmax takes the first
     # maximum), taken ones -inf.
-    floor = torch.full((n,), -1.0, dtype=M.dtype, device=M.device)
-    gone = torch.full((n,), -float("inf"), dtype=M.dtype, device=M.device)
+    floor = torch.full((n,), -1.0, dtype=G.dtype, device=G.device)
+    gone = torch.full((n,), -float("inf"), dtype=G.dtype, device=G.device)
     for step in range(steps):
         d = R.diagonal()
         live = d > tol
@@ -242,8 +252,7 @@ def output_order(
         r = R[:, k].clone()
         R.sub_(torch.outer(r * scale, r))
         V.sub_(torch.outer(V[:, k] * scale, r))
-    rest = torch.nonzero(~taken).flatten()
-    return torch.cat([order, rest])
+    return torch.cat([order, torch.nonzero(~taken).flatten()])
 
 
 def explained_output_energy(

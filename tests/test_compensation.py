@@ -30,7 +30,9 @@ def _chain(generator: torch.Generator) -> nn.Sequential:
     with torch.no_grad():
         for m in model:
             if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator, dtype=torch.float64))
+                m.weight.copy_(
+                    torch.randn(m.weight.shape, generator=generator, dtype=torch.float64)
+                )
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator, dtype=torch.float64))
     return model
 

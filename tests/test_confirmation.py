@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, blobs
+from lit_models import BlobsData, LitMLP
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 

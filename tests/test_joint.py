@@ -187,7 +187,11 @@ def _trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.
 
 def test_callback_joint_search_applies_from_the_joint_front(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.03, joint="greedy", verbose=False,
+        targets=["net.0", "net.2"],
+        ranks=4,
+        max_accuracy_drop=0.03,
+        joint="greedy",
+        verbose=False,
         confirm_fraction=None,  # the choice is measured on the whole validation set
     )
     model = LitMLP()
