@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -156,7 +158,8 @@ class NeuronEliminationCallback(pl.Callback):
         confirmations: the candidates re-measured on the held-out part, in the order tried
             (:class:`~lightning_neuronprune.confirmation.Confirmation`).
         applied: ``{layer: p}`` that was applied.
-        report_paths: the JSON and CSV files written.
+        report_paths: the JSON and CSV files written (and, with a confirmation,
+            ``neuron_elimination_confirmation.csv``).
         reduced_checkpoint_path: the Lightning checkpoint of the reduced model, or ``None`` (no
             reduction, or no ``ModelCheckpoint`` to write it next to).
         source_checkpoint_path: with ``weights="best"``, the checkpoint whose weights were reduced.
@@ -732,6 +735,8 @@ class NeuronEliminationCallback(pl.Callback):
                 "confirmation": [c.as_dict() for c in self.confirmations],
             },
         )  # fmt: skip
+        if self.confirmations:
+            self.report_paths = (*self.report_paths, self._write_confirmation_csv(directory))
         self._info(f"neuron elimination: report written to {self.report_paths[0]}")
 
     def _log_confirmations(self, trainer: pl.Trainer) -> None:
@@ -745,6 +750,16 @@ class NeuronEliminationCallback(pl.Callback):
             }
             for lg in trainer.loggers:
                 lg.log_metrics(values, step=i)
+
+    def _write_confirmation_csv(self, directory: Any) -> Path:
+        """``neuron_elimination_confirmation.csv``: one row per re-measured candidate."""
+        path = Path(directory) / "neuron_elimination_confirmation.csv"
+        rows = [c.as_dict() for c in self.confirmations]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
 
     def _confirmation_table(self) -> str:
         lines = [

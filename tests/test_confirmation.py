@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from lit_models import BlobsData, LitMLP
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -141,9 +143,10 @@ def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed:
     )  # fmt: skip
     model = LitMLP()
     data = _HardHeldOut(n_val=512)
+    logger = CSVLogger(tmp_path, name="csv")
     trainer = pl.Trainer(
         max_epochs=4, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, logger=False,
+        enable_model_summary=False, enable_checkpointing=False, logger=logger,
         callbacks=[callback],
     )  # fmt: skip
     snapshot: dict[str, torch.Tensor] = {}
@@ -176,6 +179,18 @@ def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed:
     doc = json.loads(Path(callback.report_paths[0]).read_text())
     assert [c["held"] for c in doc["confirmation"]] == [t.held for t in tried]
     assert doc["confirm_fraction"] == 0.5
+    with open(callback.report_paths[-1]) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["confirmed_drop"]) for r in rows] == pytest.approx(
+        [t.confirmed_drop for t in tried]
+    )
+    assert [float(r["search_drop"]) for r in rows] == pytest.approx([t.search_drop for t in tried])
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("neuron_elimination/confirmation/held")]
+    assert [float(r["neuron_elimination/confirmation/confirmed_drop"]) for r in logged] == (
+        pytest.approx([t.confirmed_drop for t in tried])
+    )
 
 
 def test_callback_without_confirmation_uses_all_eval_data(tmp_path: Path, seed: int) -> None:
