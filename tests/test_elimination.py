@@ -37,7 +37,7 @@ def _same_state(a: nn.Module, b: dict[str, torch.Tensor]) -> bool:
     return sa.keys() == b.keys() and all(torch.equal(sa[k], b[k]) for k in sa)
 
 
-@pytest.mark.parametrize("method", ["svd_qr", "qr"])
+@pytest.mark.parametrize("method", ["svd_qr", "qr", "output"])
 @pytest.mark.parametrize("affine", [False, True])
 def test_lossless_when_features_are_linear_combinations(
     generator: torch.Generator, method: str, affine: bool
@@ -61,7 +61,7 @@ def test_lossless_in_float32(generator: torch.Generator) -> None:
     assert ((reduced(x) - y).norm() / y.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("method", ["svd_qr", "qr"])
+@pytest.mark.parametrize("method", ["svd_qr", "qr", "output"])
 def test_p_equal_n_reproduces_outputs(generator: torch.Generator, method: str) -> None:
     model = LeNet300100()
     data = [torch.randn(512, 1, 28, 28, generator=generator)]
