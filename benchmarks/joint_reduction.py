@@ -215,11 +215,8 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         all_joint += pts
         kinds = sorted({pt.strategy for pt in pts})
         for kind in kinds:
-            label = (
-                name
-                if kind in ("sequential", "greedy", "greedy+compensated")
-                else (f"{name} + refit")
-            )
+            suffix = {"greedy+refit": " + refit", "greedy+compensated": ": compensated"}
+            label = name + suffix.get(kind, "")
             got = chosen_row(label, [pt for pt in pts if pt.strategy == kind])
             if got is None:
                 continue
