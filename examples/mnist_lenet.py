@@ -109,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--confirm-fraction", type=float, default=0.5,
         help="share of the validation images held out to confirm the chosen configuration",
     )  # fmt: skip
+    parser.add_argument(
+        "--confirm-confidence", type=float, default=0.9,
+        help="statistical margin: the upper confidence bound of the held-out drop at this level "
+        "must be within the budget (0: compare the held-out drop itself)",
+    )  # fmt: skip
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root directory")
     parser.add_argument(
         "--output",
@@ -126,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.targets = DEFAULT_TARGETS[args.arch]
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.confirm_confidence < 1:
+        parser.error(f"--confirm-confidence must lie in [0, 1), got {args.confirm_confidence}")
     if not 0 <= args.confirm_fraction < 1:
         parser.error(f"--confirm-fraction must lie in [0, 1), got {args.confirm_fraction}")
     if args.limit_train is not None and args.limit_train < 1:
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         joint=None if args.joint == "none" else args.joint,
         method=args.method,
         confirm_fraction=args.confirm_fraction or None,
+        confirm_confidence=args.confirm_confidence or None,
         verbose=args.verbose,
     )
     trainer = pl.Trainer(
@@ -248,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test drop: {100 * test_drop:.2f} points, {within} the budget of "
           f"{100 * args.max_accuracy_drop:.2f} points")  # fmt: skip
     for c in pruner.confirmations:
+        bound = "" if c.upper_bound is None else f" (upper bound {100 * c.upper_bound:.2f})"
         print(f"  confirmation of {c.as_dict()['configuration']}: drop {100 * c.search_drop:.2f} "
-              f"points on the search part, {100 * c.confirmed_drop:.2f} held out -> "
+              f"points on the search part, {100 * c.confirmed_drop:.2f} held out{bound} -> "
               f"{'applied' if c.held else 'rejected'}")  # fmt: skip
 
     # Save, reload into a fresh module, and check that both compute the same outputs.

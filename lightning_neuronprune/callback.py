@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_neuronprune.confirmation import (
     Confirmation,
+    chunk_batches,
     confirm_front,
     front_within,
     split_batches,
@@ -145,7 +146,14 @@ class NeuronEliminationCallback(pl.Callback):
             the budget there is re-measured on the held-out part and, if it breaks the budget
             there, the next one up the front is tried, until one holds.
         confirm_margin: ask for a confirmed drop of at most ``max_accuracy_drop -
-            confirm_margin`` (a safety margin for the noise of the held-out part).
+            confirm_margin`` (a fixed safety margin).
+        confirm_confidence: a statistical margin instead of (or besides) the fixed one: the
+            upper confidence bound of the held-out drop at this level, Bonferroni-corrected for
+            the candidates that may be tried, must be within the budget. The standard error
+            comes from paired drops over chunks of ``confirm_chunk`` held-out samples. ``None``
+            (default): the held-out drop itself is compared.
+        confirm_chunk: samples per chunk for ``confirm_confidence``.
+        confirm_max_tries: re-measure at most this many candidates.
         verbose: print a line per evaluated configuration (rank zero).
         weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
@@ -192,6 +200,9 @@ class NeuronEliminationCallback(pl.Callback):
         joint_compensate: bool = False,
         confirm_fraction: float | None = 0.5,
         confirm_margin: float = 0.0,
+        confirm_confidence: float | None = None,
+        confirm_chunk: int = 100,
+        confirm_max_tries: int = 20,
         verbose: bool = True,
         weights: str = "last",
     ) -> None:
@@ -310,6 +321,26 @@ class NeuronEliminationCallback(pl.Callback):
         self.joint_compensate = joint_compensate
         self.confirm_fraction = float(confirm_fraction) if confirm_fraction else None
         self.confirm_margin = float(confirm_margin)
+        if confirm_confidence is not None and (
+            isinstance(confirm_confidence, bool)
+            or not isinstance(confirm_confidence, (int, float))
+            or not 0 < confirm_confidence < 1
+        ):
+            raise MisconfigurationException(
+                f"`confirm_confidence` must be None or a level in (0, 1), got "
+                f"{confirm_confidence!r}"
+            )
+        for name, value in (
+            ("confirm_chunk", confirm_chunk),
+            ("confirm_max_tries", confirm_max_tries),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(
+                    f"`{name}` must be a positive integer, got {value!r}"
+                )
+        self.confirm_confidence = confirm_confidence
+        self.confirm_chunk = confirm_chunk
+        self.confirm_max_tries = confirm_max_tries
         self.verbose = verbose
         if weights not in WEIGHTS:
             raise MisconfigurationException(
@@ -454,22 +485,34 @@ class NeuronEliminationCallback(pl.Callback):
         candidates += [pt for pt in self.joint_points if pt.strategy != "baseline"]
         front = front_within(candidates, self.max_accuracy_drop)
         first = junctions[0].consumer
-        baseline = CachedEvaluator(pl_module, first, held_out, metric, device=device, cache=False)()
+        chunks = chunk_batches(held_out, self.confirm_chunk) if self.confirm_confidence else []
 
-        def measure(pt: SweepPoint | JointPoint) -> float:
+        def evaluate(module: torch.nn.Module) -> Any:
+            value = CachedEvaluator(module, first, held_out, metric, device=device, cache=False)()
+            if not self.confirm_confidence:
+                return value
+            per_chunk = [
+                CachedEvaluator(module, first, c, metric, device=device, cache=False)()
+                for c in chunks
+            ]
+            return value, per_chunk
+
+        def measure(pt: SweepPoint | JointPoint) -> Any:
             reduced = copy.deepcopy(pl_module)
             self._reduce(reduced, junctions, stats, pt)
-            return CachedEvaluator(reduced, first, held_out, metric, device=device, cache=False)()
+            return evaluate(reduced)
 
         chosen, self.confirmations = confirm_front(
-            front, measure, baseline, self.max_accuracy_drop,
+            front, measure, evaluate(pl_module), self.max_accuracy_drop,
             higher_is_better=getattr(metric, "higher_is_better", True),
-            margin=self.confirm_margin,
+            margin=self.confirm_margin, confidence=self.confirm_confidence,
+            max_tries=self.confirm_max_tries,
         )  # fmt: skip
         for c in self.confirmations:
+            bound = "" if c.upper_bound is None else f" (upper bound {c.upper_bound:+.4f})"
             self._info(
                 f"neuron elimination [confirm] {_label(c.point)}: drop {c.search_drop:+.4f} on the "
-                f"search part, {c.confirmed_drop:+.4f} held out -> "
+                f"search part, {c.confirmed_drop:+.4f} held out{bound} -> "
                 + ("kept" if c.held else "rejected")
             )
         if chosen is None:
@@ -746,6 +789,11 @@ class NeuronEliminationCallback(pl.Callback):
                 f"{PREFIX}/confirmation/search_drop": c.search_drop,
                 f"{PREFIX}/confirmation/confirmed_drop": c.confirmed_drop,
                 f"{PREFIX}/confirmation/held": float(c.held),
+                **(
+                    {f"{PREFIX}/confirmation/upper_bound": c.upper_bound}
+                    if c.upper_bound is not None
+                    else {}
+                ),
                 f"{PREFIX}/confirmation/energy_ratio": c.point.energy_ratio,
             }
             for lg in trainer.loggers:
@@ -764,14 +812,16 @@ class NeuronEliminationCallback(pl.Callback):
     def _confirmation_table(self) -> str:
         lines = [
             f"**Held-out confirmation** ({self.confirm_fraction:.0%} of the evaluation samples; "
-            f"budget {self.max_accuracy_drop:.4f}, margin {self.confirm_margin:.4f}):",
+            f"budget {self.max_accuracy_drop:.4f}, margin {self.confirm_margin:.4f}, confidence "
+            f"{self.confirm_confidence}):",
             "",
-            "| configuration | search drop | held-out drop | energy ratio | result |",
-            "|---|---|---|---|---|",
+            "| configuration | search drop | held-out drop | upper bound | energy ratio | result |",
+            "|---|---|---|---|---|---|",
         ]
         for c in self.confirmations:
+            bound = "—" if c.upper_bound is None else f"{c.upper_bound:.4f}"
             lines.append(
-                f"| {_label(c.point)} | {c.search_drop:.4f} | {c.confirmed_drop:.4f} | "
+                f"| {_label(c.point)} | {c.search_drop:.4f} | {c.confirmed_drop:.4f} | {bound} | "
                 f"{c.point.energy_ratio:.2f}× | {'confirmed' if c.held else 'rejected'} |"
             )
         return "\n".join(lines) + "\n"

@@ -18,6 +18,14 @@ make the budget hold on data the search never saw, the evaluation data is split 
   unreduced model's metric there, and the first whose drop stays within the budget (minus an
   optional ``margin``) is the one to apply.
 
+**The statistical margin** (optional, ``confidence``): the held-out part is itself a sample, so a
+drop just under the budget there may still be over it on new data. The held-out part is cut into
+chunks of consecutive samples (:func:`chunk_batches`); the paired per-chunk drops give a standard
+error ``se`` of the held-out drop, and a candidate holds only when
+``drop + z · se ≤ budget - margin``, with ``z`` the normal quantile at ``1 - (1 - confidence) / k``
+for the ``k`` candidates that may be tried (Bonferroni: the chance that *any* tried configuration
+passes while its true drop is over the budget stays below ``1 - confidence``).
+
 The drop follows the metric's direction: ``baseline - value`` when higher is better (accuracy),
 ``value - baseline`` when lower is better (a loss, an error rate).
 """
@@ -25,6 +33,7 @@ The drop follows the metric's direction: ``baseline - value`` when higher is bet
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -35,7 +44,15 @@ from torch import Tensor
 
 from lightning_neuronprune.errors import NeuronEliminationError
 
-__all__ = ["Confirmation", "confirm_front", "front_within", "metric_drop", "split_batches"]
+__all__ = [
+    "Confirmation",
+    "chunk_batches",
+    "confirm_front",
+    "front_within",
+    "metric_drop",
+    "paired_stderr",
+    "split_batches",
+]
 
 P = TypeVar("P")
 
@@ -128,6 +145,54 @@ def split_batches(data: Iterable[Any], fraction: float) -> tuple[list[Any], list
     return search, confirm
 
 
+def chunk_batches(batches: Sequence[Any], size: int) -> list[list[Any]]:
+    """Cut batches into chunks of ``size`` consecutive samples (the last chunk may be larger, up
+    to ``2 · size - 1``); each chunk is a list of (possibly sliced) batches."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`size` must be a positive integer, got {size!r}")
+    chunks: list[list[Any]] = []
+    count = size  # samples in the current chunk; start a new chunk at once
+    for batch in batches:
+        n = _batch_size(batch)
+        if n is None:
+            raise NeuronEliminationError(
+                f"cannot chunk a batch of type {type(batch).__name__}: it holds no tensor"
+            )
+        lo = 0
+        while lo < n:
+            if count >= size:
+                chunks.append([])
+                count = 0
+            hi = min(n, lo + size - count)
+            piece = batch if (lo, hi) == (0, n) else _take(batch, torch.arange(lo, hi), n)
+            chunks[-1].append(piece)
+            count += hi - lo
+            lo = hi
+    if len(chunks) > 1 and count < size:  # fold a short tail into the chunk before
+        chunks[-2].extend(chunks.pop())
+    return chunks
+
+
+def paired_stderr(
+    baseline_chunks: Sequence[float],
+    chunks: Sequence[float],
+    *,
+    higher_is_better: bool | None = True,
+) -> float:
+    """Standard error of the mean of the paired per-chunk drops (0 with fewer than 2 chunks)."""
+    if len(baseline_chunks) != len(chunks):
+        raise ValueError(
+            f"paired chunks differ in number: {len(baseline_chunks)} and {len(chunks)}"
+        )
+    drops = [
+        metric_drop(b, v, higher_is_better=higher_is_better)
+        for b, v in zip(baseline_chunks, chunks, strict=True)
+    ]
+    if len(drops) < 2:
+        return 0.0
+    return statistics.stdev(drops) / math.sqrt(len(drops))
+
+
 def metric_drop(baseline: float, value: float, *, higher_is_better: bool | None = True) -> float:
     """How much worse ``value`` is than ``baseline``: ``baseline - value`` when higher is better
     (also when the direction is unknown, ``None``), else ``value - baseline``."""
@@ -143,7 +208,8 @@ class Confirmation(Generic[P]):
         search_drop: its drop on the search part.
         confirmed_value: the metric of the reduced model on the confirmation part.
         confirmed_drop: its drop there, against the unreduced model on the same part.
-        held: whether ``confirmed_drop ≤ budget - margin``.
+        held: whether ``confirmed_drop (+ z · stderr) ≤ budget - margin``.
+        upper_bound: ``confirmed_drop + z · stderr`` with a ``confidence`` (else ``None``).
     """
 
     point: P
@@ -151,6 +217,7 @@ class Confirmation(Generic[P]):
     confirmed_value: float
     confirmed_drop: float
     held: bool
+    upper_bound: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         point = self.point
@@ -161,6 +228,7 @@ class Confirmation(Generic[P]):
             "confirmed_accuracy": self.confirmed_value,
             "confirmed_drop": self.confirmed_drop,
             "held": self.held,
+            "upper_bound": self.upper_bound,
             "energy_ratio": point.energy_ratio,  # type: ignore[attr-defined]
             "memory_ratio": point.memory_ratio,  # type: ignore[attr-defined]
         }
@@ -168,13 +236,14 @@ class Confirmation(Generic[P]):
 
 def confirm_front(
     candidates: Sequence[P],
-    measure: Callable[[P], float],
-    baseline: float,
+    measure: Callable[[P], Any],
+    baseline: Any,
     budget: float,
     *,
     higher_is_better: bool | None = True,
     margin: float = 0.0,
     max_tries: int | None = None,
+    confidence: float | None = None,
 ) -> tuple[P | None, list[Confirmation[P]]]:
     """Walk down the candidates until one keeps the budget on the confirmation part.
 
@@ -188,6 +257,9 @@ def confirm_front(
         higher_is_better: the metric's direction (``torchmetrics.Metric.higher_is_better``).
         margin: ask for ``confirmed_drop ≤ budget - margin`` (a safety margin, ≥ 0).
         max_tries: stop after this many candidates (``None``: all).
+        confidence: ask for the upper confidence bound of the drop (see the module doc) to be
+            within the budget. Then ``measure`` returns ``(value, chunk_values)`` and
+            ``baseline`` is ``(value, chunk_values)`` over the same chunks.
 
     Returns:
         ``(chosen, tried)``: the first candidate that held (``None`` if none did) and every
@@ -195,16 +267,24 @@ def confirm_front(
     """
     if not math.isfinite(margin) or margin < 0:
         raise ValueError(f"`margin` must be a non-negative number, got {margin!r}")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"`confidence` must lie in (0, 1), got {confidence!r}")
+    k = max(1, min(len(candidates), max_tries if max_tries is not None else len(candidates)))
+    z = statistics.NormalDist().inv_cdf(1 - (1 - confidence) / k) if confidence else 0.0
+    base_value, base_chunks = baseline if confidence else (baseline, None)
     tried: list[Confirmation[P]] = []
     for point in candidates:
         if max_tries is not None and len(tried) >= max_tries:
             break
-        value = measure(point)
-        drop = metric_drop(baseline, value, higher_is_better=higher_is_better)
-        held = drop <= budget - margin
-        tried.append(
-            Confirmation(point, float(point.accuracy_drop), value, drop, held)  # type: ignore[attr-defined]
-        )
+        value, chunks = measure(point) if confidence else (measure(point), None)
+        drop = metric_drop(base_value, value, higher_is_better=higher_is_better)
+        upper = None
+        if confidence:
+            se = paired_stderr(base_chunks, chunks, higher_is_better=higher_is_better)
+            upper = drop + z * se
+        held = (drop if upper is None else upper) <= budget - margin
+        search_drop = float(point.accuracy_drop)  # type: ignore[attr-defined]
+        tried.append(Confirmation(point, search_drop, value, drop, held, upper))
         if held:
             return point, tried
     return None, tried

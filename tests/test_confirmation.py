@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_neuronprune import NeuronEliminationCallback
 from lightning_neuronprune.confirmation import (
     _uniform,
+    chunk_batches,
     confirm_front,
     front_within,
     metric_drop,
+    paired_stderr,
     split_batches,
 )
 from lightning_neuronprune.errors import NeuronEliminationError
@@ -213,8 +215,76 @@ def test_callback_without_confirmation_uses_all_eval_data(tmp_path: Path, seed: 
         ({"confirm_fraction": "half"}, "`confirm_fraction` must be None or a fraction"),
         ({"confirm_margin": -0.01}, "`confirm_margin` must be a number in"),
         ({"confirm_margin": 0.5}, "`confirm_margin` must be a number in"),
+        ({"confirm_confidence": 1.0}, "`confirm_confidence` must be None or a level"),
+        ({"confirm_chunk": 0}, "`confirm_chunk` must be a positive integer"),
+        ({"confirm_max_tries": True}, "`confirm_max_tries` must be a positive integer"),
     ],
 )
 def test_confirmation_arguments_are_validated(kwargs: dict, message: str) -> None:
     with pytest.raises(MisconfigurationException, match=message):
         NeuronEliminationCallback(**kwargs)
+
+
+def test_chunk_batches_keeps_every_sample_in_order() -> None:
+    batches = list(_loader(530, 64))
+    chunks = chunk_batches(batches, 100)
+    assert [sum(len(b[1]) for b in c) for c in chunks] == [100, 100, 100, 100, 130]
+    assert [int(i) for c in chunks for b in c for i in b[1]] == list(range(530))
+    with pytest.raises(ValueError, match="`size` must be a positive integer"):
+        chunk_batches(batches, 0)
+
+
+def test_paired_stderr_against_the_formula() -> None:
+    base = [0.9, 0.8, 1.0, 0.9]
+    red = [0.8, 0.8, 0.9, 0.6]
+    drops = [0.1, 0.0, 0.1, 0.3]
+    mean = sum(drops) / 4
+    sd = (sum((d - mean) ** 2 for d in drops) / 3) ** 0.5
+    assert paired_stderr(base, red) == pytest.approx(sd / 2)
+    # Lower is better: the drop is value - baseline.
+    assert paired_stderr(red, base, higher_is_better=False) == pytest.approx(sd / 2)
+    assert paired_stderr([1.0], [0.5]) == 0.0
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_stderr([1.0], [0.5, 0.4])
+
+
+def test_confidence_bound_rejects_a_noisy_pass() -> None:
+    """Held-out drop 1.5 points, within a 2-point budget, but with a standard error of 0.5 the
+    Bonferroni bound over two candidates (z ≈ 1.96 at 95 %) is over it."""
+    front = [_pt(0.019, 1.0), _pt(0.005, 2.0)]
+    base_chunks = [1.0, 1.0, 1.0, 1.0]
+    measured = {
+        1.0: (0.985, [0.995, 0.975, 0.995, 0.975]),  # drops 0.5, 2.5, 0.5, 2.5 points
+        2.0: (0.995, [0.995, 0.995, 0.995, 0.995]),
+    }
+    chosen, tried = confirm_front(
+        front, lambda p: measured[p.energy.total], (1.0, base_chunks), 0.02, confidence=0.95
+    )
+    assert chosen is front[1]
+    first = tried[0]
+    assert first.confirmed_drop == pytest.approx(0.015) and not first.held
+    se = paired_stderr(base_chunks, measured[1.0][1])
+    assert first.upper_bound == pytest.approx(0.015 + 1.959964 * se, rel=1e-5)
+    assert tried[1].held and tried[1].upper_bound == pytest.approx(0.005)
+    # Without the bound the first one passes.
+    chosen, _ = confirm_front(front, lambda p: measured[p.energy.total][0], 1.0, 0.02)
+    assert chosen is front[0]
+    with pytest.raises(ValueError, match="`confidence` must lie in"):
+        confirm_front(front, lambda p: (1.0, [1.0]), (1.0, [1.0]), 0.02, confidence=1.5)
+
+
+def test_callback_confidence_bound_is_reported(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0"], ranks="all", joint=None, confirm_confidence=0.9, confirm_chunk=32,
+        verbose=False,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, logger=False,
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(LitMLP(), datamodule=BlobsData())
+    assert callback.confirmations
+    for c in callback.confirmations:
+        assert c.upper_bound is not None and c.upper_bound >= c.confirmed_drop - 1e-12
+        assert c.held == (c.upper_bound <= 0.02)
