@@ -1023,7 +1023,7 @@ def compare_methods(
     x_test, y_test = data["test"]
     if args.eval_size:
         x_test, y_test = x_test[: args.eval_size], y_test[: args.eval_size]
-    table, curves_all = [], {}
+    table, curves_all, accuracies = [], {}, []
     for arch in ARCH_LABELS:
         arch_rows = [r for r in rows if r.arch == arch]
         if not arch_rows:
@@ -1076,6 +1076,7 @@ def compare_methods(
             log(f"  {row.name}: p within the paper's drop {pmin}, "
                 f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
         log(f"{arch}: test accuracy {100 * test_acc:.2f}%")
+        accuracies.append(f"{ARCH_LABELS[arch]} {100 * test_acc:.2f}%")
     if args.json:
         args.json.write_text(json.dumps(curves_all, indent=1))
     header = [
@@ -1088,8 +1089,9 @@ def compare_methods(
         "### Selection methods at every p: `svd_qr` (paper), `qr` (nested), `output` "
         "(output-aware)",
         "",
-        f"{machine_description()}. Networks and statistics as in the reproduction above "
-        f"({args.stats_samples} training images); accuracy on {len(y_test)} test images; "
+        f"{machine_description()}. Networks trained by `benchmarks/common.py`'s recipe (test "
+        f"accuracy {', '.join(accuracies)}), statistics on {args.stats_samples} training "
+        f"images; accuracy on {len(y_test)} test images; "
         "every p ≤ 128 and a coarse grid above, up to rank(X); Eq. 6 without intercept for "
         "all three. \"smallest p\": the fewest kept features whose accuracy drop is within the "
         "paper's own drop for that row.",
