@@ -33,6 +33,7 @@ from lightning_neuronprune.selection import (
     _check_p,
     nested_order,
     numerical_rank,
+    output_order,
     spectrum,
 )
 from lightning_neuronprune.statistics import JunctionStatistics
@@ -50,7 +51,8 @@ class FitOptions:
     """How a junction is fitted.
 
     Attributes:
-        method: ``"svd_qr"`` (the paper's Algorithm 2) or ``"qr"`` (nested pivoted Cholesky).
+        method: ``"svd_qr"`` (the paper's Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or
+            ``"output"`` (output-aware greedy on the consumer's weight and ``G``).
         affine: fit an intercept, folded into the consumer's bias.
         ridge: relative ridge parameter λ ≥ 0 of the least-squares fit.
 
@@ -123,10 +125,13 @@ class JunctionFitter:
         self._basis: Tensor | None = None
         self._order: Tensor | None = None
         self._sigma2: Tensor | None = None
+        self._order_steps = 0
         if self.options.method == "svd_qr":
             self._sigma2, self._basis = spectrum(stats, centered=centered, moment=self.moment)
-        else:
+        elif self.options.method == "qr":
             self._order = nested_order(stats, centered=centered, moment=self.moment)
+            self._order_steps = self.num_features
+        # "output": the greedy order is computed in `prepare`, as far as the largest p asked
         self._kept: dict[int, Tensor] = {}
 
     @functools.cached_property
@@ -166,6 +171,12 @@ class JunctionFitter:
             for p, pivots in zip(todo, prefix_qr_pivots(U, todo), strict=True):
                 self._kept[p] = torch.sort(pivots).values
         else:
+            if todo and todo[0] > self._order_steps:  # "output": one greedy pass for the grid
+                self._order = output_order(
+                    self.stats, self.weight, centered=self.options.affine, steps=todo[0],
+                    moment=self.moment,
+                )  # fmt: skip
+                self._order_steps = todo[0]
             for p in todo:
                 self._kept[p] = torch.sort(self._order[:p]).values  # type: ignore[index]
 

@@ -184,6 +184,7 @@ def output_order(
     centered: bool = False,
     steps: int | None = None,
     rtol: float | None = None,
+    moment: Tensor | None = None,
 ) -> Tensor:
     """The nested order of the ``"output"`` method: keeping ``order[:p]`` is the choice for p.
 
@@ -212,11 +213,12 @@ def output_order(
             defaults to n.
         rtol: residual cut-off relative to the largest diagonal of ``G``; defaults to
             ``n · eps(float32)``, the tolerance of :func:`numerical_rank`.
+        moment: ``stats.second_moment(centered=centered)``, if already computed.
 
     Returns:
         (n,) LongTensor permutation of ``range(n)``, on the statistics' device.
     """
-    M = stats.second_moment(centered=centered)
+    M = stats.second_moment(centered=centered) if moment is None else moment
     n = M.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
     rtol = n * torch.finfo(torch.float32).eps if rtol is None else rtol

@@ -157,3 +157,18 @@ def test_output_method_errors() -> None:
         select_neurons(stats, 2, method="output")
     with pytest.raises(ValueError, match=r"`weight` must be the consumer's \(m × 5\)"):
         output_order(stats, torch.zeros(3, 4))
+
+
+def test_junction_fitter_output_method_matches_select_neurons(rng: np.random.Generator) -> None:
+    from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+
+    X = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12))
+    W = torch.as_tensor(rng.standard_normal((4, 12)))
+    stats = _stats(X)
+    fitter = JunctionFitter(stats, W, None, FitOptions(method="output"))
+    fitter.prepare([3, 7])
+    for p in (7, 3, 10):  # 10 extends the greedy past the first pass
+        assert (
+            fitter.kept(p).tolist() == select_neurons(stats, p, method="output", weight=W).tolist()
+        )
+    assert fitter.fit(12).kept.tolist() == list(range(12))
