@@ -141,7 +141,7 @@ class _HardHeldOut(BlobsData):
 def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"], ranks="all", max_accuracy_drop=0.01, joint="greedy",
-        verbose=False,
+        method="svd_qr", verbose=False,
     )  # fmt: skip
     model = LitMLP()
     data = _HardHeldOut(n_val=512)
