@@ -246,15 +246,18 @@ def _greedy_output(G: Tensor, V: Tensor, steps: int, rtol: float) -> Tensor:
         d = R.diagonal()
         live = d > tol
         gain = torch.where(live, (V * V).sum(0) / torch.where(live, d, torch.ones_like(d)), floor)
-        k = torch.argmax(torch.where(taken, gone, gain))
-        order[step] = k
-        taken[k] = True
-        dk = d[k]
+        # The pivot stays a (1,) device tensor: index_* ops, never a Python int (no sync).
+        k = torch.argmax(torch.where(taken, gone, gain)).reshape(1)
+        order[step : step + 1] = k
+        taken.index_fill_(0, k, True)
+        dk = d.index_select(0, k)
         scale = torch.where(dk > tol, 1.0 / dk.clamp_min(tol), torch.zeros_like(dk))
-        r = R[:, k].clone()
+        r = R.index_select(1, k).squeeze(1)
         R.sub_(torch.outer(r * scale, r))
-        V.sub_(torch.outer(V[:, k] * scale, r))
-    return torch.cat([order, torch.nonzero(~taken).flatten()])
+        V.sub_(torch.outer(V.index_select(1, k).squeeze(1) * scale, r))
+    # The untaken features in index order (a stable sort, not nonzero: no sync).
+    rest = torch.argsort(taken.to(torch.int8), stable=True)[: n - steps]
+    return torch.cat([order, rest])
 
 
 def explained_output_energy(

@@ -172,3 +172,20 @@ def test_junction_fitter_output_method_matches_select_neurons(rng: np.random.Gen
             fitter.kept(p).tolist() == select_neurons(stats, p, method="output", weight=W).tolist()
         )
     assert fitter.fit(12).kept.tolist() == list(range(12))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_output_order_on_cuda_has_no_host_sync(rng: np.random.Generator) -> None:
+    X = torch.as_tensor(rng.standard_normal((400, 64)) @ rng.standard_normal((64, 64)))
+    W = torch.as_tensor(rng.standard_normal((10, 64)))
+    stats = JunctionStatistics.from_activations(X.cuda())
+    expected = output_order(_stats(X.numpy()), W, steps=40)
+    G = stats.second_moment()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        order = output_order(stats, W.cuda(), steps=40, moment=G)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert order.device.type == "cuda"
+    assert order.cpu().tolist() == expected.tolist()
