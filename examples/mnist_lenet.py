@@ -3,8 +3,11 @@
 The :class:`~lightning_neuronprune.NeuronEliminationCallback` runs when ``trainer.fit`` ends: it
 sweeps the number of kept neurons p for every target layer (and, with ``--joint``, searches
 configurations of all targets at once), logs the accuracy/energy trade-off to TensorBoard, and
-applies the configuration with the lowest modelled energy whose accuracy drop on the validation
-set stays within ``--max-accuracy-drop``. The reduced model is then tested, saved with
+applies the configuration with the lowest modelled energy whose accuracy drop stays within
+``--max-accuracy-drop``: searched on one half of the validation set and confirmed on the other
+(with a 90% Bonferroni upper confidence bound, ``--confirm-confidence``), so that the budget holds
+on data the search never saw. The reduced model is then tested (the test drop is printed against
+the budget), saved with
 :func:`~lightning_neuronprune.save_reduced`, reloaded into a fresh ``LitClassifier`` with
 :func:`~lightning_neuronprune.load_reduced`, and checked against the in-memory one.
 
