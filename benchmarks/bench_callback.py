@@ -76,8 +76,9 @@ def run_once(
     model = LitClassifier("lenet300100", lr=0.0)
     model.load_state_dict(state)
     callback = TimedCallback(
-        targets=TARGETS, ranks=ranks, joint=joint, verbose=False, profile=profile
-    )
+        targets=TARGETS, ranks=ranks, joint=joint, verbose=False, profile=profile,
+        method=args.method, confirm_fraction=args.confirm_fraction,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_epochs=1, limit_train_batches=1,
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile text of each run")
+    parser.add_argument(
+        "--method", default="svd_qr", help="selection method (default: the paper's, as issue 8)"
+    )
+    parser.add_argument(
+        "--confirm-fraction", type=float, default=None, help="held-out confirmation (default off)"
+    )
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--section", default="bench_callback")
     args = parser.parse_args(argv)
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             ratios.append([joint, f"{seconds[(b, joint)] / seconds[(a, joint)]:.2f}x"])
     report.add(
         f"#### NeuronEliminationCallback on LeNet-300-100 ({args.epochs} epochs), targets "
-        f"{', '.join(f'`{t}`' for t in TARGETS)}, default grid\n\n"
+        f"{', '.join(f'`{t}`' for t in TARGETS)}, default grid, method `{args.method}`, "
+        f"confirm_fraction {args.confirm_fraction}\n\n"
         "Seconds of `on_train_end` (statistics, sweeps, joint search, choice, surgery), after "
         "one warm-up run per device:\n\n"
         + md_table(
