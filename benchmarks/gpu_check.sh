@@ -97,7 +97,7 @@ step() {  # step NAME TIMEOUT COMMAND...: one step, its output into the log
 
 if [ "$DEVICE" != "cpu" ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
   step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_linalg.py -k cuda tests/test_precision.py -k "16"
+    tests/test_linalg.py tests/test_precision.py tests/test_selection_output.py -k "cuda or 16"
   grep -E "passed|failed" "$LOG" | tail -1
 fi
 step qr "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts qr \
