@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_neuronprune._runtime import evaluating
 from lightning_neuronprune.confirmation import (
     Confirmation,
     chunk_batches,
@@ -618,14 +619,9 @@ class NeuronEliminationCallback(pl.Callback):
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:
             return self.metric.to(device)
-        was_training = pl_module.training
-        pl_module.eval()
         context = self._forward.get("forward_context") or contextlib.nullcontext
-        try:
-            with torch.no_grad(), context():
-                out = pl_module(example)
-        finally:
-            pl_module.train(was_training)
+        with evaluating(pl_module), torch.no_grad(), context():
+            out = pl_module(example)
         logits = out if isinstance(out, Tensor) else out[0]
         num_classes = int(logits.shape[-1])
         if num_classes < 2:

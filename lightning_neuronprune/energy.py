@@ -54,6 +54,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_neuronprune._runtime import evaluating
 from lightning_neuronprune.errors import NeuronEliminationError, UnsupportedLayerError
 
 __all__ = [
@@ -427,7 +428,6 @@ class EnergyModel:
         calls: dict[str, LayerCount] = {}
         reached_unsupported: dict[str, nn.Module] = {}
         handles: list[RemovableHandle] = []
-        modes = {module: module.training for module in model.modules()}
         try:
             for name, module, rule in counted:
                 handles.append(
@@ -441,14 +441,11 @@ class EnergyModel:
                         _make_flagging_hook(name, reached_unsupported), with_kwargs=True
                     )
                 )
-            model.eval()
-            with torch.no_grad():
+            with evaluating(model), torch.no_grad():
                 output = model(*args)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, training in modes.items():
-                module.train(training)
 
         if reached_unsupported:
             listing = ", ".join(

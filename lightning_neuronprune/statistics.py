@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune._runtime import evaluating
 from lightning_neuronprune.errors import StatisticsError
 
 __all__ = ["JunctionStatistics", "batch_input", "collect_statistics"]
@@ -251,25 +252,23 @@ def collect_statistics(
     get_input = input_fn if input_fn is not None else batch_input
     prepare = transfer if transfer is not None else (lambda b: b)
     context = forward_context if forward_context is not None else nullcontext
-    was_training = model.training
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
     seen = 0
     try:
-        model.eval()
-        for batch in data:
-            if max_samples is not None and seen >= max_samples:
-                break
-            x = _move(get_input(prepare(batch)), device)
-            if max_samples is not None and _batch_size(x) > max_samples - seen:
-                x = _truncate(x, max_samples - seen)
-            with context():
-                model(x)
-            seen += _batch_size(x)
-            log.debug("statistics: %d samples", seen)
+        with evaluating(model):
+            for batch in data:
+                if max_samples is not None and seen >= max_samples:
+                    break
+                x = _move(get_input(prepare(batch)), device)
+                if max_samples is not None and _batch_size(x) > max_samples - seen:
+                    x = _truncate(x, max_samples - seen)
+                with context():
+                    model(x)
+                seen += _batch_size(x)
+                log.debug("statistics: %d samples", seen)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     if sync:
         for s in stats.values():

@@ -25,6 +25,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from lightning_neuronprune._runtime import evaluating
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
@@ -239,7 +240,7 @@ class CachedEvaluator:
             except Exception as err:  # noqa: BLE001 - any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
-                with _evaluating(model), torch.no_grad(), self._context():
+                with evaluating(model), torch.no_grad(), self._context():
                     for k, batch in enumerate(self._batches):
                         x, y = batch
                         self._boundaries.append(prefix(_to(x, self.device)))
@@ -275,7 +276,7 @@ class CachedEvaluator:
         try:
             for name, module in swaps.items():
                 _set(root, name, module)
-            with _evaluating(self.model), _evaluating(root), self._context():
+            with evaluating(self.model), evaluating(root), self._context():
                 for k, (x, y) in enumerate(self._batches):
                     out = root(*self._boundaries[k]) if self.cached else root(_to(x, self.device))
                     self.metric.update(_logits(out), _to(y, self.device))
@@ -313,17 +314,6 @@ class _Lazy:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-@contextmanager
-def _evaluating(model: nn.Module):  # noqa: ANN202
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @contextmanager

@@ -306,3 +306,13 @@ trainer:
     assert callback.method == "qr" and callback.ranks == [12, 6]
     assert callback.applied == {"net.0": 12}
     assert cli.model.net[0].out_features == 12
+
+
+def test_default_metric_restores_each_submodule_mode() -> None:
+    model = LitMLP()
+    model.train()
+    model.net[1].eval()
+    callback = NeuronEliminationCallback(targets=["net.0"], verbose=False)
+    metric = callback._metric(model, torch.zeros(1, 12), torch.device("cpu"))
+    assert isinstance(metric, MulticlassAccuracy)
+    assert model.training and model.net[0].training and not model.net[1].training

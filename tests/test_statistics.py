@@ -90,3 +90,13 @@ def test_memory_is_independent_of_sample_count() -> None:
         stats.update(torch.randn(1000, 16))
     assert {id(t) for t in (stats.gram, stats.total)} == before
     assert stats.gram.shape == (16, 16) and stats.count == 10_000
+
+
+def test_restores_each_submodule_mode(generator: torch.Generator) -> None:
+    """A BatchNorm frozen with ``.eval()`` inside a model in train mode stays frozen."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model.train()
+    model[1].eval()
+    collect_statistics(model, ["3"], [torch.randn(8, 6, generator=generator)])
+    assert model.training and model[0].training and model[3].training
+    assert not model[1].training
