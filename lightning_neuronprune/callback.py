@@ -31,6 +31,13 @@ from lightning_neuronprune.confirmation import (
     front_within,
     split_batches,
 )
+from lightning_neuronprune.decision import (
+    APPLY_MODES,
+    Decision,
+    apply_decision,
+    decide,
+    decision_for,
+)
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
@@ -53,7 +60,6 @@ from lightning_neuronprune.sweep import (
     CachedEvaluator,
     SweepPoint,
     _to,
-    choose,
     pareto_front,
     rank_grid,
     sweep_junction,
@@ -63,7 +69,6 @@ __all__ = ["NeuronEliminationCallback"]
 
 log = logging.getLogger(__name__)
 
-APPLY_MODES = ("max_energy_saving",)
 WEIGHTS = ("last", "best")
 
 
@@ -166,9 +171,11 @@ class NeuronEliminationCallback(pl.Callback):
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
         points: ``{layer: [SweepPoint, ...]}``.
         chosen: the applied :class:`SweepPoint` or :class:`JointPoint`, or ``None``.
+        result: the :class:`~lightning_neuronprune.decision.Decision`, made once; the report
+            and the reduced model both follow it.
         confirmations: the candidates re-measured on the held-out part, in the order tried
             (:class:`~lightning_neuronprune.confirmation.Confirmation`).
-        applied: ``{layer: p}`` that was applied.
+        applied: ``{layer: p}`` that was applied (changed layers only, canonical names).
         report_paths: the JSON and CSV files written (and, with a confirmation,
             ``neuron_elimination_confirmation.csv``).
         reduced_checkpoint_path: the Lightning checkpoint of the reduced model, or ``None`` (no
@@ -356,6 +363,7 @@ class NeuronEliminationCallback(pl.Callback):
         self.joint_points: list[JointPoint] = []
         self.chosen: SweepPoint | JointPoint | None = None
         self.confirmations: list[Confirmation[Any]] = []
+        self.result = Decision()
         self.applied: dict[str, int] = {}
         self.report_paths: tuple[Any, ...] = ()
         self.reduced_checkpoint_path: str | None = None
@@ -481,7 +489,7 @@ class NeuronEliminationCallback(pl.Callback):
         self, pl_module: pl.LightningModule, junctions: list[Junction],
         stats: dict[str, JunctionStatistics], every: list[SweepPoint], held_out: list[Any],
         metric: Metric, device: torch.device,
-    ) -> tuple[SweepPoint | JointPoint | None, dict[str, int]]:  # fmt: skip
+    ) -> Decision:  # fmt: skip
         """Re-measure the candidates on the held-out part, from the lowest energy up, and keep
         the first whose drop there stays within the budget (minus ``confirm_margin``)."""
         candidates: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
@@ -524,11 +532,8 @@ class NeuronEliminationCallback(pl.Callback):
                 f"{self.max_accuracy_drop} on the search part kept it on the held-out part "
                 f"({len(self.confirmations)} tried); the model is left unchanged"
             )
-            return None, {}
-        if isinstance(chosen, JointPoint):
-            sizes = {j.layer: j.num_features for j in junctions}
-            return chosen, {k: v for k, v in chosen.config.items() if v < sizes[k]}
-        return chosen, {chosen.layer: chosen.p}
+            return Decision()
+        return decision_for(chosen, junctions)
 
     def _reduce(
         self, module: torch.nn.Module, junctions: list[Junction],
@@ -579,15 +584,16 @@ class NeuronEliminationCallback(pl.Callback):
             )
         finally:
             self._fitters.clear()  # they hold n × n matrices per junction
-        self.chosen, plan = self._choose(every, junctions)
+        self.result = self._decide(every, junctions)
         if held_out is not None and self.apply == "max_energy_saving":
-            self.chosen, plan = self._confirm(
+            self.result = self._confirm(
                 pl_module, junctions, stats, every, held_out, metric, device
             )
+        self.chosen = self.result.chosen
         self._report(trainer, every)
         before = dict(pl_module.named_parameters())
-        self._apply(pl_module, junctions, stats, plan)
-        if plan:
+        self._apply(pl_module, junctions, stats)
+        if self.result.plan:
             self._save_reduced(trainer, pl_module, before)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
@@ -703,29 +709,14 @@ class NeuronEliminationCallback(pl.Callback):
             self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
         )
 
-    def _choose(
-        self, every: list[SweepPoint], junctions: list[Junction]
-    ) -> tuple[SweepPoint | JointPoint | None, dict[str, int]]:
-        if self.apply is None:
-            return None, {}
-        if isinstance(self.apply, dict):
-            by_target = {j.target: j.layer for j in junctions}
-            plan = {by_target.get(k, k): v for k, v in self.apply.items()}
-            matching = [pt for pt in every if plan.get(pt.layer) == pt.p]
-            return (matching[0] if len(plan) == 1 and matching else None), plan
-        reduced: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
-        reduced += self.joint_points
-        best = choose(reduced, self.max_accuracy_drop)
-        if best is None:
+    def _decide(self, every: list[SweepPoint], junctions: list[Junction]) -> Decision:
+        decision = decide(every, self.joint_points, junctions, self.apply, self.max_accuracy_drop)
+        if self.apply is not None and not isinstance(self.apply, dict) and not decision.plan:
             rank_zero_warn(
                 f"NeuronEliminationCallback: no configuration keeps the accuracy drop within "
                 f"{self.max_accuracy_drop}; the model is left unchanged"
             )
-            return None, {}
-        if isinstance(best, JointPoint):
-            sizes = {j.layer: j.num_features for j in junctions}
-            return best, {k: v for k, v in best.config.items() if v < sizes[k]}
-        return best, {best.layer: best.p}
+        return decision
 
     def _report(self, trainer: pl.Trainer, every: list[SweepPoint]) -> None:
         if trainer.loggers:
@@ -762,7 +753,7 @@ class NeuronEliminationCallback(pl.Callback):
         self.report_paths = write_report(
             directory, every, self.chosen,
             extra={
-                "applied": self._pending_plan(),
+                "applied": dict(self.result.plan),
                 "joint": [pt.as_dict() for pt in self.joint_points],
                 "weights": self.weights,
                 "source_checkpoint": self.source_checkpoint_path,
@@ -824,40 +815,21 @@ class NeuronEliminationCallback(pl.Callback):
             )
         return "\n".join(lines) + "\n"
 
-    def _pending_plan(self) -> dict[str, int]:
-        if isinstance(self.chosen, JointPoint):
-            return dict(self.chosen.config)
-        if self.chosen is not None:
-            return {self.chosen.layer: self.chosen.p}
-        return dict(self.apply) if isinstance(self.apply, dict) else {}
-
     def _apply(
         self, pl_module: pl.LightningModule, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics], plan: dict[str, int],
+        stats: dict[str, JunctionStatistics],
     ) -> None:  # fmt: skip
-        if not plan:
+        decision = self.result
+        if not decision.plan:
             return
-        if isinstance(self.chosen, JointPoint):
-            apply_joint(
-                pl_module, junctions, self.chosen, method=self.method, affine=self.affine,
-                ridge=self.ridge,
-            )  # fmt: skip
-            self.applied = dict(plan)
-            self._info(f"neuron elimination: applied the joint configuration {plan}")
-            return
-        by_layer = {j.layer: j for j in junctions}
-        kept = {}
-        for layer, p in plan.items():
-            swept = next((pt for pt in self.points.get(layer, []) if pt.p == p), None)
-            if swept is not None:
-                kept[by_layer[layer].target] = swept.kept
-        eliminate_neurons(
-            pl_module, {by_layer[layer].target: p for layer, p in plan.items()},
-            stats={by_layer[layer].consumer: stats[by_layer[layer].consumer] for layer in plan},
-            method=self.method, affine=self.affine, ridge=self.ridge, inplace=True, kept=kept,
+        if isinstance(decision.chosen, JointPoint):
+            stats = decision.chosen.stats
+        apply_decision(
+            pl_module, junctions, decision, stats,
+            FitOptions(method=self.method, affine=self.affine, ridge=self.ridge),
         )  # fmt: skip
-        self.applied = dict(plan)
-        self._info(f"neuron elimination: applied {plan}")
+        self.applied = dict(decision.plan)
+        self._info(f"neuron elimination: applied {self.applied}")
 
     # ------------------------------------------------------- precision and checkpoints
 

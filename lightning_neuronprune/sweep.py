@@ -29,6 +29,7 @@ from lightning_neuronprune._runtime import evaluating
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
+from lightning_neuronprune.pareto import choose, pareto_front
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input
 from lightning_neuronprune.surgery import (
@@ -499,23 +500,3 @@ def _probe(consumer: nn.Module, fit: Fit) -> nn.Linear:
     if isinstance(consumer, GatheredLinear):
         index, source = consumer.index[index], consumer.source_features
     return linear_from(fit.weight, fit.bias, index=index, source_features=source)
-
-
-def choose(points: Iterable[SweepPoint], max_accuracy_drop: float) -> SweepPoint | None:
-    """The lowest-energy point whose accuracy drop is within ``max_accuracy_drop``.
-
-    Ties in energy go to the higher accuracy. Returns ``None`` when no point qualifies.
-    """
-    ok = [pt for pt in points if pt.accuracy_drop <= max_accuracy_drop]
-    if not ok:
-        return None
-    return min(ok, key=lambda pt: (pt.energy.total, -pt.accuracy))
-
-
-def pareto_front(points: Iterable[SweepPoint]) -> list[SweepPoint]:
-    """The points not dominated in (lower energy, higher accuracy), by increasing energy."""
-    front: list[SweepPoint] = []
-    for pt in sorted(points, key=lambda q: (q.energy.total, -q.accuracy)):
-        if not front or pt.accuracy > front[-1].accuracy:
-            front.append(pt)
-    return front

@@ -316,3 +316,17 @@ def test_default_metric_restores_each_submodule_mode() -> None:
     metric = callback._metric(model, torch.zeros(1, 12), torch.device("cpu"))
     assert isinstance(metric, MulticlassAccuracy)
     assert model.training and model.net[0].training and not model.net[1].training
+
+
+def test_report_and_applied_agree_for_user_keys(tmp_path: Path, seed: int) -> None:
+    """`apply` named by target ("net.4:in") is reported and applied under the canonical layer."""
+    callback = NeuronEliminationCallback(
+        targets=["net.4:in"], ranks=[10, 5], apply={"net.4:in": 7}, joint=None, verbose=False
+    )
+    model = LitMLP()
+    _trainer(tmp_path, callback).fit(model, datamodule=BlobsData())
+    report = json.loads(Path(callback.report_paths[0]).read_text())
+    assert callback.applied == {"net.2": 7}
+    assert report["applied"] == callback.applied
+    assert callback.result.plan == callback.applied
+    assert model.net[2].out_features == 7

@@ -267,3 +267,17 @@ def test_fine_tune_then_checkpoint_and_reload(tmp_path: Path, seed: int) -> None
     x = dm.val_set.tensors[0]
     torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
     assert read_plan(reloaded) == read_plan(model)
+
+
+def test_joint_report_lists_only_changed_layers(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.03, joint="greedy", verbose=False
+    )
+    model = LitMLP()
+    _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
+    report = json.loads(Path(callback.report_paths[0]).read_text())
+    sizes = {"net.0": 24, "net.2": 16}
+    assert callback.applied and all(p < sizes[k] for k, p in callback.applied.items())
+    assert report["applied"] == callback.applied
+    assert model.net[0].out_features == callback.applied.get("net.0", 24)
+    assert model.net[2].out_features == callback.applied.get("net.2", 16)
