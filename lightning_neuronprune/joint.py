@@ -109,7 +109,8 @@ class JointPoint:
             "energy_sram_weights": self.energy.sram_weights,
             "energy_sram_activations": self.energy.sram_activations,
             "energy_dram": self.energy.dram,
-            "memory_bits": self.energy.params_bits,
+            "memory_params_bits": self.energy.params_bits,
+            "memory_total_bits": self.energy.total_bits,
         }
         if kept:
             out["kept"] = {k: list(v) for k, v in self.kept.items()}

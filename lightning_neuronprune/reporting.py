@@ -42,7 +42,7 @@ def point_metrics(point: SweepPoint, prefix: str = PREFIX) -> dict[str, float]:
         "energy_sram_activations": e.sram_activations,
         "energy_dram": e.dram,
         "params": e.weights,
-        "memory_bits": e.params_bits,
+        "memory_params_bits": e.params_bits,
         "memory_total_bits": e.total_bits,
         "energy_ratio": point.energy_ratio,
         "memory_ratio": point.memory_ratio,

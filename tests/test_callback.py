@@ -74,8 +74,8 @@ def test_logs_every_evaluated_p(fitted: tuple[LitMLP, NeuronEliminationCallback,
     keys = set(rows[0])
     for name in (
         "accuracy", "accuracy_drop", "energy_total", "energy_mac", "energy_sram_weights",
-        "energy_sram_activations", "energy_dram", "params", "memory_bits", "energy_ratio",
-        "memory_ratio",
+        "energy_sram_activations", "energy_dram", "params", "memory_params_bits",
+        "memory_total_bits", "energy_ratio", "memory_ratio",
     ):  # fmt: skip
         assert f"neuron_elimination/net.0/{name}" in keys
         assert f"neuron_elimination/baseline/{name}" in keys
