@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
 from lightning_neuronprune.confirmation import confirm_front, front_within, split_batches
-from lightning_neuronprune.joint import JointPoint, JointSearch, apply_joint
+from lightning_neuronprune.joint import JointPoint, JointSearch
 from lightning_neuronprune.reporting import mark_confirmations, tradeoff_figure
 from lightning_neuronprune.selection import METHODS
 from lightning_neuronprune.sweep import CachedEvaluator, SweepPoint, pareto_front, sweep_junction
@@ -137,7 +137,7 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
     def build(pt: Any) -> torch.nn.Module:
         if isinstance(pt, JointPoint):
             reduced = copy.deepcopy(model)
-            apply_joint(reduced, junctions, pt, affine=args.affine, method=args.method)
+            search.apply(reduced, pt)
             return reduced
         return _apply_single(model, junctions, pt, stats, args.affine, args.method)
 
@@ -228,7 +228,7 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
     finetune = None
     if best_joint is not None and args.finetune_epochs > 0:
         reduced = copy.deepcopy(model)
-        apply_joint(reduced, junctions, best_joint, affine=args.affine, method=args.method)
+        search.apply(reduced, best_joint)
         before = accuracy(reduced, x_test, y_test)
         fine_tune(reduced, args.data_dir, args.finetune_epochs, args.limit_train)
         after = accuracy(reduced, x_test, y_test)

@@ -42,7 +42,7 @@ from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
-from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
+from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.reporting import (
     PREFIX,
@@ -370,6 +370,7 @@ class NeuronEliminationCallback(pl.Callback):
         self.source_checkpoint_path: str | None = None
         self._forward: dict[str, Any] = {}
         self._failed = False
+        self._search: JointSearch | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -541,9 +542,7 @@ class NeuronEliminationCallback(pl.Callback):
     ) -> None:  # fmt: skip
         """Apply one evaluated configuration to ``module`` in place, exactly as evaluated."""
         if isinstance(pt, JointPoint):
-            apply_joint(
-                module, junctions, pt, method=self.method, affine=self.affine, ridge=self.ridge
-            )
+            self._search.apply(module, pt)  # type: ignore[union-attr]
             return
         j = next(j for j in junctions if j.layer == pt.layer)
         eliminate_neurons(
@@ -573,26 +572,31 @@ class NeuronEliminationCallback(pl.Callback):
         metric = self._metric(pl_module, example, device)
         self._fitters.clear()
         search_loader, held_out = self._split_eval(eval_loader)
+        search = None
         try:
             self.points = self._sweep(
                 pl_module, junctions, stats, search_loader, metric, example, device
             )
             every = [pt for pts in self.points.values() for pt in pts]
             self.results = [pt.as_dict() for pt in every]
-            self.joint_points = self._joint(
+            search = self._joint(
                 pl_module, junctions, stats, search_loader, train_loader, metric, example
             )
         finally:
             self._fitters.clear()  # they hold n × n matrices per junction
-        self.result = self._decide(every, junctions)
-        if held_out is not None and self.apply == "max_energy_saving":
-            self.result = self._confirm(
-                pl_module, junctions, stats, every, held_out, metric, device
-            )
-        self.chosen = self.result.chosen
-        self._report(trainer, every)
-        before = dict(pl_module.named_parameters())
-        self._apply(pl_module, junctions, stats)
+        self._search = search  # applies joint points as they were fitted; dropped after
+        try:
+            self.result = self._decide(every, junctions)
+            if held_out is not None and self.apply == "max_energy_saving":
+                self.result = self._confirm(
+                    pl_module, junctions, stats, every, held_out, metric, device
+                )
+            self.chosen = self.result.chosen
+            self._report(trainer, every)
+            before = dict(pl_module.named_parameters())
+            self._apply(pl_module, junctions, stats)
+        finally:
+            self._search = None
         if self.result.plan:
             self._save_reduced(trainer, pl_module, before)
         self._info(
@@ -679,9 +683,10 @@ class NeuronEliminationCallback(pl.Callback):
         self, pl_module: pl.LightningModule, junctions: list[Junction],
         stats: dict[str, JunctionStatistics], eval_loader: Iterable[Any],
         train_loader: Iterable[Any], metric: Metric, example: Any,
-    ) -> list[JointPoint]:  # fmt: skip
+    ) -> JointSearch | None:  # fmt: skip
+        self.joint_points = []
         if self.joint is None or len(junctions) < 2:
-            return []
+            return None
         first = self.points[junctions[0].layer][0]  # the unreduced baseline
         self._info(
             f"neuron elimination: joint search ({self.joint}) over {[j.layer for j in junctions]}"
@@ -701,13 +706,15 @@ class NeuronEliminationCallback(pl.Callback):
             **self._forward_kwargs(),
         )  # fmt: skip
         if self.joint == "greedy":
-            return search.greedy(
+            self.joint_points = search.greedy(
                 self.max_accuracy_drop, compensate=self.joint_compensate,
                 slack=self.max_accuracy_drop / 2,
             )  # fmt: skip
-        return search.sequential(
-            self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
-        )
+        else:
+            self.joint_points = search.sequential(
+                self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
+            )
+        return search
 
     def _decide(self, every: list[SweepPoint], junctions: list[Junction]) -> Decision:
         decision = decide(every, self.joint_points, junctions, self.apply, self.max_accuracy_drop)
@@ -822,12 +829,13 @@ class NeuronEliminationCallback(pl.Callback):
         decision = self.result
         if not decision.plan:
             return
-        if isinstance(decision.chosen, JointPoint):
-            stats = decision.chosen.stats
-        apply_decision(
-            pl_module, junctions, decision, stats,
-            FitOptions(method=self.method, affine=self.affine, ridge=self.ridge),
-        )  # fmt: skip
+        if isinstance(decision.chosen, JointPoint) and self._search is not None:
+            self._search.apply(pl_module, decision.chosen)
+        else:
+            apply_decision(
+                pl_module, junctions, decision, stats,
+                FitOptions(method=self.method, affine=self.affine, ridge=self.ridge),
+            )  # fmt: skip
         self.applied = dict(decision.plan)
         self._info(f"neuron elimination: applied {self.applied}")
 

@@ -20,8 +20,8 @@ layers". Two strategies search the joint configurations ``{layer: p}``:
   compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
 
 Every evaluated joint configuration is kept as a :class:`JointPoint`; :func:`pareto_front`
-(from :mod:`~lightning_neuronprune.sweep`) applies to them too, and :func:`apply_joint` swaps the
-chosen one into a model exactly as it was evaluated.
+(from :mod:`~lightning_neuronprune.sweep`) applies to them too, and :meth:`JointSearch.apply` swaps
+the chosen one into a model exactly as it was evaluated.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lightning_neuronprune.compensation import collect_cross_statistics, compensate_junction
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
@@ -49,7 +50,6 @@ __all__ = [
     "STRATEGIES",
     "JointPoint",
     "JointSearch",
-    "apply_joint",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,12 @@ class JointPoint:
         energy: the modelled energy of the reduced network.
         energy_ratio: original total energy / this one.
         memory_ratio: original parameter memory / this one.
-        strategy: what produced it (``"baseline"``, ``"single"``, ``"greedy"``,
-            ``"greedy+refit"``, ``"sequential"``).
+        strategy: what produced it (``"baseline"``, ``"greedy"``, ``"greedy+refit"``,
+            ``"sequential"``).
         kept: ``{layer: kept indices}`` of the reduced layers.
-        stats: ``{consumer: statistics}`` each reduced junction was fitted with.
-        weights: ``{consumer: (W_p, b_p)}`` final consumer parameters of a compensated re-fit,
-            which :func:`apply_joint` copies in after rebuilding the structure (empty otherwise).
+
+    A point carries numbers only; the statistics each junction was fitted with stay with the
+    :class:`JointSearch` that made it (:meth:`JointSearch.apply`).
     """
 
     config: dict[str, int]
@@ -85,10 +85,6 @@ class JointPoint:
     memory_ratio: float
     strategy: str
     kept: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
-    stats: dict[str, JunctionStatistics] = field(default_factory=dict, repr=False, compare=False)
-    weights: dict[str, tuple[Tensor, Tensor | None]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
     @property
     def label(self) -> str:
@@ -212,6 +208,11 @@ class JointSearch:
         full = {j.layer: j.num_features for j in self.junctions}
         self.baseline = JointPoint(full, base_acc, 0.0, base_energy, 1.0, 1.0, "baseline")
         self._memo: dict[tuple[tuple[str, int], ...], JointPoint] = {}
+        # {id(point): (point, {consumer: statistics it was fitted with}, {consumer: (W_p, b_p)}
+        # of a compensated re-fit, copied in after the structure is rebuilt)}
+        self._fitted: dict[
+            int, tuple[JointPoint, dict[str, JunctionStatistics], dict[str, tuple[Tensor, Any]]]
+        ] = {}
         self._reductions: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor | None]] = {}
         self._selectors: dict[str, Any] = {}
 
@@ -273,8 +274,9 @@ class JointSearch:
             config=dict(config), accuracy=acc, accuracy_drop=base.accuracy - acc, energy=energy,
             energy_ratio=base.energy.energy_ratio(energy),
             memory_ratio=base.energy.memory_ratio(energy),
-            strategy=strategy, kept=dict(kept), stats=dict(stats), weights=dict(weights or {}),
+            strategy=strategy, kept=dict(kept),
         )  # fmt: skip
+        self._fitted[id(point)] = (point, dict(stats), dict(weights or {}))
         if self.on_point is not None:
             self.on_point(point)
         return point
@@ -295,6 +297,36 @@ class JointSearch:
             }
             self._memo[key] = self._score(self.build(full), full, strategy, kept, stats)
         return self._memo[key]
+
+    def fitted_stats(self, point: JointPoint) -> dict[str, JunctionStatistics]:
+        """``{consumer: statistics}`` that each reduced junction of ``point`` was fitted with."""
+        made, stats, _ = self._fitted.get(id(point), (None, {}, {}))
+        if made is not point:
+            raise NeuronEliminationError(
+                f"the joint point {point.label!r} ({point.strategy}) was not evaluated by this "
+                "search"
+            )
+        return stats
+
+    def apply(self, model: nn.Module, point: JointPoint) -> Elimination:
+        """Swap ``point``'s configuration into ``model`` in place, exactly as it was evaluated."""
+        reduced = [j for j in self.junctions if point.config[j.layer] < j.num_features]
+        if not reduced:
+            return Elimination(model, [])
+        stats = self.fitted_stats(point)
+        result = eliminate_neurons(
+            model, {j.target: point.config[j.layer] for j in reduced},
+            stats={j.consumer: stats[j.consumer] for j in reduced},
+            kept={j.target: point.kept[j.layer] for j in reduced},
+            method=self.method, affine=self.affine, ridge=self.ridge, inplace=True,
+        )  # fmt: skip
+        with torch.no_grad():  # the consumer parameters of a compensated re-fit
+            for consumer, (W_p, b_p) in self._fitted[id(point)][2].items():
+                module = model.get_submodule(consumer)
+                module.weight.copy_(W_p)
+                if b_p is not None and module.bias is not None:
+                    module.bias.copy_(b_p)
+        return result
 
     # ------------------------------------------------------------------ strategies
 
@@ -485,8 +517,8 @@ class JointSearch:
                     accuracy_drop=sp.accuracy_drop, energy=sp.energy,
                     energy_ratio=sp.energy_ratio, memory_ratio=sp.memory_ratio,
                     strategy="sequential", kept={**kept, layer: sp.kept},
-                    stats={**stats_used, j.consumer: st},
                 )  # fmt: skip
+                self._fitted[id(pt)] = (pt, {**stats_used, j.consumer: st}, {})
                 points.append(pt)
                 if self.on_point is not None:
                     self.on_point(pt)
@@ -502,40 +534,3 @@ class JointSearch:
             kept[layer] = best.kept
             stats_used[j.consumer] = st
         return points
-
-
-def apply_joint(
-    model: nn.Module,
-    junctions: Sequence[Junction],
-    point: JointPoint,
-    *,
-    method: Method = "svd_qr",
-    affine: bool = False,
-    ridge: float = 0.0,
-) -> Elimination:
-    """Swap ``point``'s configuration into ``model`` in place, exactly as it was evaluated.
-
-    The structure (kept features) is rebuilt by
-    :func:`~lightning_neuronprune.elimination.eliminate_neurons`; the consumer parameters of a
-    compensated re-fit (``point.weights``) are then copied in.
-    """
-    by_layer = {j.layer: j for j in junctions}
-    reduced = {layer: p for layer, p in point.config.items() if p < by_layer[layer].num_features}
-    if not reduced:
-        return Elimination(model, [])
-    result = eliminate_neurons(
-        model,
-        {by_layer[layer].target: p for layer, p in reduced.items()},
-        stats={
-            by_layer[layer].consumer: point.stats[by_layer[layer].consumer] for layer in reduced
-        },
-        kept={by_layer[layer].target: point.kept[layer] for layer in reduced},
-        method=method, affine=affine, ridge=ridge, inplace=True,
-    )  # fmt: skip
-    with torch.no_grad():
-        for consumer, (W_p, b_p) in point.weights.items():
-            module = model.get_submodule(consumer)
-            module.weight.copy_(W_p)
-            if b_p is not None and module.bias is not None:
-                module.bias.copy_(b_p)
-    return result

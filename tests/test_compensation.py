@@ -19,7 +19,7 @@ from lightning_neuronprune.compensation import (
 )
 from lightning_neuronprune.elimination import reduce_junction
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.joint import JointSearch, apply_joint
+from lightning_neuronprune.joint import JointSearch
 from lightning_neuronprune.selection import output_order
 
 
@@ -109,11 +109,11 @@ def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None
     )  # fmt: skip
     points = search.greedy(0.02, compensate=True, slack=0.05)
     compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
-    assert compensated and all(pt.weights for pt in compensated)
+    assert compensated and all(search._fitted[id(pt)][2] for pt in compensated)
     x, y = dm.val_set.tensors
     for pt in compensated[:2]:
         applied = copy.deepcopy(model)
-        apply_joint(applied, junctions, pt, method=method)
+        search.apply(applied, pt)
         applied.eval()
         with torch.no_grad():
             acc = (applied(x).argmax(1) == y).float().mean().item()

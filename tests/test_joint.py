@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from lightning_neuronprune import (
     load_reduced,
     read_plan,
 )
-from lightning_neuronprune.joint import JointSearch, apply_joint
+from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.statistics import JunctionStatistics
 from lightning_neuronprune.sweep import pareto_front
 
 
@@ -78,7 +80,7 @@ def test_chain_with_lossless_redundancy_is_exact(generator: torch.Generator, met
     point = search.evaluate({"0": 5, "2": 5})
     assert point.accuracy == pytest.approx(1.0)
     applied = copy.deepcopy(model)
-    apply_joint(applied, junctions, point, method=method)
+    search.apply(applied, point)
     assert ((applied(x) - y).norm() / y.norm()).item() < 1e-5
     assert point.energy_ratio > 1.5
 
@@ -142,7 +144,8 @@ def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> N
     best = min(within, key=lambda pt: pt.energy.total)
     assert best.energy_ratio > 1.5
     applied = copy.deepcopy(model)
-    apply_joint(applied, junctions, best)
+    search.apply(applied, best)
+    assert not any(_holds_statistics(pt) for pt in points)
     # The applied model scores on the evaluation set exactly what the search measured.
     assert _val_accuracy(applied) == pytest.approx(best.accuracy, abs=1e-6)
     assert search.baseline.accuracy - _val_accuracy(applied) <= budget + 1e-9
@@ -281,3 +284,26 @@ def test_joint_report_lists_only_changed_layers(tmp_path: Path, seed: int) -> No
     assert report["applied"] == callback.applied
     assert model.net[0].out_features == callback.applied.get("net.0", 24)
     assert model.net[2].out_features == callback.applied.get("net.2", 16)
+
+
+def _holds_statistics(point: JointPoint) -> bool:
+    """Whether a result holds statistics or tensors anywhere in its fields."""
+    stack: list[Any] = [getattr(point, f.name) for f in dataclasses.fields(point)]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (torch.Tensor, JunctionStatistics)):
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return False
+
+
+def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=4, joint="sequential", verbose=False
+    )
+    _trainer(tmp_path, [callback]).fit(LitMLP(), datamodule=BlobsData())
+    assert callback.joint_points
+    assert not any(_holds_statistics(pt) for pt in callback.joint_points)
