@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from lightning_neuronprune.confirmation import (
     split_batches,
 )
 from lightning_neuronprune.decision import (
-    APPLY_MODES,
     Decision,
     apply_decision,
     decide,
@@ -40,9 +39,8 @@ from lightning_neuronprune.decision import (
 )
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
-from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch
+from lightning_neuronprune.joint import JointPoint, JointSearch
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.reporting import (
     PREFIX,
@@ -53,17 +51,17 @@ from lightning_neuronprune.reporting import (
     tradeoff_figure,
     write_report,
 )
-from lightning_neuronprune.selection import METHODS
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
-from lightning_neuronprune.surgery import Junction, find_junction, linear_layer_names
+from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import (
     CachedEvaluator,
     SweepPoint,
     _to,
     pareto_front,
-    rank_grid,
     sweep_junction,
 )
+from lightning_neuronprune.targets import Targets, resolve_targets
+from lightning_neuronprune.validation import check_arguments, check_joint_layers
 
 __all__ = ["NeuronEliminationCallback"]
 
@@ -218,68 +216,18 @@ class NeuronEliminationCallback(pl.Callback):
     ) -> None:
         super().__init__()
         self._fitters: dict[str, JunctionFitter] = {}
-        if targets != "auto":
-            if isinstance(targets, str):
-                targets = [targets]
-            if (
-                not isinstance(targets, Sequence)
-                or not targets
-                or not all(isinstance(t, str) and t for t in targets)
-            ):
-                raise MisconfigurationException(
-                    f"`targets` must be 'auto' or a non-empty list of layer names, got {targets!r}"
-                )
-            if len(set(targets)) != len(targets):
-                raise MisconfigurationException(f"`targets` has duplicates: {targets!r}")
         try:
-            rank_grid(10**6, ranks)
-        except ValueError as err:
+            targets = check_arguments(
+                targets=targets, ranks=ranks, max_accuracy_drop=max_accuracy_drop,
+                options={"method": method, "affine": affine, "ridge": ridge}, top_k=top_k,
+                energy_model=energy_model, apply=apply, max_samples=max_samples, joint=joint,
+                joint_order=joint_order, joint_shares=joint_shares, verbose=verbose,
+            )  # fmt: skip
+        except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
-        if (
-            isinstance(max_accuracy_drop, bool)
-            or not isinstance(max_accuracy_drop, (int, float))
-            or not 0 <= max_accuracy_drop <= 1
-        ):
-            raise MisconfigurationException(
-                f"`max_accuracy_drop` must be a fraction in [0, 1] (0.02 = 2 points), got "
-                f"{max_accuracy_drop!r}"
-            )
-        if method not in METHODS:
-            raise MisconfigurationException(
-                f"`method` must be one of {list(METHODS)}, got {method!r}"
-            )
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
-            raise MisconfigurationException(f"`ridge` must be a non-negative number, got {ridge!r}")
         if metric is not None and not isinstance(metric, Metric):
             raise MisconfigurationException(
                 f"`metric` must be a torchmetrics.Metric, got {type(metric).__name__}"
-            )
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise MisconfigurationException(f"`top_k` must be a positive integer, got {top_k!r}")
-        if energy_model is not None and not isinstance(energy_model, EnergyModel):
-            raise MisconfigurationException(
-                f"`energy_model` must be an EnergyModel, got {type(energy_model).__name__}"
-            )
-        if isinstance(apply, dict):
-            bad = {
-                k: v
-                for k, v in apply.items()
-                if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1
-            }
-            if bad or not apply:
-                raise MisconfigurationException(
-                    "`apply` as a mapping must be a non-empty {layer: p} with p ≥ 1, got "
-                    f"{apply!r}"
-                )
-        elif apply is not None and apply not in APPLY_MODES:
-            raise MisconfigurationException(
-                f"`apply` must be one of {list(APPLY_MODES)}, None or {{layer: p}}, got {apply!r}"
-            )
-        if max_samples is not None and (
-            isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-        ):
-            raise MisconfigurationException(
-                f"`max_samples` must be a positive integer or None, got {max_samples!r}"
             )
         self.targets = targets
         self.ranks = ranks
@@ -294,16 +242,6 @@ class NeuronEliminationCallback(pl.Callback):
         self.max_samples = max_samples
         self.eval_dataloader = eval_dataloader
         self.example_input = example_input
-        if joint is not None and joint not in STRATEGIES:
-            raise MisconfigurationException(
-                f"`joint` must be one of {list(STRATEGIES)} or None, got {joint!r}"
-            )
-        if joint_shares is not None and (
-            not joint_shares or any(not isinstance(w, (int, float)) or w < 0 for w in joint_shares)
-        ):
-            raise MisconfigurationException(
-                f"`joint_shares` must be non-negative numbers, got {joint_shares!r}"
-            )
         if confirm_fraction is not None and (
             isinstance(confirm_fraction, bool)
             or not isinstance(confirm_fraction, (int, float))
@@ -371,6 +309,7 @@ class NeuronEliminationCallback(pl.Callback):
         self._forward: dict[str, Any] = {}
         self._failed = False
         self._search: JointSearch | None = None
+        self._joint_layers: list[str] | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -410,42 +349,24 @@ class NeuronEliminationCallback(pl.Callback):
 
     # --------------------------------------------------------------- helpers
 
-    def _resolve_junctions(self, pl_module: pl.LightningModule) -> list[Junction]:
-        if self.targets == "auto":
-            junctions = []
-            for name in linear_layer_names(pl_module):
-                try:
-                    junctions.append(find_junction(pl_module, name))
-                except JunctionError as err:
-                    log.debug("auto targets: skipping %s (%s)", name, err)
-            if not junctions:
-                raise JunctionError(
-                    f"`targets='auto'` found no nn.Linear with a consumer in "
-                    f"{type(pl_module).__name__}; Linear layers: {linear_layer_names(pl_module)}"
-                )
-            return junctions
-        junctions = [find_junction(pl_module, t) for t in self.targets]
-        consumers: dict[str, str] = {}
-        for j in junctions:
-            if j.consumer in consumers:
-                raise JunctionError(
-                    f"targets {consumers[j.consumer]!r} and {j.target!r} name the same junction"
-                )
-            consumers[j.consumer] = j.target
-        if isinstance(self.apply, dict):
-            by_name = {j.target: j for j in junctions} | {j.layer: j for j in junctions}
-            unknown = [k for k in self.apply if k not in by_name]
-            if unknown:
-                raise MisconfigurationException(
-                    f"`apply` names {unknown}, which are not among the targets {sorted(by_name)}"
-                )
-            for k, p in self.apply.items():
-                if p > by_name[k].num_features:
-                    raise MisconfigurationException(
-                        f"`apply` asks for p={p} in {k!r}, which has only "
-                        f"{by_name[k].num_features} features"
-                    )
-        return junctions
+    def _resolve_junctions(self, pl_module: pl.LightningModule) -> Targets:
+        targets = resolve_targets(pl_module, self.targets)
+        try:
+            if isinstance(self.apply, dict):
+                for key, p in self.apply.items():
+                    if key not in targets:
+                        raise ValueError(
+                            f"`apply` names {key!r}, which is not among the targets {targets.names}"
+                        )
+                    if p > targets[key].num_features:
+                        raise ValueError(
+                            f"`apply` asks for p={p} in {key!r}, which has only "
+                            f"{targets[key].num_features} features"
+                        )
+            self._joint_layers = check_joint_layers(targets, self.joint_order, self.joint_shares)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        return targets
 
     def _eval_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
         loader = self.eval_dataloader
@@ -712,7 +633,7 @@ class NeuronEliminationCallback(pl.Callback):
             )  # fmt: skip
         else:
             self.joint_points = search.sequential(
-                self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
+                self.max_accuracy_drop, order=self._joint_layers, shares=self.joint_shares
             )
         return search
 

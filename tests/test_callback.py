@@ -184,13 +184,25 @@ def test_custom_metric_and_eval_dataloader(tmp_path: Path, seed: int) -> None:
         ({"max_accuracy_drop": -0.1}, "`max_accuracy_drop` must be a fraction in \\[0, 1\\]"),
         ({"max_accuracy_drop": 5}, "got 5"),
         ({"method": "lu"}, "`method` must be one of \\['svd_qr', 'qr', 'output'\\], got 'lu'"),
-        ({"ridge": -1.0}, "`ridge` must be a non-negative number, got -1.0"),
+        ({"ridge": -1.0}, "`ridge` must be a finite number >= 0, got -1.0"),
         ({"metric": "accuracy"}, "`metric` must be a torchmetrics.Metric, got str"),
         ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
         ({"apply": "best"}, "`apply` must be one of \\['max_energy_saving'\\]"),
         ({"apply": {"fc1": 0}}, "`apply` as a mapping must be a non-empty"),
         ({"max_samples": 0}, "`max_samples` must be a positive integer or None, got 0"),
         ({"energy_model": 3}, "`energy_model` must be an EnergyModel, got int"),
+        ({"verbose": "yes"}, "`verbose` must be a bool, got 'yes'"),
+        ({"joint": "sequential", "joint_shares": [0, 0]}, "`joint_shares` must be non-negative"),
+        ({"joint_order": ["net.0", "net.2"]}, "apply to `joint='sequential'`, got joint='greedy'"),
+        (
+            {"targets": ["net.0", "net.2"], "joint": "sequential", "joint_shares": [1.0]},
+            "one share per target \\(2\\), got 1",
+        ),
+        (
+            {"targets": ["net.0", "net.2"], "joint": "sequential", "joint_order": ["net.0"]},
+            "`joint_order` must list each of the 2 targets once",
+        ),
+        ({"joint": "sequential", "joint_order": ["net.0", "net.0"]}, "`joint_order` has dup"),
     ],
 )
 def test_constructor_validates(kwargs: dict[str, Any], message: str) -> None:
@@ -216,6 +228,10 @@ class EmptyVal(BlobsData):
          "p=99 in 'net.0', which has only 24 features"),
         ({"targets": ["net.0"]}, NoVal, MisconfigurationException, "needs evaluation data"),
         ({"targets": ["net.0"]}, EmptyVal, MisconfigurationException, "dataloader is empty"),
+        ({"targets": "auto", "joint": "sequential", "joint_order": ["net.2", "net.9"]}, BlobsData,
+         MisconfigurationException, "`joint_order` names \\['net.9'\\], which are not among"),
+        ({"targets": "auto", "joint": "sequential", "joint_shares": [1.0]}, BlobsData,
+         MisconfigurationException, "one share per target \\(2: \\['net.0', 'net.2'\\]\\)"),
     ],
 )  # fmt: skip
 def test_refusals_before_work_leave_model_untouched(
@@ -227,7 +243,7 @@ def test_refusals_before_work_leave_model_untouched(
     trainer = _trainer(tmp_path, callback, max_epochs=1)
     with pytest.raises(error, match=message):
         trainer.fit(model, datamodule=data())
-    if data is BlobsData and "apply" not in callback_kwargs:
+    if data is BlobsData:
         assert _same(model, state)  # refused in on_fit_start: not even trained
     assert read_plan(model) == [] and model.net[0].out_features == 24
 

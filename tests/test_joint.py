@@ -242,7 +242,7 @@ def test_duplicate_targets_and_bad_joint_options_are_refused(tmp_path: Path) -> 
     with pytest.raises(MisconfigurationException, match="`joint` must be one of"):
         NeuronEliminationCallback(joint="random")
     with pytest.raises(MisconfigurationException, match="`joint_shares` must be non-negative"):
-        NeuronEliminationCallback(joint_shares=[-1.0])
+        NeuronEliminationCallback(joint="sequential", joint_shares=[-1.0])
     callback = NeuronEliminationCallback(targets=["net.0", "net.2:in"], verbose=False)
     with pytest.raises(JunctionError, match="'net.0' and 'net.2:in' name the same junction"):
         _trainer(tmp_path, [callback], max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
