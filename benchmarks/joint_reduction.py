@@ -30,10 +30,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
 from lightning_neuronprune.confirmation import confirm_front, front_within, split_batches
+from lightning_neuronprune.evaluation import CachedEvaluator
 from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.reporting import mark_confirmations, tradeoff_figure
 from lightning_neuronprune.selection import METHODS
-from lightning_neuronprune.sweep import CachedEvaluator, SweepPoint, pareto_front, sweep_junction
+from lightning_neuronprune.sweep import SweepPoint, sweep_junction
 
 SETUPS = {
     # arch: (targets, budget as a fraction, paper reference)

@@ -338,7 +338,8 @@ def run_row(
     from torchmetrics.classification import MulticlassAccuracy
 
     from lightning_neuronprune import EnergyModel, eliminate_neurons, find_junction
-    from lightning_neuronprune.sweep import CachedEvaluator, sweep_junction
+    from lightning_neuronprune.evaluation import CachedEvaluator
+    from lightning_neuronprune.sweep import sweep_junction
 
     started = time.perf_counter()
     junction = find_junction(model, row.target)

@@ -45,8 +45,9 @@ from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_
 from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
 from lightning_neuronprune.joint import STRATEGIES, JointPoint
 from lightning_neuronprune.models import LitClassifier
+from lightning_neuronprune.pareto import choose
 from lightning_neuronprune.selection import METHODS
-from lightning_neuronprune.sweep import SweepPoint, choose
+from lightning_neuronprune.sweep import SweepPoint
 
 DEFAULT_TARGETS = {
     "lenet300100": ["net.fc1", "net.fc2", "net.fc1:in"],

@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_neuronprune._runtime import evaluating
+from lightning_neuronprune._runtime import evaluating, to_device
 from lightning_neuronprune.confirmation import (
     Confirmation,
     chunk_batches,
@@ -39,8 +39,10 @@ from lightning_neuronprune.decision import (
 )
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.evaluation import CachedEvaluator
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.reporting import (
     PREFIX,
@@ -53,13 +55,7 @@ from lightning_neuronprune.reporting import (
 )
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
 from lightning_neuronprune.surgery import Junction
-from lightning_neuronprune.sweep import (
-    CachedEvaluator,
-    SweepPoint,
-    _to,
-    pareto_front,
-    sweep_junction,
-)
+from lightning_neuronprune.sweep import SweepPoint, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
 from lightning_neuronprune.validation import check_arguments, check_joint_layers
 
@@ -541,11 +537,11 @@ class NeuronEliminationCallback(pl.Callback):
     def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
         if self.example_input is not None:
             convert = self._forward.get("convert", lambda x: x)
-            return convert(_to(self.example_input, device))
+            return convert(to_device(self.example_input, device))
         batch = next(iter(loader))
         transfer = self._forward.get("transfer")
         x = batch_input(transfer(batch) if transfer is not None else batch)
-        return _to(x[:1], device)
+        return to_device(x[:1], device)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:

@@ -20,7 +20,7 @@ layers". Two strategies search the joint configurations ``{layer: p}``:
   compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
 
 Every evaluated joint configuration is kept as a :class:`JointPoint`; :func:`pareto_front`
-(from :mod:`~lightning_neuronprune.sweep`) applies to them too, and :meth:`JointSearch.apply` swaps
+(from :mod:`~lightning_neuronprune.pareto`) applies to them too, and :meth:`JointSearch.apply` swaps
 the chosen one into a model exactly as it was evaluated.
 """
 
@@ -40,11 +40,12 @@ from lightning_neuronprune.compensation import collect_cross_statistics, compens
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
+from lightning_neuronprune.evaluation import CachedEvaluator
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction, linear_from
-from lightning_neuronprune.sweep import CachedEvaluator, Ranks, rank_grid, sweep_junction
+from lightning_neuronprune.sweep import Ranks, rank_grid, sweep_junction
 
 __all__ = [
     "STRATEGIES",

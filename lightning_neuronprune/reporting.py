@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_neuronprune.sweep import SweepPoint, pareto_front
+from lightning_neuronprune.pareto import pareto_front
+from lightning_neuronprune.sweep import SweepPoint
 
 __all__ = [
     "PREFIX",

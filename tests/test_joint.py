@@ -27,8 +27,8 @@ from lightning_neuronprune import (
     read_plan,
 )
 from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.sweep import pareto_front
 
 
 def _duplicate_rows(layer: nn.Linear, rank: int) -> None:

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune.errors import NeuronEliminationError
+from lightning_neuronprune.evaluation import CachedEvaluator, batch_target
+from lightning_neuronprune.surgery import linear_from
+
+
+class _Skip(nn.Module):
+    """A consumer whose input also feeds a later layer: the cache must keep both values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.head(torch.cat([torch.relu(self.bn(self.fc2(h))), h], dim=1))
+
+
+class _Untraceable(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+            return super().forward(x)
+        return x
+
+
+def _data(generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (torch.randn(16, 6, generator=generator), torch.randint(0, 4, (16,), generator=generator))
+        for _ in range(3)
+    ]
+
+
+def _reference(model: nn.Module, data, consumer: str, replacement: nn.Module | None) -> float:  # noqa: ANN001
+    """The metric of a full forward pass, with the module swapped in by hand."""
+    metric = MulticlassAccuracy(4, average="micro")
+    parent, _, child = consumer.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    original = getattr(owner, child)
+    if replacement is not None:
+        setattr(owner, child, replacement)
+    model.eval()
+    with torch.no_grad():
+        for x, y in data:
+            metric.update(model(x), y)
+    setattr(owner, child, original)
+    model.train()
+    return float(metric.compute())
+
+
+def _probe(layer: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+    weight = layer.weight[:, kept].clone()
+    return linear_from(weight, layer.bias.clone(), index=kept, source_features=layer.in_features)
+
+
+def test_cached_evaluation_equals_a_full_forward_pass(generator: torch.Generator) -> None:
+    model = _Skip()
+    data = _data(generator)
+    evaluator = CachedEvaluator(model, "fc2", data, MulticlassAccuracy(4, average="micro"))
+    assert evaluator.cached
+    assert evaluator() == _reference(model, data, "fc2", None)
+    probe = _probe(model.fc2, torch.tensor([0, 2, 3, 7]))
+    assert evaluator(probe) == _reference(model, data, "fc2", probe)
+    assert evaluator.replaceable("head") and not evaluator.replaceable("fc1")
+    # The model is left as it was: its own module back in place, modes restored.
+    assert isinstance(model.fc2, nn.Linear) and model.training
+
+
+def test_untraceable_model_falls_back_to_full_passes(generator: torch.Generator) -> None:
+    model = _Untraceable(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = _data(generator)
+    evaluator = CachedEvaluator(model, "2", data, MulticlassAccuracy(4, average="micro"))
+    assert not evaluator.cached
+    probe = _probe(model[2], torch.tensor([1, 4, 5]))
+    assert evaluator(probe) == _reference(model, data, "2", probe)
+    assert evaluator.replaceable("0")
+    forced = CachedEvaluator(
+        nn.Sequential(*model), "2", data, MulticlassAccuracy(4, average="micro"), cache=False
+    )
+    assert not forced.cached and forced(probe) == evaluator(probe)
+
+
+def test_batch_target_and_empty_data() -> None:
+    y = torch.tensor([1, 2])
+    assert batch_target((torch.zeros(2), y)) is y
+    assert batch_target({"x": torch.zeros(2), "labels": y}) is y
+    with pytest.raises(NeuronEliminationError, match="cannot find the target"):
+        batch_target(torch.zeros(2))
+    with pytest.raises(NeuronEliminationError, match="evaluation data is empty"):
+        CachedEvaluator(nn.Linear(2, 2), "", [], MulticlassAccuracy(2))

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.evaluation import CachedEvaluator
+from lightning_neuronprune.statistics import collect_statistics
+from lightning_neuronprune.surgery import find_junction
+from lightning_neuronprune.sweep import rank_grid, sweep_junction
+
+
+@pytest.mark.parametrize(
+    ("n", "ranks", "start", "expected"),
+    [
+        (5, "all", None, [5, 4, 3, 2, 1]),
+        (10, 4, None, [10, 6, 2, 1]),
+        (10, [3, 12, 7], None, [7, 3]),
+        (10, [0.5, 0.25], None, [5, 3]),
+        (10, "all", 4, [4, 3, 2, 1]),
+        (8, "auto", None, list(range(8, 0, -1))),
+    ],
+)
+def test_rank_grid(n: int, ranks, start, expected: list[int]) -> None:  # noqa: ANN001
+    assert rank_grid(n, ranks, start=start) == expected
+
+
+def test_rank_grid_auto_for_wide_layers() -> None:
+    grid = rank_grid(500)
+    assert grid[0] == 500 and grid[-16:] == list(range(16, 0, -1))
+    assert grid == sorted(set(grid), reverse=True) and len(grid) <= 48 + 16
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [(0, "positive integer"), ([1.5], "fractions must lie"), ([], "must be 'auto'"), ("x", "")],
+)
+def test_rank_grid_refuses(ranks, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        rank_grid(10, ranks)
+
+
+def _redundant(generator: torch.Generator) -> nn.Sequential:
+    """fc1's rows 4..7 are positive multiples of rows 0..3: relu(s z) = s relu(z), so rank 4."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for i in range(4, 8):
+            model[0].weight[i] = (1 + i) * model[0].weight[i - 4]
+            model[0].bias[i] = (1 + i) * model[0].bias[i - 4]
+    return model
+
+
+def test_sweep_starts_at_the_rank_is_lossless_there_and_restores_the_model(
+    generator: torch.Generator,
+) -> None:
+    model = _redundant(generator)
+    x = torch.randn(256, 6, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = list(zip(x.split(64), y.split(64), strict=True))
+    state = copy.deepcopy(model.state_dict())
+    junction = find_junction(model, "0")
+    stats = collect_statistics(model, ["2"], data)["2"]
+    evaluator = CachedEvaluator(model, "2", data, MulticlassAccuracy(3, average="micro"))
+    seen = []
+    points = sweep_junction(
+        model, junction, stats, evaluator, EnergyModel(), x[:1], ranks="all", on_point=seen.append
+    )
+    assert seen == points
+    assert [pt.p for pt in points] == [8, 4, 3, 2, 1]  # baseline, then p from rank(X) = 4
+    assert points[0].accuracy == 1.0 and points[1].accuracy == 1.0
+    assert points[1].accuracy_drop == 0.0 and points[1].energy_ratio > 1.0
+    assert len(points[1].kept) == 4 and len({k % 4 for k in points[1].kept}) == 4
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in now)
+
+
+def test_sweep_stops_after_the_first_point_over_the_threshold(generator: torch.Generator) -> None:
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = torch.randn(256, 6, generator=generator)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = [(x, y)]
+    junction = find_junction(model, "0")
+    stats = collect_statistics(model, ["2"], data)["2"]
+    evaluator = CachedEvaluator(model, "2", data, MulticlassAccuracy(3, average="micro"))
+    points = sweep_junction(
+        model, junction, stats, evaluator, EnergyModel(), x[:1], ranks="all",
+        max_accuracy_drop=0.05, block=2,
+    )  # fmt: skip
+    drops = [pt.accuracy_drop for pt in points]
+    assert all(d <= 0.05 for d in drops[:-1])
+    assert drops[-1] > 0.05 or points[-1].p == 1
