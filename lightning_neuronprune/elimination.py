@@ -17,7 +17,7 @@ from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.fitting import FitOptions, fit_junction
 from lightning_neuronprune.persistence import read_plan, write_plan
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import METHODS, Method
+from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.surgery import Junction, apply_reduction, find_junction
 
@@ -85,13 +85,6 @@ class Elimination(NamedTuple):
 
     model: nn.Module
     records: list[EliminationRecord]
-
-
-def _validate_options(method: str, ridge: float) -> None:
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or ridge < 0:
-        raise ValueError(f"`ridge` must be a non-negative number, got {ridge!r}")
 
 
 def _validate_p(junction: Junction, p: Any) -> int:
@@ -236,7 +229,7 @@ def eliminate_neurons(
         JunctionError: a target cannot be simplified or ``p`` is out of range. Nothing is changed.
         StatisticsError: no statistics and no data, empty data, or non-finite activations.
     """
-    _validate_options(method, ridge)
+    FitOptions(method=method, affine=affine, ridge=ridge)  # validates, naming the argument
     if isinstance(layer, str):
         if p is None:
             raise JunctionError(f"`p` is required when `layer` is a single name ({layer!r})")

@@ -50,7 +50,6 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -295,11 +294,11 @@ class EnergyReport:
 
 def _check_rule(module_type: Any, rule: Any) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise MisconfigurationException(
+        raise ValueError(
             f"`rules` keys must be `nn.Module` subclasses, got {module_type!r}"
         )
     if not callable(rule):
-        raise MisconfigurationException(
+        raise ValueError(
             f"`rules[{module_type.__name__}]` must be callable, got {rule!r}"
         )
 
@@ -319,7 +318,7 @@ class EnergyModel:
             over the free treatment of BatchNorm.
 
     Raises:
-        MisconfigurationException: If a constant is negative or not finite, ``bits_per_word`` is
+        ValueError: If a constant is negative or not finite, ``bits_per_word`` is
             not a positive integer, or a rule is not a callable keyed by an ``nn.Module`` subclass.
 
     Example:
@@ -351,16 +350,16 @@ class EnergyModel:
                 or not math.isfinite(value)
                 or value < 0
             ):
-                raise MisconfigurationException(
+                raise ValueError(
                     f"`{name}` must be a finite, non-negative number of joules, got {value!r}"
                 )
         bits = self.bits_per_word
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits <= 0:
-            raise MisconfigurationException(
+            raise ValueError(
                 f"`bits_per_word` must be a positive integer, got {bits!r}"
             )
         if not isinstance(self.rules, Mapping):
-            raise MisconfigurationException(f"`rules` must be a mapping, got {self.rules!r}")
+            raise ValueError(f"`rules` must be a mapping, got {self.rules!r}")
         for module_type, rule in self.rules.items():
             _check_rule(module_type, rule)
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
@@ -377,7 +376,7 @@ class EnergyModel:
             A new :class:`EnergyModel`.
 
         Raises:
-            MisconfigurationException: If ``module_type`` is not an ``nn.Module`` subclass or
+            ValueError: If ``module_type`` is not an ``nn.Module`` subclass or
                 ``rule`` is not callable.
         """
         _check_rule(module_type, rule)
@@ -412,7 +411,7 @@ class EnergyModel:
                 counting rule (the message names every such module and its type).
             NeuronEliminationError: If a per-inference count is not an integer, i.e. a count is not
                 divisible by the batch size, or a rule does not return a :class:`LayerCount`.
-            MisconfigurationException: If ``batch_size`` is not a positive integer or cannot be
+            ValueError: If ``batch_size`` is not a positive integer or cannot be
                 inferred.
         """
         args = (
@@ -420,7 +419,7 @@ class EnergyModel:
         )
         batch = _infer_batch_size(args) if batch_size is None else batch_size
         if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch <= 0:
-            raise MisconfigurationException(
+            raise ValueError(
                 f"`batch_size` must be a positive integer, got {batch!r}"
             )
 
@@ -608,7 +607,7 @@ def _first_tensor(value: Any) -> Tensor | None:
 def _infer_batch_size(args: tuple[Any, ...]) -> int:
     x = _first_tensor(args)
     if x is None or x.dim() == 0:
-        raise MisconfigurationException(
+        raise ValueError(
             "cannot infer the batch size: `example_input` holds no tensor with a batch dimension; "
             "pass `batch_size`"
         )

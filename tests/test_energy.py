@@ -6,7 +6,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_neuronprune.energy import (
@@ -187,9 +186,9 @@ def test_explicit_batch_size_for_unbatched_input() -> None:
 
     with pytest.raises(NeuronEliminationError, match="not a whole number"):
         EnergyModel().estimate(nn.Linear(6, 5), torch.zeros(3, 6), batch_size=2)
-    with pytest.raises(MisconfigurationException, match="`batch_size`"):
+    with pytest.raises(ValueError, match="`batch_size`"):
         EnergyModel().estimate(nn.Linear(6, 5), torch.zeros(3, 6), batch_size=0)
-    with pytest.raises(MisconfigurationException, match="`batch_size`"):
+    with pytest.raises(ValueError, match="`batch_size`"):
         EnergyModel().estimate(nn.Linear(1, 5), torch.tensor(1.0))
 
 
@@ -458,12 +457,12 @@ def test_as_dict() -> None:
     ],
 )
 def test_invalid_configuration(kwargs: dict, name: str) -> None:
-    with pytest.raises(MisconfigurationException, match=f"`{name}"):
+    with pytest.raises(ValueError, match=f"`{name}"):
         EnergyModel(**kwargs)
 
 
 def test_with_rule_validates() -> None:
-    with pytest.raises(MisconfigurationException, match="nn.Module"):
+    with pytest.raises(ValueError, match="nn.Module"):
         EnergyModel().with_rule(str, count_nothing)  # type: ignore[arg-type]
 
 
