@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune._runtime import evaluating
+from lightning_neuronprune._runtime import evaluating, model_device, to_device
 from lightning_neuronprune.errors import StatisticsError
 
 __all__ = ["JunctionStatistics", "batch_input", "collect_statistics"]
@@ -141,16 +141,6 @@ def batch_input(batch: Any) -> Any:
     )
 
 
-def _move(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_move(v, device) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _move(v, device) for k, v in x.items()}
-    return x
-
-
 def _batch_size(x: Any) -> int:
     if isinstance(x, Tensor):
         return x.shape[0]
@@ -165,15 +155,6 @@ def _truncate(x: Any, n: int) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(_truncate(v, n) for v in x)
     return x
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -259,7 +240,7 @@ def collect_statistics(
             for batch in data:
                 if max_samples is not None and seen >= max_samples:
                     break
-                x = _move(get_input(prepare(batch)), device)
+                x = to_device(get_input(prepare(batch)), device)
                 if max_samples is not None and _batch_size(x) > max_samples - seen:
                     x = _truncate(x, max_samples - seen)
                 with context():
