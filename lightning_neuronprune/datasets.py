@@ -62,7 +62,7 @@ def _find(root: Path, stem: str, download: bool) -> Path:
         )
     root.mkdir(parents=True, exist_ok=True)
     target = root / (stem + ".gz")
-    urllib.request.urlretrieve(MNIST_URL + stem + ".gz", target)  # noqa: S310 - fixed https URL
+    urllib.request.urlretrieve(MNIST_URL + stem + ".gz", target)  # a fixed https URL
     return target
 
 

@@ -294,13 +294,9 @@ class EnergyReport:
 
 def _check_rule(module_type: Any, rule: Any) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise ValueError(
-            f"`rules` keys must be `nn.Module` subclasses, got {module_type!r}"
-        )
+        raise ValueError(f"`rules` keys must be `nn.Module` subclasses, got {module_type!r}")
     if not callable(rule):
-        raise ValueError(
-            f"`rules[{module_type.__name__}]` must be callable, got {rule!r}"
-        )
+        raise ValueError(f"`rules[{module_type.__name__}]` must be callable, got {rule!r}")
 
 
 @dataclass(frozen=True)
@@ -355,9 +351,7 @@ class EnergyModel:
                 )
         bits = self.bits_per_word
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits <= 0:
-            raise ValueError(
-                f"`bits_per_word` must be a positive integer, got {bits!r}"
-            )
+            raise ValueError(f"`bits_per_word` must be a positive integer, got {bits!r}")
         if not isinstance(self.rules, Mapping):
             raise ValueError(f"`rules` must be a mapping, got {self.rules!r}")
         for module_type, rule in self.rules.items():
@@ -419,9 +413,7 @@ class EnergyModel:
         )
         batch = _infer_batch_size(args) if batch_size is None else batch_size
         if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch <= 0:
-            raise ValueError(
-                f"`batch_size` must be a positive integer, got {batch!r}"
-            )
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch!r}")
 
         counted, unsupported = _plan(model, {**_builtin_rules(), **self.rules})
         calls: dict[str, LayerCount] = {}

@@ -147,7 +147,7 @@ class CachedEvaluator:
         if cache:
             try:
                 prefix, self._suffix = _split(model, consumer)
-            except Exception as err:  # noqa: BLE001 - any failure falls back to full passes
+            except Exception as err:  # any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
                 with evaluating(model), torch.no_grad(), self._context():
@@ -221,6 +221,6 @@ class _Lazy:
         self.batch, self.transfer = batch, transfer
         self.get_input, self.get_target = get_input, get_target
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         moved = self.transfer(self.batch)
         return iter((self.get_input(moved), self.get_target(moved)))

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["greedy", "sequential"]
 STRATEGIES: tuple[str, ...] = ("greedy", "sequential")
 
 

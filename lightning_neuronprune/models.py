@@ -219,7 +219,7 @@ class LitClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         opt = torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )

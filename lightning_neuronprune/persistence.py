@@ -307,7 +307,7 @@ class ReducedCheckpointMixin:
     PyTorch's ``size mismatch``.
     """
 
-    def load_state_dict(  # noqa: D102 - documented on the class
+    def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
         match_plan(self, state_dict)  # type: ignore[arg-type]

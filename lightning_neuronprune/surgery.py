@@ -209,7 +209,7 @@ def _traced_scopes(
         root = model.get_submodule(scope) if scope else model
         try:
             graph = _Tracer().trace(root)
-        except Exception:  # noqa: BLE001 - any tracing failure means "try the enclosing scope"
+        except Exception:  # any tracing failure means "try the enclosing scope"
             continue
         yield scope, graph, dict(root.named_modules()), name[len(scope) + 1 :] if scope else name
 

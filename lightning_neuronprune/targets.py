@@ -59,7 +59,7 @@ class Targets(Sequence[Junction]):
     def __iter__(self) -> Iterator[Junction]:
         return iter(self._junctions)
 
-    def __getitem__(self, key):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN204
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
         """A junction by position, or by target or canonical layer name."""
         if isinstance(key, (int, slice)):
             return self._junctions[key]

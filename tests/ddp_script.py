@@ -14,9 +14,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import BlobsData, LitMLP  # noqa: E402
+from lit_models import BlobsData, LitMLP
 
-from lightning_neuronprune import NeuronEliminationCallback, read_plan  # noqa: E402
+from lightning_neuronprune import NeuronEliminationCallback, read_plan
 
 
 def main(out: Path) -> None:

@@ -36,17 +36,17 @@ class LitMLP(pl.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         return self._loss(batch)
 
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx):
         self.log("val_loss", self._loss(batch))
 
-    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def test_step(self, batch, batch_idx):
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 

@@ -69,7 +69,7 @@ def _table(tables: dict[str, list[dict[str, str]]], prefix: str) -> list[dict[st
     return matches[0]
 
 
-def _load_module(name: str):  # noqa: ANN202
+def _load_module(name: str):
     spec = importlib.util.spec_from_file_location(f"_benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

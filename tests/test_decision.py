@@ -19,7 +19,7 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
-def _energy(model: nn.Module):  # noqa: ANN202
+def _energy(model: nn.Module):
     return EnergyModel().estimate(model, torch.zeros(1, 6))
 
 

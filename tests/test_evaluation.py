@@ -39,7 +39,7 @@ def _data(generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]
     ]
 
 
-def _reference(model: nn.Module, data, consumer: str, replacement: nn.Module | None) -> float:  # noqa: ANN001
+def _reference(model: nn.Module, data, consumer: str, replacement: nn.Module | None) -> float:
     """The metric of a full forward pass, with the module swapped in by hand."""
     metric = MulticlassAccuracy(4, average="micro")
     parent, _, child = consumer.rpartition(".")

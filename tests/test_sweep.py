@@ -25,7 +25,7 @@ from lightning_neuronprune.sweep import rank_grid, sweep_junction
         (8, "auto", None, list(range(8, 0, -1))),
     ],
 )
-def test_rank_grid(n: int, ranks, start, expected: list[int]) -> None:  # noqa: ANN001
+def test_rank_grid(n: int, ranks, start, expected: list[int]) -> None:
     assert rank_grid(n, ranks, start=start) == expected
 
 
@@ -39,7 +39,7 @@ def test_rank_grid_auto_for_wide_layers() -> None:
     ("ranks", "message"),
     [(0, "positive integer"), ([1.5], "fractions must lie"), ([], "must be 'auto'"), ("x", "")],
 )
-def test_rank_grid_refuses(ranks, message: str) -> None:  # noqa: ANN001
+def test_rank_grid_refuses(ranks, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rank_grid(10, ranks)
 
