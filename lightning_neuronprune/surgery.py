@@ -548,7 +548,7 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
 
     Args:
         model: a fresh instance of the unreduced architecture.
-        plan: the records of :func:`~lightning_neuronprune.api.eliminate_neurons`, as plain
+        plan: the records of :func:`~lightning_neuronprune.elimination.eliminate_neurons`, as plain
             dicts (``model.neuron_elimination_plan``), applied in order.
     """
     for rec in plan:
