@@ -44,6 +44,7 @@ from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
 from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
+from lightning_neuronprune.progress import ProgressBar, sample_count
 from lightning_neuronprune.reporting import (
     PREFIX,
     log_joint_scalars,
@@ -55,7 +56,7 @@ from lightning_neuronprune.reporting import (
 )
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
 from lightning_neuronprune.surgery import Junction
-from lightning_neuronprune.sweep import SweepPoint, sweep_junction
+from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
 from lightning_neuronprune.validation import check_arguments, check_joint_layers
 
@@ -484,7 +485,7 @@ class NeuronEliminationCallback(pl.Callback):
         if self.weights == "best":
             self._load_best(trainer, pl_module)
 
-        stats = self._collect(pl_module, junctions, train_loader, device)
+        stats = self._collect(trainer, pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
         metric = self._metric(pl_module, example, device)
         self._fitters.clear()
@@ -492,12 +493,12 @@ class NeuronEliminationCallback(pl.Callback):
         search = None
         try:
             self.points = self._sweep(
-                pl_module, junctions, stats, search_loader, metric, example, device
+                trainer, pl_module, junctions, stats, search_loader, metric, example, device
             )
             every = [pt for pts in self.points.values() for pt in pts]
             self.results = [pt.as_dict() for pt in every]
             search = self._joint(
-                pl_module, junctions, stats, search_loader, train_loader, metric, example
+                trainer, pl_module, junctions, stats, search_loader, train_loader, metric, example
             )
         finally:
             self._fitters.clear()  # they hold n × n matrices per junction
@@ -522,17 +523,19 @@ class NeuronEliminationCallback(pl.Callback):
         )
 
     def _collect(
-        self, pl_module: pl.LightningModule, junctions: list[Junction], loader: Iterable[Any],
-        device: torch.device,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
+        loader: Iterable[Any], device: torch.device,
     ) -> dict[str, JunctionStatistics]:  # fmt: skip
         self._info(
             f"neuron elimination: collecting statistics of {[j.layer for j in junctions]} "
             f"(max {self.max_samples} samples per process)"
         )
-        return collect_statistics(
-            pl_module, [j.consumer for j in junctions], loader,
-            max_samples=self.max_samples, device=device, **self._forward_kwargs(),
-        )  # fmt: skip
+        total = sample_count(loader, self.max_samples)
+        with ProgressBar(trainer, "Neuron elimination: statistics", total, "samples") as bar:
+            return collect_statistics(
+                pl_module, [j.consumer for j in junctions], loader, max_samples=self.max_samples,
+                device=device, progress=bar.update, **self._forward_kwargs(),
+            )  # fmt: skip
 
     def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
         if self.example_input is not None:
@@ -561,43 +564,53 @@ class NeuronEliminationCallback(pl.Callback):
         ).to(device)
 
     def _sweep(
-        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
         stats: dict[str, JunctionStatistics], loader: Iterable[Any], metric: Metric,
         example: Any, device: torch.device,
     ) -> dict[str, list[SweepPoint]]:  # fmt: skip
-        points: dict[str, list[SweepPoint]] = {}
-        baseline = None
-        for i, j in enumerate(junctions, 1):
-            evaluator = CachedEvaluator(
-                pl_module, j.consumer, loader, metric, device=device, **self._forward_kwargs()
-            )
-            if baseline is None:
-                baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
-                self._info(
-                    f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
-                    f"{baseline[1].total * 1e6:.3f} µJ"
-                )
-
-            def progress(pt: SweepPoint, i: int = i) -> None:
-                self._info(
-                    f"neuron elimination [{i}/{len(junctions)}] {pt.layer}: p={pt.p}/{pt.n} "
-                    f"accuracy {pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
-                    f"{pt.energy_ratio:.2f}× lower"
-                )
-
+        options = FitOptions(method=self.method, affine=self.affine, ridge=self.ridge)
+        grids = {}
+        for j in junctions:
             consumer = pl_module.get_submodule(j.consumer)
-            options = FitOptions(method=self.method, affine=self.affine, ridge=self.ridge)
             fitter = JunctionFitter(stats[j.consumer], consumer.weight, consumer.bias, options)
             self._fitters[j.layer] = fitter  # the joint search reuses the selection work
-            points[j.layer] = sweep_junction(
-                pl_module, j, stats[j.consumer], evaluator, self.energy_model, example,
-                ranks=self.ranks, options=options, fitter=fitter,
-                max_accuracy_drop=self.max_accuracy_drop, baseline=baseline, on_point=progress,
-            )  # fmt: skip
+            grids[j.layer] = rank_grid(j.num_features, self.ranks, start=fitter.rank)
+        # one point for the baseline of each layer, then its grid below n
+        sizes = [1 + sum(p != j.num_features for p in grids[j.layer]) for j in junctions]
+        points: dict[str, list[SweepPoint]] = {}
+        baseline = None
+        bar = ProgressBar(trainer, "Neuron elimination: sweep", sum(sizes), "points")
+        with bar:
+            for i, j in enumerate(junctions, 1):
+                evaluator = CachedEvaluator(
+                    pl_module, j.consumer, loader, metric, device=device, **self._forward_kwargs()
+                )
+                if baseline is None:
+                    baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
+                    self._info(
+                        f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
+                        f"{baseline[1].total * 1e6:.3f} µJ"
+                    )
+
+                def progress(pt: SweepPoint, i: int = i) -> None:
+                    bar.advance()
+                    self._info(
+                        f"neuron elimination [{i}/{len(junctions)}] {pt.layer}: p={pt.p}/{pt.n} "
+                        f"accuracy {pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
+                        f"{pt.energy_ratio:.2f}× lower"
+                    )
+
+                points[j.layer] = sweep_junction(
+                    pl_module, j, stats[j.consumer], evaluator, self.energy_model, example,
+                    ranks=self.ranks, options=options, fitter=self._fitters[j.layer],
+                    max_accuracy_drop=self.max_accuracy_drop, baseline=baseline,
+                    on_point=progress,
+                )  # fmt: skip
+                bar.update(sum(sizes[:i]))  # the points after an early stop are skipped
         return points
 
     def _joint(
-        self, pl_module: pl.LightningModule, junctions: list[Junction],
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
         stats: dict[str, JunctionStatistics], eval_loader: Iterable[Any],
         train_loader: Iterable[Any], metric: Metric, example: Any,
     ) -> JointSearch | None:  # fmt: skip
@@ -609,7 +622,12 @@ class NeuronEliminationCallback(pl.Callback):
             f"neuron elimination: joint search ({self.joint}) over {[j.layer for j in junctions]}"
         )
 
+        bar = ProgressBar(
+            trainer, f"Neuron elimination: joint search ({self.joint})", None, "points"
+        )
+
         def progress(pt: JointPoint) -> None:
+            bar.advance()
             self._info(
                 f"neuron elimination [joint {self.joint}] {pt.label}: accuracy {pt.accuracy:.4f} "
                 f"(drop {pt.accuracy_drop:+.4f}), energy {pt.energy_ratio:.2f}× lower"
@@ -622,15 +640,16 @@ class NeuronEliminationCallback(pl.Callback):
             baseline=(first.accuracy, first.energy), fitters=self._fitters,
             **self._forward_kwargs(),
         )  # fmt: skip
-        if self.joint == "greedy":
-            self.joint_points = search.greedy(
-                self.max_accuracy_drop, compensate=self.joint_compensate,
-                slack=self.max_accuracy_drop / 2,
-            )  # fmt: skip
-        else:
-            self.joint_points = search.sequential(
-                self.max_accuracy_drop, order=self._joint_layers, shares=self.joint_shares
-            )
+        with bar:
+            if self.joint == "greedy":
+                self.joint_points = search.greedy(
+                    self.max_accuracy_drop, compensate=self.joint_compensate,
+                    slack=self.max_accuracy_drop / 2,
+                )  # fmt: skip
+            else:
+                self.joint_points = search.sequential(
+                    self.max_accuracy_drop, order=self._joint_layers, shares=self.joint_shares
+                )
         return search
 
     def _decide(self, every: list[SweepPoint], junctions: list[Junction]) -> Decision:

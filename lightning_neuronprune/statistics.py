@@ -169,6 +169,7 @@ def collect_statistics(
     sync: bool = True,
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, JunctionStatistics]:
     """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
 
@@ -193,6 +194,8 @@ def collect_statistics(
         forward_context: a context-manager factory entered around each forward pass, e.g. the
             precision plugin's ``forward_context`` (autocast under ``*-mixed``). The statistics
             are accumulated in float64 whatever the activations' dtype.
+        progress: called after each batch with the number of samples seen so far (e.g. to move
+            a progress bar).
 
     Returns:
         ``{consumer name: JunctionStatistics}``.
@@ -247,6 +250,8 @@ def collect_statistics(
                     model(x)
                 seen += _batch_size(x)
                 log.debug("statistics: %d samples", seen)
+                if progress is not None:
+                    progress(seen)
     finally:
         for h in handles:
             h.remove()
