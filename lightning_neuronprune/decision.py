@@ -14,13 +14,13 @@ from typing import Any
 from torch import nn
 
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons
-from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.fitting import FitOptions
 from lightning_neuronprune.joint import JointPoint
 from lightning_neuronprune.pareto import choose
 from lightning_neuronprune.statistics import JunctionStatistics
 from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.targets import Targets
 
 __all__ = ["APPLY_MODES", "Decision", "apply_decision", "decide", "decision_for"]
 
@@ -79,13 +79,11 @@ def decide(
     """
     if apply is None:
         return Decision()
-    by_key = {j.target: j for j in junctions} | {j.layer: j for j in junctions}
+    targets = junctions if isinstance(junctions, Targets) else Targets(junctions)
     if isinstance(apply, Mapping):
-        unknown = [k for k in apply if k not in by_key]
-        if unknown:
-            raise JunctionError(f"`apply` names {unknown}, which are not among the targets")
-        plan = {by_key[k].layer: int(p) for k, p in apply.items()}
-        plan = {k: p for k, p in plan.items() if p < by_key[k].num_features}
+        layers = targets.canonical(apply, "`apply`")
+        plan = {layer: int(p) for layer, p in zip(layers, apply.values(), strict=True)}
+        plan = {k: p for k, p in plan.items() if p < targets[k].num_features}
         matching = [pt for pt in points if pt.p < pt.n and plan.get(pt.layer) == pt.p]
         kept = {pt.layer: pt.kept for pt in matching}
         chosen = matching[0] if len(plan) == 1 and matching else None
@@ -97,15 +95,15 @@ def decide(
     best = choose(reduced, max_accuracy_drop)
     if best is None:
         return Decision()
-    return decision_for(best, junctions)
+    return decision_for(best, targets)
 
 
 def decision_for(point: SweepPoint | JointPoint, junctions: Sequence[Junction]) -> Decision:
     """The decision to apply ``point``: its changed layers, with the kept sets it was
     evaluated with."""
-    sizes = {j.layer: j.num_features for j in junctions}
+    targets = junctions if isinstance(junctions, Targets) else Targets(junctions)
     if isinstance(point, JointPoint):
-        plan = {k: p for k, p in point.config.items() if p < sizes[k]}
+        plan = {k: p for k, p in point.config.items() if p < targets[k].num_features}
         return Decision(point, plan, {k: point.kept[k] for k in plan})
     return Decision(point, {point.layer: point.p}, {point.layer: point.kept})
 
@@ -133,8 +131,8 @@ def apply_decision(
     if not decision.plan:
         return Elimination(model, [])
     options = options or FitOptions()
-    by_layer = {j.layer: j for j in junctions}
-    changed = [by_layer[layer] for layer in decision.plan]
+    targets = junctions if isinstance(junctions, Targets) else Targets(junctions)
+    changed = [targets[layer] for layer in decision.plan]
     return eliminate_neurons(
         model,
         {j.target: decision.plan[j.layer] for j in changed},
