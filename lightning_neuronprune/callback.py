@@ -7,7 +7,6 @@ import copy
 import csv
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +22,16 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_neuronprune._lightning import (
+    NO_EVAL_DATA,
+    best_checkpoint,
+    has_val_source,
+    load_best,
+    reduced_checkpoint_path,
+    trainer_forward,
+)
+from lightning_neuronprune._lightning import eval_loader as get_eval_loader
+from lightning_neuronprune._lightning import train_loader as get_train_loader
 from lightning_neuronprune._runtime import evaluating, to_device
 from lightning_neuronprune.confirmation import (
     Confirmation,
@@ -49,9 +58,7 @@ from lightning_neuronprune.reporting import (
     PREFIX,
     log_joint_scalars,
     log_scalars,
-    mark_confirmations,
-    markdown_table,
-    tradeoff_figure,
+    log_summary,
     write_report,
 )
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
@@ -315,18 +322,15 @@ class NeuronEliminationCallback(pl.Callback):
         # Before the Trainer restores `ckpt_path`: reduced checkpoints rebuild their shapes.
         install_plan_hook(pl_module)
         if stage == "fit" and self.weights == "best":
-            self._best_checkpoint(trainer, check_path=False)
+            best_checkpoint(trainer, check_path=False)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._failed = False
         # Refuse bad targets and missing evaluation data before any training.
         self._resolve_junctions(pl_module)
-        if self.eval_dataloader is None and not _has_val_source(trainer):
-            raise MisconfigurationException(
-                "NeuronEliminationCallback needs evaluation data: give the LightningModule or "
-                "datamodule a `val_dataloader`, or pass `eval_dataloader=`"
-            )
+        if self.eval_dataloader is None and not has_val_source(trainer):
+            raise MisconfigurationException(NO_EVAL_DATA)
 
     @override
     def on_exception(
@@ -364,33 +368,6 @@ class NeuronEliminationCallback(pl.Callback):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         return targets
-
-    def _eval_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
-        loader = self.eval_dataloader
-        if loader is None:
-            if trainer.val_dataloaders is None:
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            loader = trainer.val_dataloaders
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-            if isinstance(loader, dict):
-                loader = next(iter(loader.values()), None)
-        if loader is None:
-            raise MisconfigurationException(
-                "NeuronEliminationCallback needs evaluation data: give the LightningModule or "
-                "datamodule a `val_dataloader`, or pass `eval_dataloader=`"
-            )
-        _check_nonempty(loader, "evaluation")
-        return loader
-
-    def _train_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise MisconfigurationException(
-                "NeuronEliminationCallback found no training dataloader"
-            )
-        _check_nonempty(loader, "training")
-        return loader
 
     def _split_eval(self, loader: Iterable[Any]) -> tuple[Iterable[Any], list[Any] | None]:
         """The search part and the held-out confirmation part of the evaluation data."""
@@ -476,14 +453,15 @@ class NeuronEliminationCallback(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         junctions = self._resolve_junctions(pl_module)
-        eval_loader = self._eval_loader(trainer)
-        train_loader = self._train_loader(trainer)
+        eval_loader = get_eval_loader(trainer, self.eval_dataloader)
+        train_loader = get_train_loader(trainer)
         device = trainer.strategy.root_device
         pl_module.to(device)
-        self._forward = _trainer_forward(trainer)
+        self._forward = trainer_forward(trainer)
         self.reduced_checkpoint_path = self.source_checkpoint_path = None
         if self.weights == "best":
-            self._load_best(trainer, pl_module)
+            self.source_checkpoint_path = load_best(trainer, pl_module)
+            self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
 
         stats = self._collect(trainer, pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
@@ -671,28 +649,11 @@ class NeuronEliminationCallback(pl.Callback):
         directory = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        table = markdown_table(every, self.chosen)
-        if self.joint_points:
-            front = pareto_front(self.joint_points + every)
-            table += "\n**Pareto front, joint and single-layer:**\n\n" + markdown_table(
-                front, self.chosen
-            )
-        if self.confirmations:
-            table += "\n" + self._confirmation_table()
-        figure = None
-        try:
-            figure = tradeoff_figure(self.points, self.chosen, joint=self.joint_points)
-            if self.confirmations:
-                search_base = next(iter(self.points.values()))[0].accuracy
-                mark_confirmations(figure, self.confirmations, search_base)
-        except ImportError:
-            rank_zero_warn("matplotlib is not installed: the trade-off figure is not logged")
-        for lg in trainer.loggers:
-            experiment = getattr(lg, "experiment", None)
-            if figure is not None and hasattr(experiment, "add_figure"):
-                experiment.add_figure(f"{PREFIX}/tradeoff", figure, global_step=0, close=False)
-            if hasattr(experiment, "add_text"):
-                experiment.add_text(f"{PREFIX}/configurations", table, global_step=0)
+        log_summary(
+            trainer.loggers, self.points, self.joint_points, self.chosen,
+            confirmations=self.confirmations,
+            extra_table=self._confirmation_table() if self.confirmations else "",
+        )  # fmt: skip
         self.report_paths = write_report(
             directory, every, self.chosen,
             extra={
@@ -701,11 +662,7 @@ class NeuronEliminationCallback(pl.Callback):
                 "weights": self.weights,
                 "source_checkpoint": self.source_checkpoint_path,
                 "reduced_checkpoint": None,
-                "joint_front": [
-                    pt.as_dict()
-                    for pt in pareto_front(self.joint_points)
-                    if isinstance(pt, JointPoint)
-                ],
+                "joint_front": [pt.as_dict() for pt in pareto_front(self.joint_points)],
                 "confirm_fraction": self.confirm_fraction,
                 "confirmation": [c.as_dict() for c in self.confirmations],
             },
@@ -781,48 +738,6 @@ class NeuronEliminationCallback(pl.Callback):
         """``transfer`` and ``forward_context`` for the functional core (empty outside a run)."""
         return {k: v for k, v in self._forward.items() if k in ("transfer", "forward_context")}
 
-    def _best_checkpoint(self, trainer: pl.Trainer, *, check_path: bool = True) -> str:
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or not hasattr(checkpoint, "best_model_path"):
-            raise MisconfigurationException(
-                "NeuronEliminationCallback(weights='best') reduces the best checkpoint's weights, "
-                "but the Trainer has no ModelCheckpoint: add "
-                "`ModelCheckpoint(monitor=...)` to its callbacks, or use `weights='last'`"
-            )
-        path = checkpoint.best_model_path
-        if check_path and not path:
-            raise MisconfigurationException(
-                "NeuronEliminationCallback(weights='best'): ModelCheckpoint has no best checkpoint "
-                f"(`best_model_path` is empty; monitor={checkpoint.monitor!r}), so there are no "
-                "best weights to reduce: check that the monitored metric is logged, or use "
-                "`weights='last'`"
-            )
-        return path
-
-    def _load_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Load ModelCheckpoint's best weights into ``pl_module`` (every rank), in place."""
-        # Under DDP every rank reduces rank zero's best (ranks may rank their own metrics apart).
-        path = trainer.strategy.broadcast(self._best_checkpoint(trainer))
-        checkpoint = trainer.strategy.load_checkpoint(path)
-        trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
-        self.source_checkpoint_path = str(path)
-        self._info(f"neuron elimination: reducing the best checkpoint's weights, {path}")
-
-    def _reduced_path(self, trainer: pl.Trainer) -> str | None:
-        """``<ModelCheckpoint.dirpath>/<best stem>-reduced.ckpt`` or ``reduced-step=<k>.ckpt``."""
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if not dirpath:
-            return None
-        if self.source_checkpoint_path:
-            stem = os.path.splitext(os.path.basename(self.source_checkpoint_path))[0] + "-reduced"
-        else:
-            stem = f"reduced-step={trainer.global_step}"
-        path, version = os.path.join(dirpath, stem + ".ckpt"), 0
-        while os.path.exists(path):
-            version += 1
-            path = os.path.join(dirpath, f"{stem}-v{version}.ckpt")
-        return trainer.strategy.broadcast(path)
-
     def _save_reduced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
     ) -> None:
@@ -834,7 +749,7 @@ class NeuronEliminationCallback(pl.Callback):
         """
         for optimizer in trainer.optimizers:
             rebind_optimizer(optimizer, before, pl_module)
-        path = self._reduced_path(trainer)
+        path = reduced_checkpoint_path(trainer, self.source_checkpoint_path)
         if path is None:
             install_plan_hook(
                 pl_module,
@@ -866,39 +781,5 @@ class NeuronEliminationCallback(pl.Callback):
             report.write_text(json.dumps(doc, indent=2))
 
 
-def _trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:
-    """How the Trainer feeds its model: ``transfer`` (a raw batch through the precision plugin's
-    ``convert_input`` then the strategy's ``batch_to_device``, as the fit loop does),
-    ``convert`` (an input's dtype only) and ``forward_context`` (the precision plugin's)."""
-    strategy, precision = trainer.strategy, trainer.precision_plugin
-
-    def transfer(batch: Any) -> Any:
-        return strategy.batch_to_device(precision.convert_input(batch))
-
-    return {
-        "transfer": transfer,
-        "convert": precision.convert_input,
-        "forward_context": precision.forward_context,
-    }
-
-
 def _label(pt: SweepPoint | JointPoint) -> str:
     return pt.label if isinstance(pt, JointPoint) else f"{pt.layer}={pt.p}"
-
-
-def _has_val_source(trainer: pl.Trainer) -> bool:
-    """Whether the fit has a validation dataloader (from the module or the datamodule)."""
-    try:
-        source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        return bool(source.is_defined()) and trainer.limit_val_batches != 0
-    except AttributeError:  # pragma: no cover - private API moved; check again in on_train_end
-        return True
-
-
-def _check_nonempty(loader: Any, what: str) -> None:
-    try:
-        size = len(loader)
-    except TypeError:
-        return
-    if size == 0:
-        raise MisconfigurationException(f"the {what} dataloader is empty")

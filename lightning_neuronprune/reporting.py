@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ __all__ = [
     "log_joint_scalars",
     "log_scalars",
     "mark_confirmations",
+    "log_summary",
     "markdown_table",
     "point_metrics",
     "tradeoff_figure",
@@ -90,6 +92,45 @@ def log_joint_scalars(loggers: Iterable[Any], points: Sequence[Any], prefix: str
                 lg.log_metrics(metrics, step=step)
     for lg in loggers:
         lg.save()
+
+
+def log_summary(
+    loggers: Iterable[Any],
+    points_by_layer: Mapping[str, Sequence[SweepPoint]],
+    joint: Sequence[Any] = (),
+    chosen: Any = None,
+    prefix: str = PREFIX,
+    *,
+    confirmations: Sequence[Any] = (),
+    extra_table: str = "",
+) -> None:
+    """Give loggers that take them (TensorBoard's ``experiment``) the trade-off figure
+    (``<prefix>/tradeoff``, with held-out ``confirmations`` marked) and the table of
+    configurations (``<prefix>/configurations``; with joint points, also the joint and
+    single-layer Pareto front; then ``extra_table``)."""
+    every = [pt for pts in points_by_layer.values() for pt in pts]
+    table = markdown_table(every, chosen)
+    if joint:
+        front = pareto_front([*joint, *every])
+        table += "\n**Pareto front, joint and single-layer:**\n\n" + markdown_table(front, chosen)
+    if extra_table:
+        table += "\n" + extra_table
+    figure = None
+    try:
+        figure = tradeoff_figure(points_by_layer, chosen, joint=joint)
+        if confirmations:
+            search_base = next(iter(points_by_layer.values()))[0].accuracy
+            mark_confirmations(figure, confirmations, search_base)
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed: the trade-off figure is not logged", stacklevel=2
+        )
+    for lg in loggers:
+        experiment = getattr(lg, "experiment", None)
+        if figure is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure(f"{prefix}/tradeoff", figure, global_step=0, close=False)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text(f"{prefix}/configurations", table, global_step=0)
 
 
 def _fmt_energy(joules: float) -> str:

@@ -1,0 +1,135 @@
+"""What the callback reads from and writes to the Trainer: data, precision and checkpoints.
+
+These helpers hold the Lightning-specific glue, so that the callback's hooks stay short and the
+functional core never sees a Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+__all__ = [
+    "best_checkpoint",
+    "eval_loader",
+    "has_val_source",
+    "load_best",
+    "reduced_checkpoint_path",
+    "train_loader",
+    "trainer_forward",
+]
+
+NO_EVAL_DATA = (
+    "NeuronEliminationCallback needs evaluation data: give the LightningModule or datamodule a "
+    "`val_dataloader`, or pass `eval_dataloader=`"
+)
+
+
+def eval_loader(trainer: pl.Trainer, loader: Iterable[Any] | None = None) -> Iterable[Any]:
+    """``loader``, else the fit's (first) validation dataloader; refused when missing or empty."""
+    if loader is None:
+        if trainer.val_dataloaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        loader = trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()), None)
+    if loader is None:
+        raise MisconfigurationException(NO_EVAL_DATA)
+    check_nonempty(loader, "evaluation")
+    return loader
+
+
+def train_loader(trainer: pl.Trainer) -> Iterable[Any]:
+    """The fit's training dataloader; refused when missing or empty."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise MisconfigurationException("NeuronEliminationCallback found no training dataloader")
+    check_nonempty(loader, "training")
+    return loader
+
+
+def best_checkpoint(trainer: pl.Trainer, *, check_path: bool = True) -> str:
+    """ModelCheckpoint's best checkpoint path (``weights="best"``); refused when there is none."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or not hasattr(checkpoint, "best_model_path"):
+        raise MisconfigurationException(
+            "NeuronEliminationCallback(weights='best') reduces the best checkpoint's weights, "
+            "but the Trainer has no ModelCheckpoint: add "
+            "`ModelCheckpoint(monitor=...)` to its callbacks, or use `weights='last'`"
+        )
+    path = checkpoint.best_model_path
+    if check_path and not path:
+        raise MisconfigurationException(
+            "NeuronEliminationCallback(weights='best'): ModelCheckpoint has no best checkpoint "
+            f"(`best_model_path` is empty; monitor={checkpoint.monitor!r}), so there are no "
+            "best weights to reduce: check that the monitored metric is logged, or use "
+            "`weights='last'`"
+        )
+    return path
+
+
+def load_best(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+    """Load ModelCheckpoint's best weights into ``pl_module`` (every rank), in place; return the
+    checkpoint's path."""
+    # Under DDP every rank reduces rank zero's best (ranks may rank their own metrics apart).
+    path = trainer.strategy.broadcast(best_checkpoint(trainer))
+    checkpoint = trainer.strategy.load_checkpoint(path)
+    trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
+    return str(path)
+
+
+def reduced_checkpoint_path(trainer: pl.Trainer, source: str | None) -> str | None:
+    """``<ModelCheckpoint.dirpath>/<source stem>-reduced.ckpt`` or ``reduced-step=<k>.ckpt``
+    (a fresh name, ``-v1``... when taken); ``None`` without a ModelCheckpoint directory."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if not dirpath:
+        return None
+    if source:
+        stem = os.path.splitext(os.path.basename(source))[0] + "-reduced"
+    else:
+        stem = f"reduced-step={trainer.global_step}"
+    path, version = os.path.join(dirpath, stem + ".ckpt"), 0
+    while os.path.exists(path):
+        version += 1
+        path = os.path.join(dirpath, f"{stem}-v{version}.ckpt")
+    return trainer.strategy.broadcast(path)
+
+
+def trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:
+    """How the Trainer feeds its model: ``transfer`` (a raw batch through the precision plugin's
+    ``convert_input`` then the strategy's ``batch_to_device``, as the fit loop does),
+    ``convert`` (an input's dtype only) and ``forward_context`` (the precision plugin's)."""
+    strategy, precision = trainer.strategy, trainer.precision_plugin
+
+    def transfer(batch: Any) -> Any:
+        return strategy.batch_to_device(precision.convert_input(batch))
+
+    return {
+        "transfer": transfer,
+        "convert": precision.convert_input,
+        "forward_context": precision.forward_context,
+    }
+
+
+def has_val_source(trainer: pl.Trainer) -> bool:
+    """Whether the fit has a validation dataloader (from the module or the datamodule)."""
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        return bool(source.is_defined()) and trainer.limit_val_batches != 0
+    except AttributeError:  # pragma: no cover - private API moved; check again in on_train_end
+        return True
+
+
+def check_nonempty(loader: Any, what: str) -> None:
+    try:
+        size = len(loader)
+    except TypeError:
+        return
+    if size == 0:
+        raise MisconfigurationException(f"the {what} dataloader is empty")
