@@ -65,7 +65,7 @@ from lightning_neuronprune.statistics import JunctionStatistics, batch_input, co
 from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
-from lightning_neuronprune.validation import check_arguments, check_joint_layers
+from lightning_neuronprune.validation import check_against_targets, check_arguments
 
 __all__ = ["NeuronEliminationCallback"]
 
@@ -353,18 +353,9 @@ class NeuronEliminationCallback(pl.Callback):
     def _resolve_junctions(self, pl_module: pl.LightningModule) -> Targets:
         targets = resolve_targets(pl_module, self.targets)
         try:
-            if isinstance(self.apply, dict):
-                for key, p in self.apply.items():
-                    if key not in targets:
-                        raise ValueError(
-                            f"`apply` names {key!r}, which is not among the targets {targets.names}"
-                        )
-                    if p > targets[key].num_features:
-                        raise ValueError(
-                            f"`apply` asks for p={p} in {key!r}, which has only "
-                            f"{targets[key].num_features} features"
-                        )
-            self._joint_layers = check_joint_layers(targets, self.joint_order, self.joint_shares)
+            self._joint_layers = check_against_targets(
+                targets, self.apply, self.joint_order, self.joint_shares
+            )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         return targets

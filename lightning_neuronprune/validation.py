@@ -17,7 +17,7 @@ from lightning_neuronprune.joint import STRATEGIES
 from lightning_neuronprune.sweep import rank_grid
 from lightning_neuronprune.targets import Targets
 
-__all__ = ["check_arguments", "check_joint_layers"]
+__all__ = ["check_against_targets", "check_arguments"]
 
 
 def _is_int(value: Any) -> bool:
@@ -127,15 +127,30 @@ def check_arguments(
     return targets
 
 
-def check_joint_layers(
-    targets: Targets, joint_order: Sequence[str] | None, joint_shares: Sequence[float] | None
+def check_against_targets(
+    targets: Targets,
+    apply: Any,
+    joint_order: Sequence[str] | None,
+    joint_shares: Sequence[float] | None,
 ) -> list[str] | None:
-    """Check the sequential strategy's order and shares against the resolved targets; return the
-    order as canonical layer names.
+    """Check what names layers against the resolved targets: ``apply``'s ``{layer: p}`` and the
+    sequential strategy's order and shares. Return the order as canonical layer names.
 
     Raises:
-        ValueError: the order is not a permutation of the targets, or the shares do not match.
+        ValueError: an unknown layer, a p above a layer's width, an order that is not a
+            permutation of the targets, or shares that do not match them.
     """
+    if isinstance(apply, Mapping):
+        for key, p in apply.items():
+            if key not in targets:
+                raise ValueError(
+                    f"`apply` names {key!r}, which is not among the targets {targets.names}"
+                )
+            if p > targets[key].num_features:
+                raise ValueError(
+                    f"`apply` asks for p={p} in {key!r}, which has only "
+                    f"{targets[key].num_features} features"
+                )
     if joint_shares is not None and len(joint_shares) != len(targets):
         raise ValueError(
             f"`joint_shares` must have one share per target ({len(targets)}: {targets.layers}), "
