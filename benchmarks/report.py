@@ -59,8 +59,9 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine_description() -> str:
-    """CPU model (``lscpu``), core count, torch version and thread count."""
+def machine_description(device: torch.device | str | None = None) -> str:
+    """CPU model (``lscpu``), core count, torch version and thread count; with a CUDA
+    ``device``, also the GPU's name."""
     model = ""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -71,7 +72,10 @@ def machine_description() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     model = model or platform.processor() or platform.machine()
-    return (
+    text = (
         f"{model} ({os.cpu_count()} CPUs), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
+    if device is not None and torch.device(device).type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return text
