@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import json
 import logging
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -55,10 +53,13 @@ from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.progress import ProgressBar, sample_count
 from lightning_neuronprune.reporting import (
-    PREFIX,
+    confirmation_table,
+    log_confirmations,
     log_joint_scalars,
     log_scalars,
     log_summary,
+    point_label,
+    write_confirmation_csv,
     write_report,
 )
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
@@ -409,9 +410,9 @@ class NeuronEliminationCallback(pl.Callback):
         for c in self.confirmations:
             bound = "" if c.upper_bound is None else f" (upper bound {c.upper_bound:+.4f})"
             self._info(
-                f"neuron elimination [confirm] {_label(c.point)}: drop {c.search_drop:+.4f} on the "
-                f"search part, {c.confirmed_drop:+.4f} held out{bound} -> "
-                + ("kept" if c.held else "rejected")
+                f"neuron elimination [confirm] {point_label(c.point)}: drop "
+                f"{c.search_drop:+.4f} on the search part, {c.confirmed_drop:+.4f} held out{bound}"
+                " -> " + ("kept" if c.held else "rejected")
             )
         if chosen is None:
             rank_zero_warn(
@@ -635,7 +636,7 @@ class NeuronEliminationCallback(pl.Callback):
             log_scalars(trainer.loggers, every)
             if self.joint_points:
                 log_joint_scalars(trainer.loggers, self.joint_points)
-            self._log_confirmations(trainer)
+            log_confirmations(trainer.loggers, self.confirmations)
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
@@ -643,7 +644,10 @@ class NeuronEliminationCallback(pl.Callback):
         log_summary(
             trainer.loggers, self.points, self.joint_points, self.chosen,
             confirmations=self.confirmations,
-            extra_table=self._confirmation_table() if self.confirmations else "",
+            extra_table=confirmation_table(
+                self.confirmations, self.confirm_fraction, self.max_accuracy_drop,
+                self.confirm_margin, self.confirm_confidence,
+            ) if self.confirmations else "",
         )  # fmt: skip
         self.report_paths = write_report(
             directory, every, self.chosen,
@@ -659,52 +663,11 @@ class NeuronEliminationCallback(pl.Callback):
             },
         )  # fmt: skip
         if self.confirmations:
-            self.report_paths = (*self.report_paths, self._write_confirmation_csv(directory))
-        self._info(f"neuron elimination: report written to {self.report_paths[0]}")
-
-    def _log_confirmations(self, trainer: pl.Trainer) -> None:
-        """Search and held-out drops side by side, ``step`` = the order they were tried in."""
-        for i, c in enumerate(self.confirmations):
-            values = {
-                f"{PREFIX}/confirmation/search_drop": c.search_drop,
-                f"{PREFIX}/confirmation/confirmed_drop": c.confirmed_drop,
-                f"{PREFIX}/confirmation/held": float(c.held),
-                **(
-                    {f"{PREFIX}/confirmation/upper_bound": c.upper_bound}
-                    if c.upper_bound is not None
-                    else {}
-                ),
-                f"{PREFIX}/confirmation/energy_ratio": c.point.energy_ratio,
-            }
-            for lg in trainer.loggers:
-                lg.log_metrics(values, step=i)
-
-    def _write_confirmation_csv(self, directory: Any) -> Path:
-        """``neuron_elimination_confirmation.csv``: one row per re-measured candidate."""
-        path = Path(directory) / "neuron_elimination_confirmation.csv"
-        rows = [c.as_dict() for c in self.confirmations]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
-
-    def _confirmation_table(self) -> str:
-        lines = [
-            f"**Held-out confirmation** ({self.confirm_fraction:.0%} of the evaluation samples; "
-            f"budget {self.max_accuracy_drop:.4f}, margin {self.confirm_margin:.4f}, confidence "
-            f"{self.confirm_confidence}):",
-            "",
-            "| configuration | search drop | held-out drop | upper bound | energy ratio | result |",
-            "|---|---|---|---|---|---|",
-        ]
-        for c in self.confirmations:
-            bound = "—" if c.upper_bound is None else f"{c.upper_bound:.4f}"
-            lines.append(
-                f"| {_label(c.point)} | {c.search_drop:.4f} | {c.confirmed_drop:.4f} | {bound} | "
-                f"{c.point.energy_ratio:.2f}× | {'confirmed' if c.held else 'rejected'} |"
+            self.report_paths = (
+                *self.report_paths,
+                write_confirmation_csv(directory, self.confirmations),
             )
-        return "\n".join(lines) + "\n"
+        self._info(f"neuron elimination: report written to {self.report_paths[0]}")
 
     def _apply(
         self, pl_module: pl.LightningModule, junctions: list[Junction],
@@ -770,7 +733,3 @@ class NeuronEliminationCallback(pl.Callback):
             doc = json.loads(report.read_text())
             doc["reduced_checkpoint"] = path
             report.write_text(json.dumps(doc, indent=2))
-
-
-def _label(pt: SweepPoint | JointPoint) -> str:
-    return pt.label if isinstance(pt, JointPoint) else f"{pt.layer}={pt.p}"

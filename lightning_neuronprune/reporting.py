@@ -15,13 +15,17 @@ from lightning_neuronprune.sweep import SweepPoint
 
 __all__ = [
     "PREFIX",
+    "confirmation_table",
+    "log_confirmations",
     "log_joint_scalars",
     "log_scalars",
-    "mark_confirmations",
     "log_summary",
+    "mark_confirmations",
     "markdown_table",
+    "point_label",
     "point_metrics",
     "tradeoff_figure",
+    "write_confirmation_csv",
     "write_report",
 ]
 
@@ -301,3 +305,66 @@ def write_report(
             writer.writeheader()
             writer.writerows(rows)
     return json_path, csv_path
+
+
+def point_label(point: Any) -> str:
+    """``"fc1=40"`` for a single-layer point, ``"fc1=40, fc2=20"`` for a joint one."""
+    label = getattr(point, "label", None)
+    return label if label else f"{point.layer}={point.p}"
+
+
+def log_confirmations(
+    loggers: Iterable[Any], confirmations: Sequence[Any], prefix: str = PREFIX
+) -> None:
+    """Search and held-out drops side by side under ``<prefix>/confirmation/...``, ``step`` = the
+    order the candidates were tried in."""
+    loggers = list(loggers)
+    for i, c in enumerate(confirmations):
+        values = {
+            f"{prefix}/confirmation/search_drop": c.search_drop,
+            f"{prefix}/confirmation/confirmed_drop": c.confirmed_drop,
+            f"{prefix}/confirmation/held": float(c.held),
+            **(
+                {f"{prefix}/confirmation/upper_bound": c.upper_bound}
+                if c.upper_bound is not None
+                else {}
+            ),
+            f"{prefix}/confirmation/energy_ratio": c.point.energy_ratio,
+        }
+        for lg in loggers:
+            lg.log_metrics(values, step=i)
+
+
+def write_confirmation_csv(
+    directory: str | os.PathLike[str],
+    confirmations: Sequence[Any],
+    stem: str = "neuron_elimination",
+) -> Path:
+    """``<stem>_confirmation.csv``: one row per re-measured candidate."""
+    path = Path(directory) / f"{stem}_confirmation.csv"
+    rows = [c.as_dict() for c in confirmations]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def confirmation_table(
+    confirmations: Sequence[Any], fraction: float, budget: float, margin: float, confidence: Any
+) -> str:
+    """A Markdown table of the held-out confirmation: search and held-out drops, the result."""
+    lines = [
+        f"**Held-out confirmation** ({fraction:.0%} of the evaluation samples; budget "
+        f"{budget:.4f}, margin {margin:.4f}, confidence {confidence}):",
+        "",
+        "| configuration | search drop | held-out drop | upper bound | energy ratio | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in confirmations:
+        bound = "—" if c.upper_bound is None else f"{c.upper_bound:.4f}"
+        lines.append(
+            f"| {point_label(c.point)} | {c.search_drop:.4f} | {c.confirmed_drop:.4f} | {bound} | "
+            f"{c.point.energy_ratio:.2f}× | {'confirmed' if c.held else 'rejected'} |"
+        )
+    return "\n".join(lines) + "\n"
