@@ -9,7 +9,7 @@ goes through :class:`JunctionFitter`:
 
 The fitter computes once what every p shares (the second moment, its eigenvectors ``U`` or the
 nested pivot order, the numerical rank), and for ``"svd_qr"`` it selects a whole grid of p at
-once (:func:`~lightning_neuronprune.linalg.prefix_qr_pivots`). Everything stays on the
+once (:func:`~lightning_neuronprune.selection.prefix_qr_pivots`). Everything stays on the
 statistics' device.
 """
 
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_neuronprune.linalg import pivoted_qr, prefix_qr_pivots
+from lightning_neuronprune.linalg import pivoted_qr
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import (
     METHODS,
@@ -34,6 +34,7 @@ from lightning_neuronprune.selection import (
     nested_order,
     numerical_rank,
     output_order,
+    prefix_qr_pivots,
     spectrum,
 )
 from lightning_neuronprune.statistics import JunctionStatistics
@@ -151,7 +152,7 @@ class JunctionFitter:
         """Select the kept sets of many p at once.
 
         ``svd_qr`` selects the whole grid in one batched loop
-        (:func:`~lightning_neuronprune.linalg.prefix_qr_pivots`), except on the CPU for layers
+        (:func:`~lightning_neuronprune.selection.prefix_qr_pivots`), except on the CPU for layers
         wider than :data:`CPU_BATCHED_MAX_FEATURES`, where one blocked pivoted QR per p moves
         less memory (measured in docs/RESULTS.md); both give LAPACK's pivots.
         """

@@ -42,7 +42,7 @@ def mnist_dir() -> Path:
 def pivots_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with pivots read on the host (the CPU path) and kept on the device (the
     synchronisation-free GPU path, forced on the CPU)."""
-    import lightning_neuronprune.linalg as linalg
+    import lightning_neuronprune.cholesky as cholesky
 
-    monkeypatch.setattr(linalg, "_FORCE_DEVICE_PIVOTS", request.param == "device")
+    monkeypatch.setattr(cholesky, "_FORCE_DEVICE_PIVOTS", request.param == "device")
     return request.param

@@ -415,7 +415,7 @@ def _orthonormal_basis(rng: np.random.Generator, n: int, decay: float = 3.0) -> 
 
 @pytest.mark.parametrize("n", [40, 97])
 def test_prefix_qr_pivots_match_lapack_at_every_rank(rng: np.random.Generator, n: int) -> None:
-    from lightning_neuronprune.linalg import prefix_qr_pivots
+    from lightning_neuronprune.selection import prefix_qr_pivots
 
     U = _orthonormal_basis(rng, n)
     ps = list(range(n - 1, 0, -3))
@@ -429,7 +429,7 @@ def test_prefix_qr_pivots_match_lapack_at_every_rank(rng: np.random.Generator, n
 
 
 def test_prefix_qr_pivots_batched_equals_one_by_one(rng: np.random.Generator) -> None:
-    from lightning_neuronprune.linalg import prefix_qr_pivots
+    from lightning_neuronprune.selection import prefix_qr_pivots
 
     U = _orthonormal_basis(rng, 60)
     ps = [59, 7, 30, 1, 30, 44]  # any order, repeats allowed
@@ -444,7 +444,7 @@ def test_prefix_qr_pivots_batched_equals_one_by_one(rng: np.random.Generator) ->
 
 
 def test_prefix_qr_pivots_float32_and_validation(rng: np.random.Generator) -> None:
-    from lightning_neuronprune.linalg import prefix_qr_pivots
+    from lightning_neuronprune.selection import prefix_qr_pivots
 
     U = _orthonormal_basis(rng, 30, decay=1.0)
     piv32 = prefix_qr_pivots(U.float(), [10, 20])
@@ -476,7 +476,7 @@ def test_cuda_graph_pivots_across_panels_and_rank_stop(rng: np.random.Generator)
     perm_ref = scipy.linalg.qr(A_np, mode="economic", pivoting=True)[2]
     Q, R, perm = pivoted_qr(torch.from_numpy(A_np).cuda(), k=200)
     _assert_same_pivots(A_np, perm.cpu().numpy(), perm_ref, 200, near_tie=1e-9)
-    from lightning_neuronprune.linalg import prefix_qr_pivots
+    from lightning_neuronprune.selection import prefix_qr_pivots
 
     U = _orthonormal_basis(rng, 200)
     ps = [199, 150, 60, 3]
