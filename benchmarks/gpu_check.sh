@@ -96,9 +96,9 @@ step() {  # step NAME TIMEOUT COMMAND...: one step, its output into the log
 }
 
 if [ "$DEVICE" != "cpu" ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
-  step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+  step cuda_tests 90 "$PY" -m pytest -q -rA -p no:cacheprovider -o addopts="" \
     tests/test_linalg.py tests/test_precision.py tests/test_selection_output.py -k "cuda or 16"
-  grep -E "passed|failed" "$LOG" | tail -1
+  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$LOG" | grep -v "bf16\|32-true\|64-true" | tail -12
 fi
 step qr "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts qr \
   --markdown "$MD" --section gpu_check_qr --json "$OUT_DIR/gpu_check_qr.json"
