@@ -102,6 +102,9 @@ if [ "$DEVICE" != "cpu" ] && "$PY" -c "import pytest" >/dev/null 2>&1; then
 fi
 step qr "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts qr \
   --markdown "$MD" --section gpu_check_qr --json "$OUT_DIR/gpu_check_qr.json"
+step profile_qr 60 "$PY" benchmarks/profile_pivoted_qr.py --device "$DEVICE" \
+  --n "$([ "$DEVICE" = cpu ] && echo 256 || echo 4096)"
+sed -n '/^float32/,/^USDT\|^---/p' "$LOG" | head -8
 step scale "$LIMIT" "$PY" benchmarks/bench_sweep.py --device "$DEVICE" "${SIZE[@]}" --parts scale \
   --markdown "$MD" --section gpu_check_scale --json "$OUT_DIR/gpu_check_scale.json"
 if [ -n "$MNIST" ]; then
