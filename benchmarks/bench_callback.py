@@ -33,8 +33,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_sweep import Report, machine_description, md_table  # noqa: E402
 from common import DEFAULT_MNIST, trained  # noqa: E402
+from report import Report, machine_description, md_table  # noqa: E402
 
 from lightning_neuronprune import NeuronEliminationCallback  # noqa: E402
 from lightning_neuronprune.datasets import MNISTDataModule  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--section", default="bench_callback")
     args = parser.parse_args(argv)
 
-    report = Report(args.markdown, args.section)
+    report = Report(args.markdown, args.section, "bench_callback.py")
     first = torch.device(args.devices[0] if args.devices[0] != "cuda" else "cuda:0")
     report.add(
         f"### bench_callback.py\n\nMachine: {machine_description(first)}. Command: "

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,25 @@ def machine_description(device: torch.device | str | None = None) -> str:
     if device is not None and torch.device(device).type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     return text
+
+
+@dataclass
+class Report:
+    """What one benchmark run prints and writes: its tables, in order, and its JSON data.
+
+    Every ``add`` prints the text and, with a ``markdown`` file, rewrites the run's generated
+    section ``section`` there (``source`` names the script), so that a run stopped by a time
+    limit keeps what it measured.
+    """
+
+    markdown: Path | None = None
+    section: str = "bench_sweep"
+    source: str = "bench_sweep.py"
+    sections: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, text: str) -> None:
+        print(text + "\n", flush=True)
+        self.sections.append(text)
+        if self.markdown is not None:
+            write_section(self.markdown, self.section, "\n\n".join(self.sections), self.source)
