@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import STRATEGIES, JointPoint, JointSearch, apply_joint
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
+from lightning_neuronprune.probe import JunctionProbe
 from lightning_neuronprune.reporting import (
     PREFIX,
     log_joint_scalars,
@@ -46,13 +47,27 @@ from lightning_neuronprune.reporting import (
     write_report,
 )
 from lightning_neuronprune.selection import METHODS
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
-from lightning_neuronprune.surgery import Junction, find_junction, linear_layer_names
+from lightning_neuronprune.statistics import (
+    JunctionStatistics,
+    _batch_size,
+    _truncate,
+    batch_input,
+    call_model,
+    collect_statistics,
+)
+from lightning_neuronprune.surgery import (
+    Junction,
+    UndecidedJunctionError,
+    auto_junctions,
+    find_junction,
+    linear_layer_names,
+)
 from lightning_neuronprune.sweep import (
     CachedEvaluator,
     SweepPoint,
     _to,
     choose,
+    model_output,
     pareto_front,
     rank_grid,
     sweep_junction,
@@ -107,7 +122,13 @@ class NeuronEliminationCallback(pl.Callback):
     Args:
         targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons have a
             consumer. ``"fc1"`` removes fc1's output neurons; ``"fc1:in"`` removes fc1's input
-            features (the paper's "FC1" row of LeNet-300-100).
+            features (the paper's "FC1" row of LeNet-300-100). A mapping ``{target: consumer}``
+            names the consumers too (checked by the probe). Junctions are found by a probe on
+            ``probe_samples`` samples of the first training batch (see
+            :mod:`~lightning_neuronprune.probe`), cross-checked by :mod:`torch.fx` where the
+            model traces: ``"auto"`` finds the FFN pairs of transformer blocks (BERT's
+            ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1``
+            → ``fc2``) through custom activation modules and untraceable ``forward``\ s.
         ranks: the grid of p per layer: ``"auto"`` (every p up to 64 features, else 48 points plus
             a dense tail), ``"all"`` (every p, Algorithm 1), an int step, a list of ints, or a list
             of fractions of n.
@@ -119,8 +140,10 @@ class NeuronEliminationCallback(pl.Callback):
             drops in all five MNIST rows and reaches higher joint ratios (docs/RESULTS.md).
         affine: fit an intercept in the least-squares update.
         ridge: relative ridge parameter of the update.
-        metric: a ``torchmetrics.Metric`` over ``(logits, target)``; the default is multiclass
-            top-``top_k`` accuracy, with the class count read from the model output.
+        metric: a ``torchmetrics.Metric`` over ``(predictions, target)``; the default is
+            multiclass top-``top_k`` accuracy, with the class count read from the model output.
+            Its ``higher_is_better`` sets the direction of ``max_accuracy_drop``: for a loss or
+            an MSE (``higher_is_better=False``) an increase is the degradation.
         top_k: k of the default metric.
         energy_model: the energy model (default: 45 nm constants).
         apply: ``"max_energy_saving"`` (the lowest-energy configuration within the threshold,
@@ -160,6 +183,19 @@ class NeuronEliminationCallback(pl.Callback):
         weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
             without ``monitor`` its "best" is its latest checkpoint).
+        input_fn: maps a batch to the model input; the default
+            (:func:`~lightning_neuronprune.statistics.batch_input`) takes ``x`` of ``(x, y)``, and
+            for a Hugging Face-style dict (``input_ids``...) the dict less its ``labels``. The
+            model is called as ``model(**input)`` when its ``forward`` takes the dict's keys,
+            else ``model(input)`` (a LightningModule whose ``forward`` takes the batch).
+        target_fn: maps a batch to the metric's target; the default takes ``y`` of ``(x, y)``
+            or the ``labels`` (``y``, ``target``, ``label``...) of a dict.
+        output_fn: maps the model output to the metric's predictions; the default takes a
+            tensor, or the ``logits`` of a Hugging Face output, or the first element of a tuple.
+        mask_fn: maps a batch to its padding mask (B, T), non-zero for real tokens, so that the
+            statistics and the least-squares fit count real tokens only; the default takes a
+            dict's ``attention_mask`` (``None`` otherwise: every row counts).
+        probe_samples: samples of the first training batch used to find the junctions.
 
     Attributes:
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
@@ -183,7 +219,7 @@ class NeuronEliminationCallback(pl.Callback):
 
     def __init__(
         self,
-        targets: str | list[str] = "auto",
+        targets: str | list[str] | dict[str, str] = "auto",
         ranks: str | int | list[int] | list[float] = "auto",
         max_accuracy_drop: float = 0.02,
         method: str = "output",
@@ -207,9 +243,25 @@ class NeuronEliminationCallback(pl.Callback):
         confirm_max_tries: int = 20,
         verbose: bool = True,
         weights: str = "last",
+        input_fn: Callable[[Any], Any] | None = None,
+        target_fn: Callable[[Any], Tensor] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        mask_fn: Callable[[Any], Tensor | None] | None = None,
+        probe_samples: int = 8,
     ) -> None:
         super().__init__()
         self._fitters: dict[str, JunctionFitter] = {}
+        self.consumers: dict[str, str] = {}
+        if isinstance(targets, Mapping):
+            bad = {k: v for k, v in targets.items() if not (isinstance(k, str) and k)}
+            bad |= {k: v for k, v in targets.items() if not (isinstance(v, str) and v)}
+            if bad or not targets:
+                raise MisconfigurationException(
+                    f"`targets` as a mapping must be a non-empty {{target: consumer}} of layer "
+                    f"names, got {targets!r}"
+                )
+            self.consumers = dict(targets)
+            targets = list(targets)
         if targets != "auto":
             if isinstance(targets, str):
                 targets = [targets]
@@ -349,6 +401,25 @@ class NeuronEliminationCallback(pl.Callback):
                 f"`weights` must be one of {list(WEIGHTS)}, got {weights!r}"
             )
         self.weights = weights
+        for name, fn in (
+            ("input_fn", input_fn), ("target_fn", target_fn), ("output_fn", output_fn),
+            ("mask_fn", mask_fn),
+        ):  # fmt: skip
+            if fn is not None and not callable(fn):
+                raise MisconfigurationException(f"`{name}` must be callable, got {fn!r}")
+        if (
+            isinstance(probe_samples, bool)
+            or not isinstance(probe_samples, int)
+            or probe_samples < 1
+        ):
+            raise MisconfigurationException(
+                f"`probe_samples` must be a positive integer, got {probe_samples!r}"
+            )
+        self.input_fn = input_fn
+        self.target_fn = target_fn
+        self.output_fn = output_fn
+        self.mask_fn = mask_fn
+        self.probe_samples = probe_samples
 
         self.results: list[dict[str, Any]] = []
         self.points: dict[str, list[SweepPoint]] = {}
@@ -374,8 +445,9 @@ class NeuronEliminationCallback(pl.Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._failed = False
-        # Refuse bad targets and missing evaluation data before any training.
-        self._resolve_junctions(pl_module)
+        # Refuse bad targets and missing evaluation data before any training; what tracing
+        # cannot decide waits for the probe on a real batch in `_run`.
+        self._check_targets(pl_module)
         if self.eval_dataloader is None and not _has_val_source(trainer):
             raise MisconfigurationException(
                 "NeuronEliminationCallback needs evaluation data: give the LightningModule or "
@@ -400,21 +472,49 @@ class NeuronEliminationCallback(pl.Callback):
 
     # --------------------------------------------------------------- helpers
 
-    def _resolve_junctions(self, pl_module: pl.LightningModule) -> list[Junction]:
+    def _check_targets(self, pl_module: pl.LightningModule) -> None:
+        """Early refusals by tracing only; undecided targets are left to the probe."""
         if self.targets == "auto":
-            junctions = []
-            for name in linear_layer_names(pl_module):
-                try:
-                    junctions.append(find_junction(pl_module, name))
-                except JunctionError as err:
-                    log.debug("auto targets: skipping %s (%s)", name, err)
+            return
+        try:
+            self._resolve_junctions(pl_module)
+        except UndecidedJunctionError as err:
+            log.debug("targets left to the probe: %s", err)
+
+    def _first_input(self, loader: Iterable[Any], device: torch.device, size: int) -> Any:
+        """The model input of the loader's first batch, as the Trainer feeds it, cut to
+        ``size`` samples."""
+        batch = next(iter(loader))
+        transfer = self._forward.get("transfer")
+        x = (self.input_fn or batch_input)(transfer(batch) if transfer is not None else batch)
+        if _batch_size(x) > size:
+            x = _truncate(x, size)
+        return _to(x, device)
+
+    def _probe(self, pl_module: pl.LightningModule, example: Any) -> JunctionProbe:
+        context = self._forward.get("forward_context") or contextlib.nullcontext
+
+        def call(model: torch.nn.Module, x: Any) -> Any:
+            with context():
+                return call_model(model, x)
+
+        return JunctionProbe(pl_module, example, call=call)
+
+    def _resolve_junctions(
+        self, pl_module: pl.LightningModule, example: Any = None
+    ) -> list[Junction]:
+        probe = self._probe(pl_module, example) if example is not None else None
+        if self.targets == "auto":
+            junctions = auto_junctions(pl_module, probe=probe)
             if not junctions:
                 raise JunctionError(
                     f"`targets='auto'` found no nn.Linear with a consumer in "
                     f"{type(pl_module).__name__}; Linear layers: {linear_layer_names(pl_module)}"
                 )
             return junctions
-        junctions = [find_junction(pl_module, t) for t in self.targets]
+        junctions = [
+            find_junction(pl_module, t, self.consumers.get(t), probe=probe) for t in self.targets
+        ]
         consumers: dict[str, str] = {}
         for j in junctions:
             if j.consumer in consumers:
@@ -552,7 +652,6 @@ class NeuronEliminationCallback(pl.Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
-        junctions = self._resolve_junctions(pl_module)
         eval_loader = self._eval_loader(trainer)
         train_loader = self._train_loader(trainer)
         device = trainer.strategy.root_device
@@ -561,6 +660,9 @@ class NeuronEliminationCallback(pl.Callback):
         self.reduced_checkpoint_path = self.source_checkpoint_path = None
         if self.weights == "best":
             self._load_best(trainer, pl_module)
+        junctions = self._resolve_junctions(
+            pl_module, self._first_input(train_loader, device, self.probe_samples)
+        )
 
         stats = self._collect(pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
@@ -604,16 +706,14 @@ class NeuronEliminationCallback(pl.Callback):
         return collect_statistics(
             pl_module, [j.consumer for j in junctions], loader,
             max_samples=self.max_samples, device=device, **self._forward_kwargs(),
+            input_fn=self.input_fn, mask_fn=self.mask_fn,
         )  # fmt: skip
 
     def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
         if self.example_input is not None:
             convert = self._forward.get("convert", lambda x: x)
             return convert(_to(self.example_input, device))
-        batch = next(iter(loader))
-        transfer = self._forward.get("transfer")
-        x = batch_input(transfer(batch) if transfer is not None else batch)
-        return _to(x[:1], device)
+        return self._first_input(loader, device, 1)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:
@@ -623,10 +723,10 @@ class NeuronEliminationCallback(pl.Callback):
         context = self._forward.get("forward_context") or contextlib.nullcontext
         try:
             with torch.no_grad(), context():
-                out = pl_module(example)
+                out = call_model(pl_module, example)
         finally:
             pl_module.train(was_training)
-        logits = out if isinstance(out, Tensor) else out[0]
+        logits = (self.output_fn or model_output)(out)
         num_classes = int(logits.shape[-1])
         if num_classes < 2:
             raise MisconfigurationException(
@@ -646,7 +746,13 @@ class NeuronEliminationCallback(pl.Callback):
         baseline = None
         for i, j in enumerate(junctions, 1):
             evaluator = CachedEvaluator(
-                pl_module, j.consumer, loader, metric, device=device, **self._forward_kwargs()
+                pl_module,
+                j.consumer,
+                loader,
+                metric,
+                device=device,
+                **self._forward_kwargs(),
+                **self._eval_fns(),
             )
             if baseline is None:
                 baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
@@ -696,7 +802,7 @@ class NeuronEliminationCallback(pl.Callback):
             train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
             ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
             baseline=(first.accuracy, first.energy), fitters=self._fitters,
-            **self._forward_kwargs(),
+            **self._forward_kwargs(), data_fns=self._data_fns(),
         )  # fmt: skip
         if self.joint == "greedy":
             return search.greedy(
@@ -706,6 +812,12 @@ class NeuronEliminationCallback(pl.Callback):
         return search.sequential(
             self.max_accuracy_drop, order=self.joint_order, shares=self.joint_shares
         )
+
+    def _eval_fns(self) -> dict[str, Any]:
+        return {"input_fn": self.input_fn, "target_fn": self.target_fn, "output_fn": self.output_fn}
+
+    def _data_fns(self) -> dict[str, Any]:
+        return {**self._eval_fns(), "mask_fn": self.mask_fn}
 
     def _choose(
         self, every: list[SweepPoint], junctions: list[Junction]
@@ -859,6 +971,7 @@ class NeuronEliminationCallback(pl.Callback):
             pl_module, {by_layer[layer].target: p for layer, p in plan.items()},
             stats={by_layer[layer].consumer: stats[by_layer[layer].consumer] for layer in plan},
             method=self.method, affine=self.affine, ridge=self.ridge, inplace=True, kept=kept,
+            junctions=junctions,
         )  # fmt: skip
         self.applied = dict(plan)
         self._info(f"neuron elimination: applied {plan}")

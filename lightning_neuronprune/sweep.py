@@ -29,7 +29,12 @@ from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
 from lightning_neuronprune.selection import Method
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input
+from lightning_neuronprune.statistics import (
+    TARGET_KEYS,
+    JunctionStatistics,
+    batch_input,
+    call_model,
+)
 from lightning_neuronprune.surgery import (
     GatheredLinear,
     Junction,
@@ -44,6 +49,9 @@ __all__ = [
     "SweepPoint",
     "batch_target",
     "choose",
+    "degradation",
+    "metric_direction",
+    "model_output",
     "pareto_front",
     "rank_grid",
     "sweep_junction",
@@ -110,11 +118,11 @@ def rank_grid(n: int, ranks: Ranks = "auto", *, start: int | None = None) -> lis
 
 def batch_target(batch: Any) -> Tensor:
     """The target of a batch: the second element of a tuple/list, or a ``y``/``target``/``label(s)``
-    key of a mapping."""
+    key of a mapping (Hugging Face-style batches carry ``labels``)."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return batch[1]
-    if isinstance(batch, dict):
-        for key in ("y", "target", "targets", "label", "labels"):
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
             if key in batch:
                 return batch[key]
     raise NeuronEliminationError(
@@ -122,15 +130,44 @@ def batch_target(batch: Any) -> Tensor:
     )
 
 
-def _logits(output: Any) -> Tensor:
+def model_output(output: Any) -> Tensor:
+    """The predictions in a model's output, given to the metric.
+
+    A tensor is taken as is; an object with a ``logits`` attribute or key (Hugging Face's
+    ``ModelOutput``, a dict) gives its logits; a tuple or list gives its first element.
+    """
     if isinstance(output, Tensor):
         return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise NeuronEliminationError(
         f"the model returned {type(output).__name__}; the sweep evaluates a tensor of predictions "
-        "(or the first element of a tuple)"
+        "(the output itself, its `logits`, or the first element of a tuple); pass `output_fn`"
     )
+
+
+_logits = model_output
+
+
+def degradation(baseline: float, value: float, higher_is_better: bool = True) -> float:
+    """How much worse ``value`` is than ``baseline``: ``baseline - value`` for a metric where
+    higher is better (accuracy), ``value - baseline`` otherwise (a loss, an MSE).
+
+    Example:
+        >>> degradation(0.75, 0.5), degradation(0.25, 0.5, higher_is_better=False)
+        (0.25, 0.25)
+    """
+    return baseline - value if higher_is_better else value - baseline
+
+
+def metric_direction(metric: Any) -> bool:
+    """``metric.higher_is_better``, read as ``True`` when the metric leaves it unset."""
+    return getattr(metric, "higher_is_better", None) is not False
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -138,7 +175,7 @@ def _to(x: Any, device: torch.device) -> Any:
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
     return x
 
@@ -188,8 +225,11 @@ class CachedEvaluator:
         consumer: the qualified name of the consumer ``nn.Linear``.
         data: evaluation batches.
         metric: a ``torchmetrics.Metric`` taking ``(preds, target)``; it is reset before each use.
-        input_fn: maps a batch to the model input (default :func:`batch_input`).
+        input_fn: maps a batch to the model input (default :func:`batch_input`); the model is
+            called through :func:`~lightning_neuronprune.statistics.call_model`.
         target_fn: maps a batch to the target (default :func:`batch_target`).
+        output_fn: maps the model output to the metric's predictions (default
+            :func:`model_output`).
         device: where to run; defaults to the model's device.
         cache: set to ``False`` to force the uncached fallback (for comparisons).
         transfer: maps each raw batch to the batch the model runs on, before ``input_fn`` and
@@ -200,6 +240,8 @@ class CachedEvaluator:
 
     Attributes:
         cached: whether the fx split succeeded and the front is cached.
+        higher_is_better: the metric's direction (``metric.higher_is_better``; unset counts as
+            higher is better). :meth:`degradation` uses it.
     """
 
     def __init__(
@@ -211,6 +253,7 @@ class CachedEvaluator:
         *,
         input_fn: Callable[[Any], Any] | None = None,
         target_fn: Callable[[Any], Tensor] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
         device: torch.device | str | None = None,
         cache: bool = True,
         transfer: Callable[[Any], Any] | None = None,
@@ -219,6 +262,8 @@ class CachedEvaluator:
         self.model = model
         self.consumer = consumer
         self.metric = metric
+        self.higher_is_better = metric_direction(metric)
+        self._output = output_fn or model_output
         self.device = torch.device(device) if device is not None else _device_of(model)
         get_input = input_fn or batch_input
         get_target = target_fn or batch_target
@@ -235,16 +280,18 @@ class CachedEvaluator:
         self._boundaries: list[tuple[Any, ...]] = []
         if cache:
             try:
-                prefix, self._suffix = _split(model, consumer)
+                prefix, suffix = _split(model, consumer)
+                boundaries, targets = [], []
+                with _evaluating(model), torch.no_grad(), self._context():
+                    for x, y in self._batches:
+                        boundaries.append(call_model(prefix, _to(x, self.device)))
+                        targets.append(_to(y, self.device))
             except Exception as err:  # noqa: BLE001 - any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
-                with _evaluating(model), torch.no_grad(), self._context():
-                    for k, batch in enumerate(self._batches):
-                        x, y = batch
-                        self._boundaries.append(prefix(_to(x, self.device)))
-                        # keep the target only, on the device: no copies per evaluation
-                        self._batches[k] = (None, _to(y, self.device))
+                self._suffix, self._boundaries = suffix, boundaries
+                # keep the targets only, on the device: no copies per evaluation
+                self._batches = [(None, y) for y in targets]
                 self.cached = True
 
     @torch.no_grad()
@@ -277,13 +324,21 @@ class CachedEvaluator:
                 _set(root, name, module)
             with _evaluating(self.model), _evaluating(root), self._context():
                 for k, (x, y) in enumerate(self._batches):
-                    out = root(*self._boundaries[k]) if self.cached else root(_to(x, self.device))
-                    self.metric.update(_logits(out), _to(y, self.device))
+                    out = (
+                        root(*self._boundaries[k])
+                        if self.cached
+                        else call_model(root, _to(x, self.device))
+                    )
+                    self.metric.update(self._output(out), _to(y, self.device))
             value = self.metric.compute()
             return float(value) if sync else value
         finally:
             for name, module in originals.items():
                 _set(root, name, module)
+
+    def degradation(self, baseline: float, value: float) -> float:
+        """The drop of the metric from ``baseline`` to ``value`` (see :func:`degradation`)."""
+        return degradation(baseline, value, self.higher_is_better)
 
     def replaceable(self, name: str) -> bool:
         """Whether module ``name`` runs in the evaluated part (always true when not cached)."""
@@ -349,7 +404,8 @@ class SweepPoint:
         p: kept features; ``p == n`` with ``kept == range(n)`` is the unreduced baseline.
         n: features before.
         accuracy: the metric on the evaluation data.
-        accuracy_drop: baseline metric minus this one.
+        accuracy_drop: the degradation: baseline metric minus this one, or this one minus the
+            baseline for a metric whose ``higher_is_better`` is ``False`` (a loss).
         energy: the :class:`EnergyReport` of the reduced network.
         energy_ratio: original total energy / this one.
         memory_ratio: original parameter memory / this one.
@@ -487,7 +543,7 @@ def sweep_junction(
                 p=p,
                 n=n,
                 accuracy=acc,
-                accuracy_drop=base_acc - acc,
+                accuracy_drop=evaluator.degradation(base_acc, acc),
                 energy=energy,
                 energy_ratio=base_energy.energy_ratio(energy),
                 memory_ratio=base_energy.memory_ratio(energy),
