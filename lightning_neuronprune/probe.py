@@ -13,14 +13,14 @@ transformers), or use activation modules that no list of types knows (``GELUActi
    output may not (a residual path around the consumer). Modules whose output changed form the
    path; a ``BatchNorm1d`` of n features on it is sliced with the producer, any other module with
    per-feature parameters is refused.
-3. **Narrowing** (one pass): run the network with the producer cut to n - 1 features and the
-   consumer's matching column removed. The consumer must then read exactly its baseline input
-   without that feature. Reshapes into attention heads and gated products (SwiGLU's
-   ``act(gate(x)) * up(x)``) fail here.
-4. **Feature map** (2⌈log₂ n⌉ passes): perturb the features whose index has bit b set, then
+3. **Feature map** (2⌈log₂ n⌉ passes): perturb the features whose index has bit b set, then
    those where it is clear. The consumer's input may change only in the perturbed features. Both
    patterns together pin every producer feature j to consumer feature j: a one-to-one,
    elementwise path. LayerNorm, softmax and attention change other features and are refused.
+4. **Narrowing** (one pass): run the network with the producer cut to n - 1 features and the
+   consumer's matching column removed. The consumer must then read exactly its baseline input
+   without that feature. Reshapes into attention heads and gated products (SwiGLU's
+   ``act(gate(x)) * up(x)``) fail here.
 
 Perturbation ``δ = 1 + |y|`` maps every value to a different one of at least 1, so even a neuron
 that is dead under a ReLU on the whole batch shows up. Everything is deterministic: no random
@@ -275,19 +275,18 @@ class JunctionProbe:
                 f"consumer {consumer!r} (a residual connection, or the activations are returned); "
                 "its neurons cannot be removed"
             )
-        path, batchnorm = self._path(producer, consumer, n, trace)
-        self._narrow(producer, consumer, batchnorm, n, path)
         for pattern in _bit_patterns(n):
-            trace = self._run(producer, pattern)
-            reached, changed = self._reached(producer, trace)
+            patterned = self._run(producer, pattern)
+            reached, changed = self._reached(producer, patterned)
             if reached != consumer or bool((changed & ~pattern).any()):
                 raise JunctionError(
                     f"the path from {producer!r} to {consumer!r} mixes features: perturbing "
                     f"features {_indices(pattern)} of {producer!r} changed features "
                     f"{_indices(changed)} of the input of {reached!r}; only elementwise modules "
-                    f"may lie between the two (the path: {list(path) or 'nothing'}; LayerNorm, "
-                    "softmax and attention mix features)"
+                    "may lie between the two (LayerNorm, softmax and attention mix features)"
                 )
+        path, batchnorm = self._path(producer, consumer, n, trace)
+        self._narrow(producer, consumer, batchnorm, n, path)
         return ProbeResult(producer, consumer, batchnorm, path, self.passes - start)
 
     def _output_changed(self, trace: _Trace) -> bool:
