@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,10 +73,14 @@ class ProbeResult:
 
 @dataclass
 class _Trace:
-    inputs: dict[str, list[Tensor]]
-    outputs: dict[str, list[Tensor]]
-    output: list[Tensor]
-    fingerprints: list[tuple[str, Tensor]]
+    """What one pass recorded: in the baseline, every ``nn.Linear`` call's input and output; in a
+    perturbed pass, per call, which input features differ from the baseline (``changed``)."""
+
+    inputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    changed: dict[str, list[Tensor]] = field(default_factory=dict)
+    output: list[Tensor] = field(default_factory=list)
+    fingerprints: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -198,21 +202,28 @@ class JunctionProbe:
     ) -> _Trace:
         """One forward pass. With ``producer``, its ``features`` are perturbed and every other
         ``nn.Linear`` call returns its baseline output."""
-        trace = _Trace({}, {}, [], [])
+        trace = _Trace()
         clamp = producer is not None
 
         def linear_hook(name: str) -> Callable[..., Any]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
-                k = len(trace.inputs.setdefault(name, []))
-                trace.inputs[name].append(args[0].detach().clone())
+                if not clamp:  # the baseline keeps copies
+                    trace.inputs.setdefault(name, []).append(args[0].detach().clone())
+                    trace.outputs.setdefault(name, []).append(output.detach().clone())
+                    return None
+                k = len(trace.changed.setdefault(name, []))
+                old_in = self.baseline.inputs.get(name, [])
+                trace.changed[name].append(
+                    _changed_features(args[0], old_in[k], self.tolerance)
+                    if k < len(old_in)
+                    else torch.zeros(0, dtype=torch.bool)
+                )
                 if name == producer:
-                    output = _perturbed(output, features)  # type: ignore[arg-type]
-                elif clamp:
-                    old = self.baseline.outputs.get(name, [])
-                    if k < len(old) and old[k].shape == output.shape:
-                        output = old[k]
-                trace.outputs.setdefault(name, []).append(output.detach().clone())
-                return output if clamp else None
+                    return _perturbed(output, features)  # type: ignore[arg-type]
+                old = self.baseline.outputs.get(name, [])
+                if k < len(old) and old[k].shape == output.shape:
+                    return old[k]
+                return None
 
             return hook
 
@@ -297,14 +308,10 @@ class JunctionProbe:
 
     def _reached(self, producer: str, trace: _Trace) -> tuple[str, Tensor]:
         reached: dict[str, Tensor] = {}
-        for name, xs in trace.inputs.items():
+        for name, per_call in trace.changed.items():
             if name == producer:
                 continue
-            old = self.baseline.inputs.get(name, [])
-            for k, x in enumerate(xs):
-                if k >= len(old):
-                    continue
-                changed = _changed_features(x, old[k], self.tolerance)
+            for changed in per_call:
                 if changed.any():
                     reached[name] = reached[name] | changed if name in reached else changed
         if not reached:

@@ -308,18 +308,24 @@ def collect_statistics(
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            if not torch.isfinite(x).all():
-                raise StatisticsError(
-                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
-                    f"(shape {tuple(x.shape)})"
-                )
+            shape = tuple(x.shape)
+            rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
             index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
             if isinstance(index, Tensor):
-                x = x.index_select(-1, index)
+                rows = rows.index_select(1, index)
             mask = current["mask"]
-            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                x = x[mask.to(x.device) != 0]  # (real tokens, n)
-            stats[name].update(x.to(device))
+            if mask is not None and tuple(mask.shape) == shape[:-1]:
+                real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
+                rows = rows.index_select(0, real)  # (real tokens, n)
+            st = stats[name]
+            st.update(rows.to(device))
+            # A NaN or Inf in the batch makes the float64 feature sums non-finite: checking the n
+            # sums is much cheaper than checking every activation.
+            if not torch.isfinite(st.total).all():
+                raise StatisticsError(
+                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
+                    f"(shape {shape})"
+                )
 
         return hook
 
