@@ -55,6 +55,15 @@ def _best(fn: Callable[[], Any], repeat: int = 3) -> float:
     return min(times)
 
 
+def _pair(f: Callable[[], Any], g: Callable[[], Any], repeat: int = 20) -> tuple[float, float]:
+    """Best times of ``f`` and ``g``, run alternately (fair on a shared, noisy machine)."""
+    tf, tg = [], []
+    for _ in range(repeat):
+        tf.append(_best(f, 1))
+        tg.append(_best(g, 1))
+    return min(tf), min(tg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=DEFAULT_MNIST)
@@ -118,13 +127,13 @@ def main() -> None:
     def update2() -> None:
         JunctionStatistics.zeros(256).update(X2)
 
-    t3, t2 = _best(update3, 20), _best(update2, 20)
+    t3, t2 = _pair(update3, update2)
     print(f"G update, masked (B={X3.shape[0]}, T={X3.shape[1]}, n=256): {t3 * 1e3:.2f} ms; "
           f"same {X2.shape[0]} tokens as 2-D: {t2 * 1e3:.2f} ms (ratio {t3 / t2:.2f})")  # fmt: skip
     gl = GatheredLinear(torch.arange(0, 256, 2), 64)
     flat = X3.reshape(-1, 256).contiguous()
     with torch.no_grad():
-        g3, g2 = _best(lambda: gl(X3), 20), _best(lambda: gl(flat), 20)
+        g3, g2 = _pair(lambda: gl(X3), lambda: gl(flat))
     print(f"GatheredLinear (p=128) on 3-D: {g3 * 1e3:.2f} ms; on 2-D: {g2 * 1e3:.2f} ms "
           f"(ratio {g3 / g2:.2f})")  # fmt: skip
 
