@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -477,7 +478,9 @@ class NeuronEliminationCallback(pl.Callback):
         if self.targets == "auto":
             return
         try:
-            self._resolve_junctions(pl_module)
+            with warnings.catch_warnings():  # an untraced explicit consumer: the probe checks it
+                warnings.simplefilter("ignore", UserWarning)
+                self._resolve_junctions(pl_module)
         except UndecidedJunctionError as err:
             log.debug("targets left to the probe: %s", err)
 
