@@ -6,12 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from lightning_neuronprune.elimination import eliminate_neurons
-from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.probe import JunctionProbe
-from lightning_neuronprune.surgery import UndecidedJunctionError, auto_junctions, find_junction
-from tests.transformer_blocks import (
+from transformer_blocks import (
     FFN,
     Encoder,
     Mlp,
@@ -22,6 +17,11 @@ from tests.transformer_blocks import (
     TorchvisionEncoderBlock,
     Wrapper,
 )
+
+from lightning_neuronprune.elimination import eliminate_neurons
+from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.probe import JunctionProbe
+from lightning_neuronprune.surgery import UndecidedJunctionError, auto_junctions, find_junction
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
