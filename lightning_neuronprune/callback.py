@@ -593,11 +593,14 @@ class NeuronEliminationCallback(pl.Callback):
         chunks = chunk_batches(held_out, self.confirm_chunk) if self.confirm_confidence else []
 
         def evaluate(module: torch.nn.Module) -> Any:
-            value = CachedEvaluator(module, first, held_out, metric, device=device, cache=False)()
+            fns = self._eval_fns()
+            value = CachedEvaluator(
+                module, first, held_out, metric, device=device, cache=False, **fns
+            )()
             if not self.confirm_confidence:
                 return value
             per_chunk = [
-                CachedEvaluator(module, first, c, metric, device=device, cache=False)()
+                CachedEvaluator(module, first, c, metric, device=device, cache=False, **fns)()
                 for c in chunks
             ]
             return value, per_chunk
