@@ -7,7 +7,8 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -46,7 +47,7 @@ from lightning_neuronprune.decision import (
 )
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.evaluation import CachedEvaluator
+from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction, model_output
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
 from lightning_neuronprune.pareto import pareto_front
@@ -62,8 +63,13 @@ from lightning_neuronprune.reporting import (
     write_confirmation_csv,
     write_report,
 )
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
-from lightning_neuronprune.surgery import Junction
+from lightning_neuronprune.statistics import (
+    JunctionStatistics,
+    call_model,
+    collect_statistics,
+    first_input,
+)
+from lightning_neuronprune.surgery import Junction, UndecidedJunctionError
 from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
 from lightning_neuronprune.validation import check_against_targets, check_arguments
@@ -116,7 +122,13 @@ class NeuronEliminationCallback(pl.Callback):
     Args:
         targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons have a
             consumer. ``"fc1"`` removes fc1's output neurons; ``"fc1:in"`` removes fc1's input
-            features (the paper's "FC1" row of LeNet-300-100).
+            features (the paper's "FC1" row of LeNet-300-100). A mapping ``{target: consumer}``
+            names the consumers too (checked by the probe). Junctions are found by a probe on
+            ``probe_samples`` samples of the first training batch (see
+            :mod:`~lightning_neuronprune.probe`), cross-checked by :mod:`torch.fx` where the
+            model traces: ``"auto"`` finds the FFN pairs of transformer blocks (BERT's
+            ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1``
+            → ``fc2``) through custom activation modules and untraceable ``forward``\ s.
         ranks: the grid of p per layer: ``"auto"`` (every p up to 64 features, else 48 points plus
             a dense tail), ``"all"`` (every p, Algorithm 1), an int step, a list of ints, or a list
             of fractions of n.
@@ -128,8 +140,10 @@ class NeuronEliminationCallback(pl.Callback):
             drops in all five MNIST rows and reaches higher joint ratios (docs/RESULTS.md).
         affine: fit an intercept in the least-squares update.
         ridge: relative ridge parameter of the update.
-        metric: a ``torchmetrics.Metric`` over ``(logits, target)``; the default is multiclass
-            top-``top_k`` accuracy, with the class count read from the model output.
+        metric: a ``torchmetrics.Metric`` over ``(predictions, target)``; the default is
+            multiclass top-``top_k`` accuracy, with the class count read from the model output.
+            Its ``higher_is_better`` sets the direction of ``max_accuracy_drop``: for a loss or
+            an MSE (``higher_is_better=False``) an increase is the degradation.
         top_k: k of the default metric.
         energy_model: the energy model (default: 45 nm constants).
         apply: ``"max_energy_saving"`` (the lowest-energy configuration within the threshold,
@@ -169,6 +183,19 @@ class NeuronEliminationCallback(pl.Callback):
         weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
             without ``monitor`` its "best" is its latest checkpoint).
+        input_fn: maps a batch to the model input; the default
+            (:func:`~lightning_neuronprune.statistics.batch_input`) takes ``x`` of ``(x, y)``, and
+            for a Hugging Face-style dict (``input_ids``...) the dict less its ``labels``. The
+            model is called as ``model(**input)`` when its ``forward`` takes the dict's keys,
+            else ``model(input)`` (a LightningModule whose ``forward`` takes the batch).
+        target_fn: maps a batch to the metric's target; the default takes ``y`` of ``(x, y)``
+            or the ``labels`` (``y``, ``target``, ``label``...) of a dict.
+        output_fn: maps the model output to the metric's predictions; the default takes a
+            tensor, or the ``logits`` of a Hugging Face output, or the first element of a tuple.
+        mask_fn: maps a batch to its padding mask (B, T), non-zero for real tokens, so that the
+            statistics and the least-squares fit count real tokens only; the default takes a
+            dict's ``attention_mask`` (``None`` otherwise: every row counts).
+        probe_samples: samples of the first training batch used to find the junctions.
 
     Attributes:
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
@@ -194,7 +221,7 @@ class NeuronEliminationCallback(pl.Callback):
 
     def __init__(
         self,
-        targets: str | list[str] = "auto",
+        targets: str | list[str] | dict[str, str] = "auto",
         ranks: str | int | list[int] | list[float] = "auto",
         max_accuracy_drop: float = 0.02,
         method: str = "output",
@@ -218,15 +245,25 @@ class NeuronEliminationCallback(pl.Callback):
         confirm_max_tries: int = 20,
         verbose: bool = True,
         weights: str = "last",
+        input_fn: Callable[[Any], Any] | None = None,
+        target_fn: Callable[[Any], Tensor] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        mask_fn: Callable[[Any], Tensor | None] | None = None,
+        probe_samples: int = 8,
     ) -> None:
         super().__init__()
         self._fitters: dict[str, JunctionFitter] = {}
+        adapters = {
+            "input_fn": input_fn, "target_fn": target_fn, "output_fn": output_fn,
+            "mask_fn": mask_fn,
+        }  # fmt: skip
         try:
             targets = check_arguments(
                 targets=targets, ranks=ranks, max_accuracy_drop=max_accuracy_drop,
                 options={"method": method, "affine": affine, "ridge": ridge}, top_k=top_k,
                 energy_model=energy_model, apply=apply, max_samples=max_samples, joint=joint,
                 joint_order=joint_order, joint_shares=joint_shares, verbose=verbose,
+                adapters=adapters, probe_samples=probe_samples,
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
@@ -300,6 +337,11 @@ class NeuronEliminationCallback(pl.Callback):
                 f"`weights` must be one of {list(WEIGHTS)}, got {weights!r}"
             )
         self.weights = weights
+        self.input_fn = input_fn
+        self.target_fn = target_fn
+        self.output_fn = output_fn
+        self.mask_fn = mask_fn
+        self.probe_samples = probe_samples
 
         self.results: list[dict[str, Any]] = []
         self.points: dict[str, list[SweepPoint]] = {}
@@ -328,7 +370,8 @@ class NeuronEliminationCallback(pl.Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._failed = False
-        # Refuse bad targets and missing evaluation data before any training.
+        # Refuse bad targets and missing evaluation data before any training; what tracing
+        # cannot decide waits for the probe on a real batch in `_run`.
         self._resolve_junctions(pl_module)
         if self.eval_dataloader is None and not has_val_source(trainer):
             raise MisconfigurationException(NO_EVAL_DATA)
@@ -351,8 +394,23 @@ class NeuronEliminationCallback(pl.Callback):
 
     # --------------------------------------------------------------- helpers
 
-    def _resolve_junctions(self, pl_module: pl.LightningModule) -> Targets:
-        targets = resolve_targets(pl_module, self.targets)
+    def _resolve_junctions(self, pl_module: pl.LightningModule, example: Any = None) -> Targets:
+        """The targets, found by the probe on ``example``. Without one (before training), by
+        tracing only, to refuse early what tracing refuses; what tracing cannot decide waits for
+        the probe (see :func:`~lightning_neuronprune.validation.check_against_targets`)."""
+        if example is not None:
+            targets = resolve_targets(
+                pl_module, self.targets, example=example,
+                forward_context=self._forward.get("forward_context"),
+            )  # fmt: skip
+        else:
+            try:
+                with warnings.catch_warnings():  # an untraced explicit consumer: the probe checks
+                    warnings.simplefilter("ignore", UserWarning)
+                    targets = resolve_targets(pl_module, self.targets)
+            except UndecidedJunctionError as err:
+                log.debug("targets left to the probe: %s", err)
+                return Targets([])
         try:
             self._joint_layers = check_against_targets(
                 targets, self.apply, self.joint_order, self.joint_shares
@@ -387,11 +445,14 @@ class NeuronEliminationCallback(pl.Callback):
         chunks = chunk_batches(held_out, self.confirm_chunk) if self.confirm_confidence else []
 
         def evaluate(module: torch.nn.Module) -> Any:
-            value = CachedEvaluator(module, first, held_out, metric, device=device, cache=False)()
+            fns = self._eval_fns()
+            value = CachedEvaluator(
+                module, first, held_out, metric, device=device, cache=False, **fns
+            )()
             if not self.confirm_confidence:
                 return value
             per_chunk = [
-                CachedEvaluator(module, first, c, metric, device=device, cache=False)()
+                CachedEvaluator(module, first, c, metric, device=device, cache=False, **fns)()
                 for c in chunks
             ]
             return value, per_chunk
@@ -403,7 +464,7 @@ class NeuronEliminationCallback(pl.Callback):
 
         chosen, self.confirmations = confirm_front(
             front, measure, evaluate(pl_module), self.max_accuracy_drop,
-            higher_is_better=getattr(metric, "higher_is_better", True),
+            higher_is_better=metric_direction(metric),
             margin=self.confirm_margin, confidence=self.confirm_confidence,
             max_tries=self.confirm_max_tries,
         )  # fmt: skip
@@ -444,7 +505,6 @@ class NeuronEliminationCallback(pl.Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
-        junctions = self._resolve_junctions(pl_module)
         eval_loader = get_eval_loader(trainer, self.eval_dataloader)
         train_loader = get_train_loader(trainer)
         device = trainer.strategy.root_device
@@ -454,6 +514,9 @@ class NeuronEliminationCallback(pl.Callback):
         if self.weights == "best":
             self.source_checkpoint_path = load_best(trainer, pl_module)
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
+        junctions = self._resolve_junctions(
+            pl_module, self._first_input(train_loader, device, self.probe_samples)
+        )
 
         stats = self._collect(trainer, pl_module, junctions, train_loader, device)
         example = self._example(eval_loader, device)
@@ -505,24 +568,27 @@ class NeuronEliminationCallback(pl.Callback):
             return collect_statistics(
                 pl_module, [j.consumer for j in junctions], loader, max_samples=self.max_samples,
                 device=device, progress=bar.update, **self._forward_kwargs(),
+                input_fn=self.input_fn, mask_fn=self.mask_fn,
             )  # fmt: skip
 
     def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
         if self.example_input is not None:
             convert = self._forward.get("convert", lambda x: x)
             return convert(to_device(self.example_input, device))
-        batch = next(iter(loader))
-        transfer = self._forward.get("transfer")
-        x = batch_input(transfer(batch) if transfer is not None else batch)
-        return to_device(x[:1], device)
+        return self._first_input(loader, device, 1)
+
+    def _first_input(self, loader: Iterable[Any], device: torch.device, size: int) -> Any:
+        return first_input(
+            loader, size, device, input_fn=self.input_fn, transfer=self._forward.get("transfer")
+        )
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:
             return self.metric.to(device)
         context = self._forward.get("forward_context") or contextlib.nullcontext
         with evaluating(pl_module), torch.no_grad(), context():
-            out = pl_module(example)
-        logits = out if isinstance(out, Tensor) else out[0]
+            out = call_model(pl_module, example)
+        logits = (self.output_fn or model_output)(out)
         num_classes = int(logits.shape[-1])
         if num_classes < 2:
             raise MisconfigurationException(
@@ -553,8 +619,9 @@ class NeuronEliminationCallback(pl.Callback):
         with bar:
             for i, j in enumerate(junctions, 1):
                 evaluator = CachedEvaluator(
-                    pl_module, j.consumer, loader, metric, device=device, **self._forward_kwargs()
-                )
+                    pl_module, j.consumer, loader, metric, device=device,
+                    **self._forward_kwargs(), **self._eval_fns(),
+                )  # fmt: skip
                 if baseline is None:
                     baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
                     self._info(
@@ -608,7 +675,7 @@ class NeuronEliminationCallback(pl.Callback):
             train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
             ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
             baseline=(first.accuracy, first.energy), fitters=self._fitters,
-            **self._forward_kwargs(),
+            **self._forward_kwargs(), data_fns=self._data_fns(),
         )  # fmt: skip
         with bar:
             if self.joint == "greedy":
@@ -621,6 +688,12 @@ class NeuronEliminationCallback(pl.Callback):
                     self.max_accuracy_drop, order=self._joint_layers, shares=self.joint_shares
                 )
         return search
+
+    def _eval_fns(self) -> dict[str, Any]:
+        return {"input_fn": self.input_fn, "target_fn": self.target_fn, "output_fn": self.output_fn}
+
+    def _data_fns(self) -> dict[str, Any]:
+        return {**self._eval_fns(), "mask_fn": self.mask_fn}
 
     def _decide(self, every: list[SweepPoint], junctions: list[Junction]) -> Decision:
         decision = decide(every, self.joint_points, junctions, self.apply, self.max_accuracy_drop)

@@ -139,4 +139,5 @@ def apply_decision(
         stats={j.consumer: stats[j.consumer] for j in changed},
         kept={j.target: decision.kept[j.layer] for j in changed if j.layer in decision.kept},
         method=options.method, affine=options.affine, ridge=options.ridge, inplace=True,
+        junctions=list(targets),
     )  # fmt: skip

@@ -183,6 +183,9 @@ def eliminate_neurons(
     kept: Mapping[str, Sequence[int] | Tensor] | None = None,
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    mask_fn: Callable[[Any], Tensor | None] | None = None,
+    example: Any = None,
+    junctions: Sequence[Junction] | None = None,
 ) -> Elimination:
     """Remove redundant neurons of one or more ``nn.Linear`` layers, without retraining.
 
@@ -218,6 +221,14 @@ def eliminate_neurons(
         transfer, forward_context: how batches reach the model (e.g. converted to a
             ``bfloat16`` model's dtype) and what its forward passes run under; see
             :func:`~lightning_neuronprune.statistics.collect_statistics`.
+        mask_fn: maps a batch to its padding mask (see
+            :func:`~lightning_neuronprune.statistics.batch_mask`).
+        example: one model input (a few samples) to find the junctions by probing
+            (:class:`~lightning_neuronprune.probe.JunctionProbe`) rather than by tracing only;
+            needed for models that :mod:`torch.fx` cannot trace.
+        junctions: junctions already resolved (by :func:`~lightning_neuronprune.surgery.
+            find_junction`), matched to the targets by their ``target``; the others are resolved
+            here.
 
     Returns:
         :class:`Elimination` ``(model, records)``. The model also carries the records as plain
@@ -245,7 +256,16 @@ def eliminate_neurons(
     if not targets:
         raise JunctionError("no target layer was given")
 
-    junctions = [find_junction(model, t, consumer) for t in targets]
+    resolved = {j.target: j for j in junctions or ()}
+    probe = None
+    if example is not None and any(t not in resolved for t in targets):
+        from lightning_neuronprune.probe import JunctionProbe
+
+        probe = JunctionProbe(model, example)
+    junctions = [
+        resolved[t] if t in resolved else find_junction(model, t, consumer, probe=probe)
+        for t in targets
+    ]
     ps = [_validate_p(j, targets[j.target]) for j in junctions]
     given = {
         t: torch.as_tensor(list(v) if not isinstance(v, Tensor) else v, dtype=torch.long)
@@ -291,6 +311,7 @@ def eliminate_neurons(
                 input_fn=input_fn,
                 transfer=transfer,
                 forward_context=forward_context,
+                mask_fn=mask_fn,
             )[junction.consumer]
         records.append(
             reduce_junction(

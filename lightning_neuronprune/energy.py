@@ -24,6 +24,9 @@ Counting rules (per inference):
   (a ``Linear`` subclass that gathers its input features is charged for the gathered ones);
 * ``nn.Conv2d``: ``M = H_out · W_out · C_out · k_h · k_w · C_in / groups`` (``Conv1d`` and
   ``Conv3d`` likewise), ``N_w`` = elements of ``weight``;
+* ``nn.Embedding`` (transformers): no MACs, ``N_w`` = the table; ``nn.LayerNorm``: one MAC per
+  element, ``N_w`` = elements of its scale. Attention's matrix products have no module and are not
+  counted;
 * ``N_a`` = elements of the input of every counted layer, plus the elements of the model's output;
 * BatchNorm, pooling, activations, dropout, flatten, LRN and any module whose class or instance sets
   ``_neuronprune_cost_free = True`` cost nothing. BatchNorm is free because the paper folds it into
@@ -62,6 +65,8 @@ __all__ = [
     "EnergyReport",
     "LayerCount",
     "count_conv",
+    "count_embedding",
+    "count_layernorm",
     "count_linear",
     "count_nothing",
 ]
@@ -182,12 +187,32 @@ def count_nothing(module: nn.Module, input: Any, output: Any) -> LayerCount:
     return LayerCount()
 
 
+def count_embedding(module: nn.Module, input: Tensor, output: Tensor) -> LayerCount:
+    """Count an ``nn.Embedding`` call: a table look-up, no MACs; ``N_w = weight.numel()`` (the
+    table is stored and read like any weight); its integer input is not an activation."""
+    return LayerCount(macs=0, weights=module.weight.numel(), activations=0)
+
+
+def count_layernorm(module: nn.Module, input: Tensor, output: Tensor) -> LayerCount:
+    """Count an ``nn.LayerNorm`` call: one multiply-add per element for the scale and shift
+    (``M = input.numel()`` when affine), ``N_w`` = elements of ``weight`` (biases are not
+    counted), and its input as activations."""
+    weight = getattr(module, "weight", None)
+    return LayerCount(
+        macs=input.numel() if weight is not None else 0,
+        weights=weight.numel() if weight is not None else 0,
+        activations=input.numel(),
+    )
+
+
 def _builtin_rules() -> dict[type[nn.Module], CountingRule]:
     return {
         nn.Linear: count_linear,
         nn.Conv1d: count_conv,
         nn.Conv2d: count_conv,
         nn.Conv3d: count_conv,
+        nn.Embedding: count_embedding,
+        nn.LayerNorm: count_layernorm,
     }
 
 

@@ -20,22 +20,29 @@ import torch.fx
 from torch import Tensor, nn
 
 from lightning_neuronprune._runtime import evaluating, model_device, to_device
+from lightning_neuronprune.confirmation import metric_drop
 from lightning_neuronprune.errors import NeuronEliminationError
-from lightning_neuronprune.statistics import batch_input
+from lightning_neuronprune.statistics import TARGET_KEYS, batch_input, call_model
 from lightning_neuronprune.surgery import _set, _Tracer
 
-__all__ = ["CachedEvaluator", "batch_target"]
+__all__ = [
+    "CachedEvaluator",
+    "batch_target",
+    "degradation",
+    "metric_direction",
+    "model_output",
+]
 
 log = logging.getLogger(__name__)
 
 
 def batch_target(batch: Any) -> Tensor:
     """The target of a batch: the second element of a tuple/list, or a ``y``/``target``/``label(s)``
-    key of a mapping."""
+    key of a mapping (Hugging Face-style batches carry ``labels``)."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return batch[1]
-    if isinstance(batch, dict):
-        for key in ("y", "target", "targets", "label", "labels"):
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
             if key in batch:
                 return batch[key]
     raise NeuronEliminationError(
@@ -43,15 +50,42 @@ def batch_target(batch: Any) -> Tensor:
     )
 
 
-def _logits(output: Any) -> Tensor:
+def model_output(output: Any) -> Tensor:
+    """The predictions in a model's output, given to the metric.
+
+    A tensor is taken as is; an object with a ``logits`` attribute or key (Hugging Face's
+    ``ModelOutput``, a dict) gives its logits; a tuple or list gives its first element.
+    """
     if isinstance(output, Tensor):
         return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise NeuronEliminationError(
         f"the model returned {type(output).__name__}; the sweep evaluates a tensor of predictions "
-        "(or the first element of a tuple)"
+        "(the output itself, its `logits`, or the first element of a tuple); pass `output_fn`"
     )
+
+
+def degradation(baseline: float, value: float, higher_is_better: bool = True) -> float:
+    """How much worse ``value`` is than ``baseline``: ``baseline - value`` for a metric where
+    higher is better (accuracy), ``value - baseline`` otherwise (a loss, an MSE); the same rule
+    as :func:`~lightning_neuronprune.confirmation.metric_drop`, which it calls.
+
+    Example:
+        >>> degradation(0.75, 0.5), degradation(0.25, 0.5, higher_is_better=False)
+        (0.25, 0.25)
+    """
+    return metric_drop(baseline, value, higher_is_better=higher_is_better)
+
+
+def metric_direction(metric: Any) -> bool:
+    """``metric.higher_is_better``, read as ``True`` when the metric leaves it unset."""
+    return getattr(metric, "higher_is_better", None) is not False
 
 
 def _split(model: nn.Module, consumer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -99,8 +133,11 @@ class CachedEvaluator:
         consumer: the qualified name of the consumer ``nn.Linear``.
         data: evaluation batches.
         metric: a ``torchmetrics.Metric`` taking ``(preds, target)``; it is reset before each use.
-        input_fn: maps a batch to the model input (default :func:`batch_input`).
+        input_fn: maps a batch to the model input (default :func:`batch_input`); the model is
+            called through :func:`~lightning_neuronprune.statistics.call_model`.
         target_fn: maps a batch to the target (default :func:`batch_target`).
+        output_fn: maps the model output to the metric's predictions (default
+            :func:`model_output`).
         device: where to run; defaults to the model's device.
         cache: set to ``False`` to force the uncached fallback (for comparisons).
         transfer: maps each raw batch to the batch the model runs on, before ``input_fn`` and
@@ -110,7 +147,11 @@ class CachedEvaluator:
             precision plugin's ``forward_context``).
 
     Attributes:
-        cached: whether the fx split succeeded and the front is cached.
+        cached: whether the fx split succeeded and the traced front ran on the data, so the
+            front is cached (a front that cannot run, e.g. on an untraceable input, falls back to
+            full passes).
+        higher_is_better: the metric's direction (``metric.higher_is_better``; unset counts as
+            higher is better). :meth:`degradation` uses it.
     """
 
     def __init__(
@@ -122,6 +163,7 @@ class CachedEvaluator:
         *,
         input_fn: Callable[[Any], Any] | None = None,
         target_fn: Callable[[Any], Tensor] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
         device: torch.device | str | None = None,
         cache: bool = True,
         transfer: Callable[[Any], Any] | None = None,
@@ -130,6 +172,8 @@ class CachedEvaluator:
         self.model = model
         self.consumer = consumer
         self.metric = metric
+        self.higher_is_better = metric_direction(metric)
+        self._output = output_fn or model_output
         self.device = torch.device(device) if device is not None else model_device(model)
         get_input = input_fn or batch_input
         get_target = target_fn or batch_target
@@ -146,16 +190,18 @@ class CachedEvaluator:
         self._boundaries: list[tuple[Any, ...]] = []
         if cache:
             try:
-                prefix, self._suffix = _split(model, consumer)
+                prefix, suffix = _split(model, consumer)
+                boundaries, targets = [], []
+                with evaluating(model), torch.no_grad(), self._context():
+                    for x, y in self._batches:
+                        boundaries.append(call_model(prefix, to_device(x, self.device)))
+                        targets.append(to_device(y, self.device))
             except Exception as err:  # any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
-                with evaluating(model), torch.no_grad(), self._context():
-                    for k, batch in enumerate(self._batches):
-                        x, y = batch
-                        self._boundaries.append(prefix(to_device(x, self.device)))
-                        # keep the target only, on the device: no copies per evaluation
-                        self._batches[k] = (None, to_device(y, self.device))
+                self._suffix, self._boundaries = suffix, boundaries
+                # keep the targets only, on the device: no copies per evaluation
+                self._batches = [(None, y) for y in targets]
                 self.cached = True
 
     @torch.no_grad()
@@ -191,14 +237,18 @@ class CachedEvaluator:
                     out = (
                         root(*self._boundaries[k])
                         if self.cached
-                        else root(to_device(x, self.device))
+                        else call_model(root, to_device(x, self.device))
                     )
-                    self.metric.update(_logits(out), to_device(y, self.device))
+                    self.metric.update(self._output(out), to_device(y, self.device))
             value = self.metric.compute()
             return float(value) if sync else value
         finally:
             for name, module in originals.items():
                 _set(root, name, module)
+
+    def degradation(self, baseline: float, value: float) -> float:
+        """The drop of the metric from ``baseline`` to ``value`` (see :func:`degradation`)."""
+        return degradation(baseline, value, self.higher_is_better)
 
     def replaceable(self, name: str) -> bool:
         """Whether module ``name`` runs in the evaluated part (always true when not cached)."""

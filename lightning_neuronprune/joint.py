@@ -135,6 +135,9 @@ class JointSearch:
             (the sweep's), whose selection work is reused.
         transfer, forward_context: how batches reach the model and what its forward passes run
             under (see :func:`~lightning_neuronprune.statistics.collect_statistics`).
+        data_fns: the batch adapters ``input_fn``, ``target_fn``, ``output_fn`` and ``mask_fn``
+            (see :class:`~lightning_neuronprune.evaluation.CachedEvaluator` and
+            :func:`~lightning_neuronprune.statistics.collect_statistics`); unset ones default.
     """
 
     def __init__(
@@ -158,8 +161,13 @@ class JointSearch:
         fitters: Mapping[str, JunctionFitter] | None = None,
         transfer: Callable[[Any], Any] | None = None,
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        data_fns: Mapping[str, Any] | None = None,
     ) -> None:
         self._forward: dict[str, Any] = {"transfer": transfer, "forward_context": forward_context}
+        fns = dict(data_fns or {})
+        self._eval = {**self._forward, **{k: fns.get(k) for k in ("input_fn", "target_fn")}}
+        self._eval["output_fn"] = fns.get("output_fn")
+        self._stat = {**self._forward, **{k: fns.get(k) for k in ("input_fn", "mask_fn")}}
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         self.model = model
         self.junctions = sorted(junctions, key=lambda j: order[j.consumer])
@@ -199,7 +207,7 @@ class JointSearch:
         for layer, grid in self.grids.items():
             self._fitters[layer].prepare(grid[1:])  # the whole grid in one batched selection
         self.evaluator = CachedEvaluator(
-            model, self.junctions[0].consumer, eval_data, metric, **self._forward
+            model, self.junctions[0].consumer, eval_data, metric, **self._eval
         )
         base_acc, base_energy = baseline or (
             self.evaluator(),
@@ -266,12 +274,13 @@ class JointSearch:
             acc = self.evaluator(modules=swaps)
         else:
             acc = CachedEvaluator(
-                reduced, first.consumer, self.eval_data, self.metric, cache=False, **self._forward
+                reduced, first.consumer, self.eval_data, self.metric, cache=False, **self._eval
             )()
         energy = self.energy_model.estimate(reduced, self.example_input)
         base = self.baseline
         point = JointPoint(
-            config=dict(config), accuracy=acc, accuracy_drop=base.accuracy - acc, energy=energy,
+            config=dict(config), accuracy=acc, energy=energy,
+            accuracy_drop=self.evaluator.degradation(base.accuracy, acc),
             energy_ratio=base.energy.energy_ratio(energy),
             memory_ratio=base.energy.memory_ratio(energy),
             strategy=strategy, kept=dict(kept),
@@ -319,6 +328,7 @@ class JointSearch:
             stats={j.consumer: stats[j.consumer] for j in reduced},
             kept={j.target: point.kept[j.layer] for j in reduced},
             method=self.method, affine=self.affine, ridge=self.ridge, inplace=True,
+            junctions=list(self.junctions),
         )  # fmt: skip
         with torch.no_grad():  # the consumer parameters of a compensated re-fit
             for consumer, (W_p, b_p) in self._fitted[id(point)][2].items():
@@ -454,7 +464,7 @@ class JointSearch:
             if p >= j.num_features:
                 continue
             st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._forward
+                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._stat
             )[j.consumer]
             reduce_junction(
                 work, j, st, p, method=self.method, affine=self.affine, ridge=self.ridge,
@@ -499,11 +509,9 @@ class JointSearch:
             allowed += budget * w / total
             j = self.by_layer[layer]
             st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._forward
+                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._stat
             )[j.consumer]
-            evaluator = CachedEvaluator(
-                work, j.consumer, self.eval_data, self.metric, **self._forward
-            )
+            evaluator = CachedEvaluator(work, j.consumer, self.eval_data, self.metric, **self._eval)
             base = (self.baseline.accuracy, self.baseline.energy)
             swept = sweep_junction(
                 work, j, st, evaluator, self.energy_model, self.example_input,

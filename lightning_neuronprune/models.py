@@ -1,4 +1,5 @@
-"""Reference architectures of the paper: LeNet-300-100, LeNet-5 (Caffe) and CaffeNet.
+"""Reference architectures of the paper: LeNet-300-100, LeNet-5 (Caffe) and CaffeNet; and a small
+patch transformer on MNIST (:class:`PatchTransformer`) for the transformer example.
 
 They are plain ``nn.Sequential`` networks with named layers, so that a layer can be addressed as
 ``model.fc1`` or by its qualified name ``"fc1"``. They are untrained. Every constructor takes
@@ -14,7 +15,17 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "LeNet300100", "LeNet5", "LitClassifier", "caffenet"]
+__all__ = [
+    "ARCHITECTURES",
+    "LeNet300100",
+    "LeNet5",
+    "LitClassifier",
+    "LitPatchTransformer",
+    "PatchTransformer",
+    "TransformerBlock",
+    "caffenet",
+    "patch_mask",
+]
 
 
 class LeNet300100(nn.Sequential):
@@ -223,6 +234,153 @@ class LitClassifier(pl.LightningModule):
         opt = torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        if self.hparams.epochs <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.epochs)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def patch_mask(images: torch.Tensor, patch: int = 4, threshold: float = 0.0) -> torch.Tensor:
+    """Which patches of ``images`` (B, 1, H, W) hold ink: (B, H/patch · W/patch) long, 1 where
+    some pixel of the patch exceeds ``threshold`` (the normalised background is below 0).
+
+    Blank patches are treated as padding: masked out of attention and pooling, and so of the
+    neuron-elimination statistics (through the batch's ``attention_mask``).
+    """
+    B, _, H, W = images.shape
+    tiles = images.reshape(B, H // patch, patch, W // patch, patch).amax(dim=(2, 4))
+    mask = (tiles > threshold).reshape(B, -1)
+    mask[:, 0] |= ~mask.any(-1)  # a blank image keeps one token
+    return mask.long()
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention (timm style): fused ``qkv``, heads, ``proj``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm encoder block: ``x + attn(norm1(x))``, then ``x + fc2(gelu(fc1(norm2(x))))``.
+
+    The FFN pair ``mlp.fc1`` → ``mlp.fc2`` is the junction that neuron elimination reduces.
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            OrderedDict([("fc1", nn.Linear(dim, hidden)), ("act", nn.GELU()),
+                         ("fc2", nn.Linear(hidden, dim))])
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchTransformer(nn.Module):
+    """A small ViT-style encoder on MNIST: 4×4 pixel patches are the tokens.
+
+    Layers: ``embed`` (16 pixels → dim), ``position`` (an ``nn.Embedding`` of the 49 token
+    positions), ``blocks.<i>`` (:class:`TransformerBlock`), ``norm`` and ``head``. The output is
+    the masked mean of the tokens, classified by ``head``.
+
+    Args:
+        depth: number of blocks.
+        dim: token width.
+        heads: attention heads.
+        hidden: FFN width (``blocks.<i>.mlp.fc1`` → ``blocks.<i>.mlp.fc2``).
+        num_classes: classes.
+        patch: patch side in pixels (28 must be a multiple).
+
+    Shape:
+        - Input: a dict with ``pixel_values`` (B, 1, 28, 28) and ``attention_mask`` (B, 49)
+          (1 = token, 0 = padding; see :func:`patch_mask`). The forward pass traces with
+          :mod:`torch.fx`, so that the sweep caches the front of the network.
+        - Output: (B, num_classes).
+    """
+
+    def __init__(
+        self, depth: int = 4, dim: int = 64, heads: int = 4, hidden: int = 256,
+        num_classes: int = 10, patch: int = 4,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.patch = patch
+        tokens = (28 // patch) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        self.position = nn.Embedding(tokens, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.register_buffer("positions", torch.arange(tokens), persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images, keep = batch["pixel_values"], batch["attention_mask"].bool()
+        B, p = images.shape[0], self.patch
+        tokens = images.reshape(B, 28 // p, p, 28 // p, p).permute(0, 1, 3, 2, 4)
+        x = self.embed(tokens.reshape(B, -1, p * p)) + self.position(self.positions)
+        for block in self.blocks:
+            x = block(x, keep)
+        weights = keep.to(x.dtype)[..., None]
+        pooled = (self.norm(x) * weights).sum(1) / weights.sum(1)
+        return self.head(pooled)
+
+
+class LitPatchTransformer(pl.LightningModule):
+    """Trains a :class:`PatchTransformer` on Hugging Face-style dict batches
+    (``pixel_values``, ``attention_mask``, ``labels``); ``forward`` takes the whole batch.
+
+    The network is the attribute ``net``: its FFN pairs are ``net.blocks.<i>.mlp.fc1`` →
+    ``net.blocks.<i>.mlp.fc2``. Validation logs ``val_acc``; test logs ``test_acc``.
+
+    Args:
+        lr: AdamW learning rate.
+        epochs: length of the cosine learning-rate schedule (0: constant rate).
+        **kwargs: :class:`PatchTransformer` arguments.
+    """
+
+    def __init__(self, lr: float = 2e-3, epochs: int = 0, **kwargs: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = PatchTransformer(**kwargs)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(batch)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        y = batch["labels"]
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=stage != "train")
+        if stage != "train":
+            self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
         if self.hparams.epochs <= 0:
             return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.hparams.epochs)

@@ -13,6 +13,7 @@ all-reduced so that every rank holds the same numbers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -25,12 +26,29 @@ from torch import Tensor, nn
 from lightning_neuronprune._runtime import evaluating, model_device, to_device
 from lightning_neuronprune.errors import StatisticsError
 
-__all__ = ["JunctionStatistics", "batch_input", "collect_statistics"]
+__all__ = [
+    "JunctionStatistics",
+    "batch_input",
+    "batch_mask",
+    "call_model",
+    "collect_statistics",
+    "first_input",
+]
 
 log = logging.getLogger(__name__)
 
 #: Keys tried, in order, to find the model input in a ``dict`` batch.
 INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "features", "data")
+
+#: Keys that mark a Hugging Face-style dict batch, whose model input is the whole dict (less
+#: the :data:`TARGET_KEYS`).
+HF_INPUT_KEYS: tuple[str, ...] = ("input_ids", "inputs_embeds", "pixel_values", "input_values")
+
+#: Keys of the metric's target in a ``dict`` batch, in the order they are tried.
+TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels")
+
+#: The key of the padding mask in a ``dict`` batch (1 = real token, 0 = padding).
+MASK_KEY = "attention_mask"
 
 
 @dataclass
@@ -119,7 +137,15 @@ def batch_input(batch: Any) -> Any:
 
     The rule: a tensor is the input itself; for a tuple or list, the input is its first element;
     for a mapping, the first of the keys ``x, input, inputs, image, images, features, data`` that
-    is present. Pass ``input_fn`` to :func:`collect_statistics` for anything else.
+    is present. A Hugging Face-style mapping (with ``input_ids``, ``inputs_embeds``,
+    ``pixel_values`` or ``input_values``) is the input as a whole, less its target keys
+    (``labels``...), so that the model gets ``input_ids``, ``attention_mask``, ``token_type_ids``
+    and so on (see :func:`call_model` for how a mapping is passed). Pass ``input_fn`` to
+    :func:`collect_statistics` for anything else.
+
+    Example:
+        >>> sorted(batch_input({"input_ids": 1, "attention_mask": 1, "labels": 0}))
+        ['attention_mask', 'input_ids']
 
     Raises:
         StatisticsError: if no input can be found.
@@ -132,13 +158,52 @@ def batch_input(batch: Any) -> Any:
         for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]
+        if any(key in batch for key in HF_INPUT_KEYS):
+            return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
         raise StatisticsError(
             f"cannot find the model input in a dict batch with keys {sorted(batch)}; expected one "
-            f"of {list(INPUT_KEYS)}, or pass `input_fn`"
+            f"of {list(INPUT_KEYS)} or a Hugging Face-style {list(HF_INPUT_KEYS)}, or pass "
+            "`input_fn`"
         )
     raise StatisticsError(
         f"cannot find the model input in a batch of type {type(batch).__name__}; pass `input_fn`"
     )
+
+
+def batch_mask(batch: Any) -> Tensor | None:
+    """The padding mask of a batch: ``batch["attention_mask"]`` of a mapping, else ``None``.
+
+    The mask has the leading shape of the activations, (B, T) for (B, T, n) token activations;
+    non-zero entries are real tokens. Pass ``mask_fn`` to :func:`collect_statistics` for another
+    rule, or ``mask_fn=lambda batch: None`` to count every token.
+    """
+    if isinstance(batch, Mapping):
+        mask = batch.get(MASK_KEY)
+        return mask if isinstance(mask, Tensor) else None
+    return None
+
+
+def _takes_keywords(module: nn.Module, keys: Iterable[Any]) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    names = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return all(isinstance(k, str) and k in names for k in keys)
+
+
+def call_model(model: nn.Module, x: Any) -> Any:
+    """Run ``model`` on an input found by :func:`batch_input` (or a user's ``input_fn``).
+
+    A mapping is passed as keyword arguments (``model(**x)``) when ``model.forward`` takes all of
+    its keys (or ``**kwargs``), as a Hugging Face model does; otherwise, as any other input, it is
+    passed whole (``model(x)``), as to a LightningModule whose ``forward`` takes the batch.
+    """
+    if isinstance(x, Mapping) and _takes_keywords(model, x.keys()):
+        return model(**x)
+    return model(x)
 
 
 def _batch_size(x: Any) -> int:
@@ -146,6 +211,10 @@ def _batch_size(x: Any) -> int:
         return x.shape[0]
     if isinstance(x, (tuple, list)) and x:
         return _batch_size(x[0])
+    if isinstance(x, Mapping):
+        for v in x.values():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return v.shape[0]
     raise StatisticsError(f"cannot take the batch size of an input of type {type(x).__name__}")
 
 
@@ -154,7 +223,27 @@ def _truncate(x: Any, n: int) -> Any:
         return x[:n]
     if isinstance(x, (tuple, list)):
         return type(x)(_truncate(v, n) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _truncate(v, n) for k, v in x.items()}
     return x
+
+
+def first_input(
+    data: Iterable[Any],
+    size: int,
+    device: torch.device | str,
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+) -> Any:
+    """The model input of the first batch of ``data``, as the model is fed it (``transfer``, then
+    ``input_fn``, default :func:`batch_input`), cut to ``size`` samples and moved to ``device``:
+    the example of the energy model and of the junction probe."""
+    batch = next(iter(data))
+    x = (input_fn or batch_input)(transfer(batch) if transfer is not None else batch)
+    if _batch_size(x) > size:
+        x = _truncate(x, size)
+    return to_device(x, device)
 
 
 @torch.no_grad()
@@ -165,6 +254,7 @@ def collect_statistics(
     *,
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
+    mask_fn: Callable[[Any], Tensor | None] | None = None,
     device: torch.device | str | None = None,
     sync: bool = True,
     transfer: Callable[[Any], Any] | None = None,
@@ -174,8 +264,12 @@ def collect_statistics(
     """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
 
     A forward pre-hook on each consumer flattens its input ``(*, n)`` to ``(K_b, n)`` rows and
-    adds them to that consumer's :class:`JunctionStatistics`. The model runs in ``eval()`` mode
-    under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
+    adds them to that consumer's :class:`JunctionStatistics`. Token activations (B, T, n) count
+    real tokens only: where the batch's padding mask (B, T) (``attention_mask`` by default, see
+    :func:`batch_mask`) has the activations' leading shape, only the rows it marks are added, so
+    ``K`` counts real tokens and the least-squares fit ignores padding. A consumer whose input
+    has another leading shape (after pooling, say) counts every row. The model runs in ``eval()``
+    mode under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
     when an error is raised.
 
     Args:
@@ -184,7 +278,10 @@ def collect_statistics(
         data: any iterable of batches (a ``DataLoader``, a list of tensors...). See
             :func:`batch_input` for how the input is found in a batch.
         max_samples: stop after this many samples (per process). The last batch is truncated.
-        input_fn: maps a batch to the model input, replacing :func:`batch_input`.
+        input_fn: maps a batch to the model input, replacing :func:`batch_input`. The model is
+            called through :func:`call_model`.
+        mask_fn: maps a batch to its padding mask (non-zero = real token) or ``None``, replacing
+            :func:`batch_mask`.
         device: where the model runs and the statistics live; defaults to the model's device.
         sync: all-reduce the statistics over ``torch.distributed`` ranks when a process group is
             initialised, so that every rank holds the same numbers.
@@ -221,19 +318,30 @@ def collect_statistics(
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            if not torch.isfinite(x).all():
-                raise StatisticsError(
-                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
-                    f"(shape {tuple(x.shape)})"
-                )
+            shape = tuple(x.shape)
+            rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
             index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
             if isinstance(index, Tensor):
-                x = x.index_select(-1, index)
-            stats[name].update(x.to(device))
+                rows = rows.index_select(1, index)
+            mask = current["mask"]
+            if mask is not None and tuple(mask.shape) == shape[:-1]:
+                real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
+                rows = rows.index_select(0, real)  # (real tokens, n)
+            st = stats[name]
+            st.update(rows.to(device))
+            # A NaN or Inf in the batch makes the float64 feature sums non-finite: checking the n
+            # sums is much cheaper than checking every activation.
+            if not torch.isfinite(st.total).all():
+                raise StatisticsError(
+                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
+                    f"(shape {shape})"
+                )
 
         return hook
 
     get_input = input_fn if input_fn is not None else batch_input
+    get_mask = mask_fn if mask_fn is not None else batch_mask
+    current: dict[str, Tensor | None] = {"mask": None}
     prepare = transfer if transfer is not None else (lambda b: b)
     context = forward_context if forward_context is not None else nullcontext
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
@@ -243,11 +351,15 @@ def collect_statistics(
             for batch in data:
                 if max_samples is not None and seen >= max_samples:
                     break
-                x = to_device(get_input(prepare(batch)), device)
+                batch = prepare(batch)
+                x = to_device(get_input(batch), device)
+                mask = get_mask(batch)
                 if max_samples is not None and _batch_size(x) > max_samples - seen:
                     x = _truncate(x, max_samples - seen)
+                    mask = _truncate(mask, max_samples - seen)
+                current["mask"] = mask
                 with context():
-                    model(x)
+                    call_model(model, x)
                 seen += _batch_size(x)
                 log.debug("statistics: %d samples", seen)
                 if progress is not None:

@@ -21,16 +21,19 @@ Targets are named like this:
   ``"fck:in"``.
 
 Junctions are found by tracing the model with :mod:`torch.fx`, starting from the innermost module
-that holds the target and moving outwards until the target's consumer is found.
+that holds the target and moving outwards until the target's consumer is found; or, given an
+example batch, by their behaviour on it (:mod:`lightning_neuronprune.probe`), which also reaches
+untraceable models (Hugging Face transformers) and custom activation modules.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.fx
@@ -39,10 +42,17 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.errors import JunctionError
 
+if TYPE_CHECKING:
+    from lightning_neuronprune.probe import JunctionProbe
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "GatheredLinear",
     "Junction",
+    "UndecidedJunctionError",
     "apply_reduction",
+    "auto_junctions",
     "find_junction",
     "linear_from",
     "linear_layer_names",
@@ -96,7 +106,10 @@ class GatheredLinear(nn.Linear):
         self.register_buffer("index", index.detach().to(device=device, dtype=torch.long).clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+        # Gather on a 2-D view: index_select on the last dim of a 3-D (batch × tokens × n)
+        # tensor takes a slow path on CPU (about 15x slower for the same elements).
+        rows = x.reshape(-1, x.shape[-1]).index_select(1, self.index)
+        return F.linear(rows, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, source_features={self.source_features}"
@@ -238,7 +251,7 @@ def _walk_forward(
         if not users:
             raise JunctionError(f"the output of {producer!r} is never used, so it has no consumer")
         if len(users) > 1:
-            raise JunctionError(
+            raise UndecidedJunctionError(
                 f"the output of {producer!r} (after {path or 'nothing'}) feeds "
                 f"{len(users)} consumers: {[_describe(u, modules) for u in users]}; a junction "
                 "must have exactly one consumer nn.Linear"
@@ -251,7 +264,7 @@ def _walk_forward(
             and user.args[0] is not node
             or any(a is node for a in list(user.args[1:]) + list(user.kwargs.values()))
         ):
-            raise JunctionError(
+            raise UndecidedJunctionError(
                 f"the output of {producer!r} reaches {_describe(user, modules)} as a secondary "
                 "argument; only elementwise ops may lie between producer and consumer"
             )
@@ -268,7 +281,7 @@ def _walk_forward(
             path.append(_describe(user, modules))
             node = user
             continue
-        raise JunctionError(
+        raise UndecidedJunctionError(
             f"between {producer!r} and its consumer lies {_describe(user, modules)}, which mixes "
             "features or is not known to act elementwise; only elementwise modules (ReLU, GELU, "
             "Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten) and one BatchNorm1d may lie "
@@ -310,28 +323,61 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def _producer_junction(
-    model: nn.Module, target: str, producer: str, consumer: str | None
-) -> Junction:
-    prod = _linear(model, producer)
-    _check_not_shared(model, producer)
+class UndecidedJunctionError(JunctionError):
+    """Tracing could not decide the junction (the model cannot be traced, or the path holds a
+    module or an op that no list marks as elementwise); a behavioural probe
+    (:class:`~lightning_neuronprune.probe.JunctionProbe`) may still find it."""
+
+
+def _traced_consumer(
+    model: nn.Module, producer: str
+) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """``(consumer, batchnorm, path)`` by :mod:`torch.fx`, or ``None`` if no scope traced.
+
+    Raises:
+        JunctionError: the traced code refuses the junction (the output is the network output,
+            or feeds several users or a feature-mixing op).
+    """
+    root_traced = False
     for scope, graph, modules, rel in _traced_scopes(model, producer):
+        root_traced = root_traced or scope == ""
         try:
             cons_rel, bn_rel, path = _walk_forward(graph, modules, rel, producer)
         except _Outward:
             continue
-        found = _qualify(scope, cons_rel)
+        bn = _qualify(scope, bn_rel) if bn_rel is not None else None
+        return _qualify(scope, cons_rel), bn, path
+    if root_traced:
+        raise JunctionError(
+            f"could not find the consumer of {producer!r}: its output is the network output"
+        )
+    return None
+
+
+def _producer_junction(
+    model: nn.Module,
+    target: str,
+    producer: str,
+    consumer: str | None,
+    probe: JunctionProbe | None = None,
+) -> Junction:
+    prod = _linear(model, producer)
+    _check_not_shared(model, producer)
+    if probe is not None:
+        return _probed_junction(model, target, producer, consumer, probe)
+    traced = _traced_consumer(model, producer)
+    if traced is not None:
+        found, bn, path = traced
         if consumer is not None and consumer != found:
             raise JunctionError(
                 f"the consumer of {producer!r} is {found!r}, not the given consumer {consumer!r}"
             )
-        bn = _qualify(scope, bn_rel) if bn_rel is not None else None
         return _finish(model, target, "producer", producer, found, bn, prod.out_features, path)
     if consumer is None:
-        raise JunctionError(
+        raise UndecidedJunctionError(
             f"could not find the consumer of {producer!r}: the model could not be traced with "
-            "torch.fx, or the output of the layer is the network output. Pass `consumer=` "
-            "explicitly if another layer reads it"
+            "torch.fx. Give an example batch (`example=`) to find it by probing, or pass "
+            "`consumer=` explicitly"
         )
     cons = _linear(model, consumer)
     if cons.in_features != prod.out_features:
@@ -341,11 +387,37 @@ def _producer_junction(
         )
     warnings.warn(
         f"the path from {producer!r} to {consumer!r} could not be traced; assuming only "
-        "elementwise modules lie between them",
+        "elementwise modules lie between them (give `example=` to check it by probing)",
         UserWarning,
         stacklevel=3,
     )
     return _finish(model, target, "producer", producer, consumer, None, prod.out_features, ())
+
+
+def _probed_junction(
+    model: nn.Module, target: str, producer: str, consumer: str | None, probe: JunctionProbe
+) -> Junction:
+    """The probe decides; a successful trace must agree with it (a cross-check)."""
+    try:
+        traced = _traced_consumer(model, producer)
+    except JunctionError as err:  # the probe may accept what tracing cannot prove
+        log.debug("tracing refused %s (%s); probing", producer, err)
+        traced = None
+    found = probe.find(producer)
+    if traced is not None and (traced[0], traced[1]) != (found.consumer, found.batchnorm):
+        raise JunctionError(
+            f"tracing and probing disagree on {producer!r}: the traced code gives consumer "
+            f"{traced[0]!r} (batch norm {traced[1]!r}), the probe {found.consumer!r} (batch norm "
+            f"{found.batchnorm!r})"
+        )
+    if consumer is not None and consumer != found.consumer:
+        raise JunctionError(
+            f"the consumer of {producer!r} is {found.consumer!r}, not the given consumer "
+            f"{consumer!r}"
+        )
+    path = traced[2] if traced is not None else found.path
+    n = model.get_submodule(producer).out_features
+    return _finish(model, target, "producer", producer, found.consumer, found.batchnorm, n, path)
 
 
 def _finish(
@@ -373,13 +445,30 @@ def _finish(
     return Junction(target, kind, producer, consumer, batchnorm, n, path)
 
 
-def find_junction(model: nn.Module, target: str, consumer: str | None = None) -> Junction:
+def find_junction(
+    model: nn.Module,
+    target: str,
+    consumer: str | None = None,
+    *,
+    example: Any = None,
+    probe: JunctionProbe | None = None,
+) -> Junction:
     """Resolve a target name to a :class:`Junction`, or refuse with a :class:`JunctionError`.
+
+    Without an example, the junction is found by tracing with :mod:`torch.fx`. With one (or a
+    ready ``probe``), a behavioural probe on that batch decides
+    (:class:`~lightning_neuronprune.probe.JunctionProbe`): it finds consumers that tracing
+    cannot (untraceable ``forward``, custom activation modules), refuses what behaves as a
+    feature mix, and must agree with the trace where the model traces. Its cost is a few forward
+    passes on the example (at most 2 + 2⌈log₂ n⌉ for n features, plus one shared baseline).
 
     Args:
         model: the network.
         target: ``"<linear>"`` for a layer's output neurons, ``"<linear>:in"`` for its inputs.
-        consumer: the consumer's name, when it cannot be found by tracing.
+        consumer: the consumer's name, when it cannot be found by tracing (checked by the probe
+            when there is one).
+        example: one model input (a few samples), on the model's device, for the probe.
+        probe: a probe built on an example, to share its baseline pass between targets.
 
     Raises:
         JunctionError: the name does not exist or is not an ``nn.Linear``; the layer is shared or
@@ -388,6 +477,10 @@ def find_junction(model: nn.Module, target: str, consumer: str | None = None) ->
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
+    if probe is None and example is not None and not target.endswith(INPUT_SUFFIX):
+        from lightning_neuronprune.probe import JunctionProbe
+
+        probe = JunctionProbe(model, example)
     if target.endswith(INPUT_SUFFIX):
         cons_name = target[: -len(INPUT_SUFFIX)]
         cons = _linear(model, cons_name)
@@ -401,7 +494,33 @@ def find_junction(model: nn.Module, target: str, consumer: str | None = None) ->
                     break
             break
         return _finish(model, target, "gather", None, cons_name, None, cons.in_features, ())
-    return _producer_junction(model, target, target, consumer)
+    return _producer_junction(model, target, target, consumer, probe)
+
+
+def auto_junctions(
+    model: nn.Module, *, example: Any = None, probe: JunctionProbe | None = None
+) -> list[Junction]:
+    """Every ``nn.Linear`` of ``model`` whose output neurons have a consumer, in module order.
+
+    Each layer is resolved by :func:`find_junction`; with an ``example`` (or a ready ``probe``),
+    one shared :class:`~lightning_neuronprune.probe.JunctionProbe` decides (one baseline pass,
+    then a few passes per layer, most refusals after one or two). Layers that are refused are
+    skipped and logged at debug level. In a transformer block this keeps the FFN pairs (BERT's
+    ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1`` →
+    ``fc2``) and skips the attention projections (heads, softmax), the layers before a residual
+    sum and LayerNorm, and gated MLPs.
+    """
+    if probe is None and example is not None:
+        from lightning_neuronprune.probe import JunctionProbe
+
+        probe = JunctionProbe(model, example)
+    junctions = []
+    for name in linear_layer_names(model):
+        try:
+            junctions.append(find_junction(model, name, probe=probe))
+        except JunctionError as err:
+            log.debug("auto targets: skipping %s (%s)", name, err)
+    return junctions
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

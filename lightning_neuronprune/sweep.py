@@ -21,7 +21,13 @@ import torch.fx
 from torch import Tensor, nn
 
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
-from lightning_neuronprune.evaluation import CachedEvaluator, batch_target
+from lightning_neuronprune.evaluation import (
+    CachedEvaluator,
+    batch_target,
+    degradation,
+    metric_direction,
+    model_output,
+)
 from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
 from lightning_neuronprune.pareto import choose, pareto_front
 from lightning_neuronprune.selection import Method
@@ -39,6 +45,9 @@ __all__ = [
     "SweepPoint",
     "batch_target",
     "choose",
+    "degradation",
+    "metric_direction",
+    "model_output",
     "pareto_front",
     "rank_grid",
     "sweep_junction",
@@ -126,7 +135,8 @@ class SweepPoint:
         p: kept features; ``p == n`` with ``kept == range(n)`` is the unreduced baseline.
         n: features before.
         accuracy: the metric on the evaluation data.
-        accuracy_drop: baseline metric minus this one.
+        accuracy_drop: the degradation: baseline metric minus this one, or this one minus the
+            baseline for a metric whose ``higher_is_better`` is ``False`` (a loss).
         energy: the :class:`EnergyReport` of the reduced network.
         energy_ratio: original total energy / this one.
         memory_ratio: original parameter memory / this one.
@@ -264,7 +274,7 @@ def sweep_junction(
                 p=p,
                 n=n,
                 accuracy=acc,
-                accuracy_drop=base_acc - acc,
+                accuracy_drop=evaluator.degradation(base_acc, acc),
                 energy=energy,
                 energy_ratio=base_energy.energy_ratio(energy),
                 memory_ratio=base_energy.memory_ratio(energy),

@@ -9,12 +9,22 @@ made once, when the junctions are resolved; everything downstream speaks canonic
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.surgery import Junction, find_junction, linear_layer_names
+from lightning_neuronprune.probe import JunctionProbe
+from lightning_neuronprune.statistics import call_model
+from lightning_neuronprune.surgery import (
+    Junction,
+    UndecidedJunctionError,
+    auto_junctions,
+    find_junction,
+    linear_layer_names,
+)
 
 __all__ = ["Targets", "resolve_targets"]
 
@@ -26,6 +36,8 @@ class Targets(Sequence[Junction]):
 
     Args:
         junctions: distinct junctions (no two with the same consumer).
+        undecided: ``nn.Linear`` layers that tracing could not decide (``targets="auto"``
+            without a probe): a probe may add their junctions.
 
     Raises:
         JunctionError: two targets name the same junction.
@@ -37,8 +49,9 @@ class Targets(Sequence[Junction]):
         ('0', '2')
     """
 
-    def __init__(self, junctions: Iterable[Junction]) -> None:
+    def __init__(self, junctions: Iterable[Junction], undecided: Iterable[str] = ()) -> None:
         self._junctions = tuple(junctions)
+        self.undecided = list(undecided)
         self.by_consumer: dict[str, Junction] = {}
         self._by_name: dict[str, Junction] = {}
         for j in self._junctions:
@@ -96,29 +109,63 @@ class Targets(Sequence[Junction]):
         return [self._by_name[n].layer for n in names]
 
 
-def resolve_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> Targets:
+def resolve_targets(
+    model: nn.Module,
+    targets: str | Sequence[str] | Mapping[str, str] = "auto",
+    *,
+    example: Any = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Targets:
     """Find the junction of every target of ``model``.
 
     Args:
         model: the network.
         targets: ``"auto"`` (every ``nn.Linear`` whose output neurons have a consumer; layers
-            that cannot be simplified are skipped) or target names.
+            that cannot be simplified are skipped), target names, or a mapping
+            ``{target: consumer}`` that names the consumers too (checked by the probe).
+        example: one model input (a few samples, on the model's device). With it a
+            :class:`~lightning_neuronprune.probe.JunctionProbe` decides the junctions that
+            tracing cannot (untraceable ``forward``, custom activation modules) and cross-checks
+            the trace where the model traces; without it, tracing alone decides.
+        forward_context: a context-manager factory entered around the probe's forward passes
+            (e.g. the precision plugin's ``forward_context``).
 
     Raises:
         JunctionError: a named target cannot be simplified, two name the same junction, or
-            ``"auto"`` finds none.
+            ``"auto"`` finds none. :class:`~lightning_neuronprune.surgery.UndecidedJunctionError`
+            (a subclass) when tracing alone cannot decide a named target and no example is
+            given (``"auto"`` lists such layers in :attr:`Targets.undecided` instead).
     """
+    probe = None
+    if example is not None:
+        context = forward_context or nullcontext
+
+        def call(module: nn.Module, x: Any) -> Any:
+            with context():
+                return call_model(module, x)
+
+        probe = JunctionProbe(model, example, call=call)
     if targets == "auto":
-        junctions = []
-        for name in linear_layer_names(model):
-            try:
-                junctions.append(find_junction(model, name))
-            except JunctionError as err:
-                log.debug("auto targets: skipping %s (%s)", name, err)
+        undecided: list[str] = []
+        if probe is not None:
+            junctions = auto_junctions(model, probe=probe)
+        else:
+            junctions = []
+            for name in linear_layer_names(model):
+                try:
+                    junctions.append(find_junction(model, name))
+                except UndecidedJunctionError:
+                    undecided.append(name)
+                except JunctionError as err:
+                    log.debug("auto targets: skipping %s (%s)", name, err)
+        if undecided:
+            log.debug("auto targets: %s undecided by tracing", undecided)
+            return Targets(junctions, undecided)
         if not junctions:
             raise JunctionError(
                 f"`targets='auto'` found no nn.Linear with a consumer in {type(model).__name__}; "
                 f"Linear layers: {linear_layer_names(model)}"
             )
         return Targets(junctions)
-    return Targets(find_junction(model, t) for t in targets)
+    consumers = dict(targets) if isinstance(targets, Mapping) else {}
+    return Targets(find_junction(model, t, consumers.get(t), probe=probe) for t in targets)

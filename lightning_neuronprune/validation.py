@@ -40,7 +40,7 @@ def _names(value: Any, what: str) -> list[str]:
 
 def check_arguments(
     *,
-    targets: str | Sequence[str],
+    targets: str | Sequence[str] | Mapping[str, str],
     ranks: Any,
     max_accuracy_drop: Any,
     options: Mapping[str, Any],
@@ -52,14 +52,26 @@ def check_arguments(
     joint_order: Any,
     joint_shares: Any,
     verbose: Any = True,
-) -> str | list[str]:
-    """Check every argument that does not need the model; return the targets as a list (or
-    ``"auto"``).
+    adapters: Mapping[str, Any] | None = None,
+    probe_samples: Any = 8,
+) -> str | list[str] | dict[str, str]:
+    """Check every argument that does not need the model; return the targets as a list, a
+    ``{target: consumer}`` dict, or ``"auto"``. ``adapters`` are the batch adapters by argument
+    name (``input_fn``...), each callable or ``None``.
 
     Raises:
         ValueError: naming the argument (in backticks) and the bad value.
     """
-    if targets != "auto":
+    if isinstance(targets, Mapping):
+        bad = {k: v for k, v in targets.items() if not (isinstance(k, str) and k)}
+        bad |= {k: v for k, v in targets.items() if not (isinstance(v, str) and v)}
+        if bad or not targets:
+            raise ValueError(
+                f"`targets` as a mapping must be a non-empty {{target: consumer}} of layer "
+                f"names, got {targets!r}"
+            )
+        targets = dict(targets)
+    elif targets != "auto":
         if isinstance(targets, str):
             targets = [targets]
         if isinstance(targets, Sequence) and not targets:
@@ -124,6 +136,11 @@ def check_arguments(
             )
     if not isinstance(verbose, bool):
         raise ValueError(f"`verbose` must be a bool, got {verbose!r}")
+    for name, fn in (adapters or {}).items():
+        if fn is not None and not callable(fn):
+            raise ValueError(f"`{name}` must be callable, got {fn!r}")
+    if not _is_int(probe_samples) or probe_samples < 1:
+        raise ValueError(f"`probe_samples` must be a positive integer, got {probe_samples!r}")
     return targets
 
 
@@ -136,10 +153,25 @@ def check_against_targets(
     """Check what names layers against the resolved targets: ``apply``'s ``{layer: p}`` and the
     sequential strategy's order and shares. Return the order as canonical layer names.
 
+    While some layers are undecided (``targets.undecided``: ``"auto"`` before the probe), only
+    names that are neither targets nor undecided layers are refused, and ``None`` is returned.
+
     Raises:
         ValueError: an unknown layer, a p above a layer's width, an order that is not a
             permutation of the targets, or shares that do not match them.
     """
+    if targets.undecided:
+        for what, names in (
+            ("`apply`", apply if isinstance(apply, Mapping) else ()),
+            ("`joint_order`", joint_order or ()),
+        ):
+            unknown = [n for n in names if n not in targets and n not in targets.undecided]
+            if unknown:
+                raise ValueError(
+                    f"{what} names {unknown}, which are not among the targets "
+                    f"{targets.names} nor the layers left to the probe {targets.undecided}"
+                )
+        return None
     if isinstance(apply, Mapping):
         for key, p in apply.items():
             if key not in targets:

@@ -71,3 +71,55 @@ class BlobsData(pl.LightningDataModule):
 
 class ReducibleLitMLP(ReducedCheckpointMixin, LitMLP):
     """``LitMLP`` with the one line that makes ``load_from_checkpoint`` take reduced checkpoints."""
+
+
+class TokenData(pl.LightningDataModule):
+    """Hugging Face-style dict batches of padded token sequences: ``input_ids``,
+    ``attention_mask`` and ``labels`` (whether token 1 occurs among the real tokens)."""
+
+    def __init__(self, n: int = 192, length: int = 12, vocab: int = 30, batch_size: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, vocab, (n, length), generator=g)
+        lengths = torch.randint(4, length + 1, (n,), generator=g)
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        marked = torch.rand(n, generator=g) < 0.5
+        ids[marked, 0] = 1
+        ids[mask == 0] = 0
+        self.rows = [
+            {"input_ids": ids[i], "attention_mask": mask[i], "labels": marked[i].long()}
+            for i in range(n)
+        ]
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows[:128], batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows[128:], batch_size=self.batch_size)
+
+
+class LitTinyBert(pl.LightningModule):
+    """A randomly initialised 2-layer BERT classifier whose ``forward`` takes the whole batch."""
+
+    def __init__(self, vocab: int = 30) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.BertConfig(
+            vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16, num_labels=2,
+        )  # fmt: skip
+        self.bert = transformers.BertForSequenceClassification(config)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch).logits, batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch).logits, batch["labels"]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -210,3 +211,23 @@ def test_bench_sweep_tiny(mnist_dir: Path, tmp_path: Path) -> None:
     data = json.loads(js.read_text())
     assert set(data["scale"]) == {"svd_qr", "qr"}
     assert data["mnist"]["LeNet300-100-FC3"]["points"] > 50
+
+
+@pytest.mark.slow
+def test_bench_transformer_tiny(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_transformer.py"), "--synthetic", "--depth", "2",
+         "--stats-size", "40", "--eval-size", "20", "--points", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for line in (
+        "probe: 2 FFN junctions",
+        "statistics of 2 FFN inputs",
+        "G update, masked",
+        "GatheredLinear (p=128)",
+        "full forward per p",
+        "all 2 FFN junctions, cached",
+    ):
+        assert line in proc.stdout, proc.stdout  # fmt: skip

@@ -13,6 +13,7 @@ from lit_models import BlobsData, LitMLP
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import (
@@ -346,3 +347,77 @@ def test_report_and_applied_agree_for_user_keys(tmp_path: Path, seed: int) -> No
     assert report["applied"] == callback.applied
     assert callback.result.plan == callback.applied
     assert model.net[2].out_features == 7
+
+
+class CrossEntropy(Metric):
+    """The mean cross-entropy: lower is better."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.total += torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        self.count += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+def test_loss_metric_increase_is_the_degradation(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets=["net.0"], ranks="all", metric=CrossEntropy(), max_accuracy_drop=0.05, joint=None,
+        verbose=False,
+    )  # fmt: skip
+    model = LitMLP()
+    _trainer(tmp_path, callback, max_epochs=2).fit(model, datamodule=BlobsData())
+    points = callback.points["net.0"]
+    base = points[0].accuracy
+    assert all(pt.accuracy_drop == pytest.approx(pt.accuracy - base) for pt in points)
+    assert points[-1].accuracy_drop > 0.05  # the sweep stopped on a loss increase
+    assert callback.chosen is not None and callback.chosen.accuracy - base <= 0.05
+    assert model.net[0].out_features == callback.chosen.p
+
+
+def test_hf_dict_batches_padding_and_auto_targets(tmp_path: Path, seed: int) -> None:
+    pytest.importorskip("transformers")
+    from lit_models import LitTinyBert, TokenData
+
+    callback = NeuronEliminationCallback(
+        targets="auto", ranks=[0.75, 0.5, 0.25], max_accuracy_drop=0.05, verbose=False
+    )
+    model, data = LitTinyBert(), TokenData()
+    _trainer(tmp_path, callback, max_epochs=3).fit(model, datamodule=data)
+    ffn = [f"bert.bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    # the FFN pairs through GELUActivation, and the pooler (dense → tanh → classifier); not
+    # the attention projections, nor the layers before a residual sum and LayerNorm
+    assert sorted(callback.points) == [*ffn, "bert.bert.pooler.dense"]
+    assert callback.joint_points  # the joint search ran on the dict batches too
+    assert callback.applied
+    batch = next(iter(data.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).logits.shape == (batch["input_ids"].shape[0], 2)
+    for layer, p in callback.applied.items():
+        assert model.get_submodule(layer).out_features == p
+
+
+def test_explicit_target_consumer_pairs(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(
+        targets={"net.0": "net.2"}, ranks=[0.5], apply=None, verbose=False
+    )
+    _trainer(tmp_path, callback, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
+    assert set(callback.points) == {"net.0"}
+    wrong = NeuronEliminationCallback(targets={"net.0": "net.4"}, verbose=False)
+    with pytest.raises(JunctionError, match="not the given consumer 'net.4'"):
+        _trainer(tmp_path, wrong, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
+    with pytest.raises(MisconfigurationException, match="`targets` as a mapping"):
+        NeuronEliminationCallback(targets={"net.0": ""})
+    with pytest.raises(MisconfigurationException, match="`probe_samples` must be a positive"):
+        NeuronEliminationCallback(probe_samples=0)
+    with pytest.raises(MisconfigurationException, match="`mask_fn` must be callable"):
+        NeuronEliminationCallback(mask_fn="attention_mask")

@@ -481,3 +481,14 @@ def test_energy_model_is_immutable_and_hashable() -> None:
 def test_layer_count_validates(kwargs: dict, error: type[Exception]) -> None:
     with pytest.raises(error):
         LayerCount(**kwargs)
+
+
+def test_embedding_and_layernorm_rules() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+    )
+    report = EnergyModel().estimate(model, torch.zeros(2, 5, dtype=torch.long))
+    # per sequence of 5 tokens: LayerNorm 5·4 MACs, Linear 5·4·3; weights 40 + 4 + 12
+    assert report.macs == 5 * 4 + 5 * 4 * 3
+    assert report.weights == 40 + 4 + 12
+    assert report.activations == 5 * 4 + 5 * 4 + 5 * 3

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_neuronprune import evaluation
 from lightning_neuronprune.errors import NeuronEliminationError
-from lightning_neuronprune.evaluation import CachedEvaluator, batch_target
+from lightning_neuronprune.evaluation import CachedEvaluator, batch_target, model_output
 from lightning_neuronprune.surgery import linear_from
 
 
@@ -86,6 +87,51 @@ def test_untraceable_model_falls_back_to_full_passes(generator: torch.Generator)
         nn.Sequential(*model), "2", data, MulticlassAccuracy(4, average="micro"), cache=False
     )
     assert not forced.cached and forced(probe) == evaluator(probe)
+
+
+def test_traced_front_that_cannot_run_falls_back_to_full_passes(
+    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split succeeds but the prefix fails on the real batches (e.g. an input the trace
+    baked in): the evaluator runs full passes, with the same results."""
+    split = evaluation._split
+
+    def failing_prefix(model: nn.Module, consumer: str):
+        prefix, suffix = split(model, consumer)
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("the traced front cannot run this input")
+
+        prefix.forward = broken
+        return prefix, suffix
+
+    monkeypatch.setattr(evaluation, "_split", failing_prefix)
+    model = _Skip()
+    data = _data(generator)
+    evaluator = CachedEvaluator(model, "fc2", data, MulticlassAccuracy(4, average="micro"))
+    assert not evaluator.cached
+    probe = _probe(model.fc2, torch.tensor([0, 2, 3, 7]))
+    assert evaluator(probe) == _reference(model, data, "fc2", probe)
+
+
+def test_output_fn_and_3d_token_outputs(generator: torch.Generator) -> None:
+    """Dict outputs (``logits``) and an ``output_fn`` pooling (B, T, C) logits."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.fc2(torch.relu(self.fc1(x)))}
+
+    model = Tokens()
+    data = [(torch.randn(5, 3, 6, generator=generator), torch.randint(0, 4, (5,)))]
+    metric = MulticlassAccuracy(4, average="micro")
+    pooled = CachedEvaluator(model, "fc2", data, metric, output_fn=lambda o: o["logits"][:, 0])
+    with torch.no_grad():
+        expected = metric(model_output(model(data[0][0]))[:, 0], data[0][1])
+    assert pooled() == pytest.approx(float(expected))
 
 
 def test_batch_target_and_empty_data() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,3 +57,23 @@ def test_mnist_lenet_example(mnist_dir: Path, tmp_path: Path) -> None:
         logits = reloaded(torch.zeros(2, 1, 28, 28))
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all()
+
+
+TRANSFORMER = EXAMPLE.parent / "transformer.py"
+
+
+@pytest.mark.slow
+def test_transformer_example(mnist_dir: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, str(TRANSFORMER), "--data-dir", str(mnist_dir), "--epochs", "1",
+        "--limit-train", "1000", "--val-size", "500", "--depth", "2", "--dim", "32",
+        "--hidden", "64", "--grid", "4", "--max-samples", "500", "--max-accuracy-drop", "0.05",
+        "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(TRANSFORMER.parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "found junctions: ['net.blocks.0.mlp.fc1', 'net.blocks.1.mlp.fc1']" in out
+    assert "FFN neurons removed:" in out
+    assert "test set (held out): accuracy" in out

@@ -100,3 +100,64 @@ def test_restores_each_submodule_mode(generator: torch.Generator) -> None:
     collect_statistics(model, ["3"], [torch.randn(8, 6, generator=generator)])
     assert model.training and model[0].training and model[3].training
     assert not model[1].training
+
+
+class _TokenModel(torch.nn.Module):
+    """Per-token MLP on (B, T, 6) inputs, then mean pooling over tokens and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 10)
+        self.fc2 = torch.nn.Linear(10, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["inputs_embeds"] if isinstance(batch, dict) else batch
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return self.head(h.mean(-2) if h.dim() == 3 else h)
+
+
+def test_padded_batch_statistics_equal_unpadded_tokens(generator: torch.Generator) -> None:
+    model = _TokenModel()
+    lengths = [5, 2, 4]
+    x = torch.randn(3, 5, 6, generator=generator)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    x[mask == 0] = 1e3  # padding holds garbage
+    padded = [{"inputs_embeds": x, "attention_mask": mask, "labels": torch.zeros(3)}]
+    tokens = x[mask.bool()]  # (11, 6): the same real tokens, unpadded, as a 2-D batch
+    got = collect_statistics(model, ["fc2", "head"], padded)
+    ref = collect_statistics(model, ["fc2"], [tokens])["fc2"]
+    assert got["fc2"].count == ref.count == sum(lengths)
+    torch.testing.assert_close(got["fc2"].gram, ref.gram)
+    torch.testing.assert_close(got["fc2"].total, ref.total)
+    # the pooled consumer's input (B, n) does not have the mask's shape: every row counts
+    assert got["head"].count == 3
+    # a user's mask function; `lambda b: None` counts the padding too
+    custom = collect_statistics(
+        model, ["fc2"], [(x, mask)], input_fn=lambda b: b[0], mask_fn=lambda b: b[1]
+    )["fc2"]
+    torch.testing.assert_close(custom.gram, ref.gram)
+    everything = collect_statistics(model, ["fc2"], padded, mask_fn=lambda b: None)["fc2"]
+    assert everything.count == 15
+
+
+def test_hf_style_dict_batches_and_keyword_calls(generator: torch.Generator) -> None:
+    class KeywordModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 6)
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embed(input_ids) * attention_mask[..., None])
+
+    ids = torch.randint(0, 20, (2, 7), generator=generator)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    assert sorted(batch_input(batch)) == ["attention_mask", "input_ids"]
+    stats = collect_statistics(KeywordModel(), ["fc"], [batch], max_samples=1)["fc"]
+    assert stats.count == 7  # one sequence kept by `max_samples`, its 7 real tokens
+    stats = collect_statistics(KeywordModel(), ["fc"], [batch])["fc"]
+    assert stats.count == 10

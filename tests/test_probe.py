@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_blocks import (
+    FFN,
+    Encoder,
+    Mlp,
+    NewGELU,
+    QuickGELU,
+    SwiGLU,
+    TimmBlock,
+    TorchvisionEncoderBlock,
+    Wrapper,
+)
+
+from lightning_neuronprune.elimination import eliminate_neurons
+from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.probe import JunctionProbe
+from lightning_neuronprune.surgery import UndecidedJunctionError, auto_junctions, find_junction
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "act", [QuickGELU(), NewGELU(), Wrapper(nn.GELU()), Wrapper(QuickGELU()), nn.Mish()],
+    ids=["QuickGELU", "NewGELU", "wrapped-GELU", "wrapped-QuickGELU", "Mish"],
+)  # fmt: skip
+def test_custom_activations_are_accepted_by_behaviour(seed: int, act: nn.Module) -> None:
+    model = FFN(act)
+    x = torch.randn(5, 6)
+    with pytest.raises(UndecidedJunctionError, match="could not be traced"):
+        find_junction(model, "fc1")
+    j = find_junction(model, "fc1", example=x)
+    assert (j.producer, j.consumer, j.batchnorm, j.kind) == ("fc1", "fc2", None, "producer")
+    assert j.path[0].startswith("act")
+
+
+def test_transformers_activation_modules_are_accepted(seed: int) -> None:
+    activations = pytest.importorskip("transformers.activations")
+    for act in (activations.GELUActivation(), activations.NewGELUActivation(),
+                activations.QuickGELUActivation()):  # fmt: skip
+        j = find_junction(FFN(act), "fc1", example=torch.randn(5, 6))
+        assert j.consumer == "fc2"
+
+
+class Scale(nn.Module):
+    """An elementwise op with per-feature parameters: accepted by behaviour, but not sliceable."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((n,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class TwoConsumers(FFN):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__(act)
+        self.side = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        return self.out(torch.relu(self.fc2(h))) + self.side(h)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h)) + h
+
+
+class Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(torch.relu(self.fc(x))))
+
+
+class Permuted(FFN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x)).flip(-1)
+        return self.out(torch.relu(self.fc2(h)))
+
+
+@pytest.mark.parametrize(
+    ("model", "target", "message"),
+    [
+        (FFN(nn.GELU(), nn.LayerNorm(12)), "fc1", "mixes features"),
+        (FFN(nn.GELU(), nn.Softmax(-1)), "fc1", "mixes features"),
+        (Permuted(nn.ReLU()), "fc1", "mixes features"),
+        (FFN(nn.GELU(), Scale(12)), "fc1", "per-feature parameters"),
+        (TwoConsumers(nn.GELU()), "fc1", "feeds 2 nn.Linear layers \\['fc2', 'side'\\]"),
+        (Residual(), "fc1", "reaches the network output other than through its consumer"),
+        (FFN(nn.GELU()), "out", "it is \\(or flows into\\) the network output"),
+        (Reused(), "fc", "runs 2 times"),
+        (Encoder([TimmBlock(mlp=SwiGLU(16, 32))], untraceable=True), "blocks.0.mlp.gate",
+         "gated MLP such as SwiGLU"),
+        (Encoder([TimmBlock()], untraceable=True), "blocks.0.attn.qkv",
+         "reaches 'blocks.0.attn.proj', which reads 16 features"),
+    ],
+    ids=["layernorm", "softmax", "permutation", "scale", "two-consumers", "residual", "output",
+         "reused", "swiglu", "attention-qkv"],
+)  # fmt: skip
+def test_refusals_name_the_problem(seed: int, model: nn.Module, target: str, message: str) -> None:
+    x = torch.randn(4, 5, 6) if isinstance(model, Encoder) else torch.randn(5, 6)
+    model.train()
+    state = _state(model)
+    with pytest.raises(JunctionError, match=message):
+        find_junction(model, target, example=x)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(_state(model), state, rtol=0, atol=0)
+    assert type(model.get_submodule(target)) is nn.Linear  # originals restored after narrowing
+
+
+def test_probe_cost_determinism_and_untouched_model(seed: int) -> None:
+    model = FFN(QuickGELU())
+    model.train()
+    state = _state(model)
+    x = torch.randn(5, 6)
+    probe = JunctionProbe(model, x)
+    assert probe.passes == 1  # the shared baseline
+    first = probe.find("fc1")
+    # reach + narrowing + 2 ⌈log2 n⌉ bit patterns
+    assert first.passes == 2 + 2 * math.ceil(math.log2(12))
+    assert JunctionProbe(model, x).find("fc1") == first
+    assert all(m.training for m in model.modules())
+    torch.testing.assert_close(_state(model), state, rtol=0, atol=0)
+
+
+def test_dead_relu_neurons_still_map_one_to_one(seed: int) -> None:
+    model = FFN(nn.ReLU(), untraceable=False)
+    with torch.no_grad():
+        model.fc1.bias[:6] = -100.0  # dead on every sample
+    assert find_junction(model, "fc1", example=torch.randn(5, 6)).consumer == "fc2"
+
+
+def test_batchnorm_on_the_path_agrees_with_tracing(seed: int) -> None:
+    model = nn.Sequential(
+        nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Dropout(0.2), nn.Linear(10, 3)
+    )
+    model(torch.randn(32, 6))  # running statistics
+    traced = find_junction(model, "0")
+    probed = find_junction(model, "0", example=torch.randn(8, 6))
+    assert traced == probed
+    assert (probed.consumer, probed.batchnorm) == ("4", "1")
+
+
+def test_tracing_cross_check_disagreement_is_refused(seed: int) -> None:
+    model = FFN(nn.GELU(), untraceable=False)
+    probe = JunctionProbe(model, torch.randn(5, 6))
+
+    class Wrong:
+        def find(self, producer: str):
+            return probe.find(producer).__class__(producer, "out", None, (), 0)
+
+    with pytest.raises(JunctionError, match="tracing and probing disagree"):
+        find_junction(model, "fc1", probe=Wrong())  # type: ignore[arg-type]
+
+
+def test_explicit_consumer_is_checked_by_the_probe(seed: int) -> None:
+    model = FFN(QuickGELU())
+    x = torch.randn(5, 6)
+    assert find_junction(model, "fc1", "fc2", example=x).consumer == "fc2"
+    with pytest.raises(JunctionError, match="not the given consumer 'out'"):
+        find_junction(model, "fc1", "out", example=x)
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_auto_finds_torchvision_and_timm_ffn_pairs(seed: int, untraceable: bool) -> None:
+    model = Encoder(
+        [TorchvisionEncoderBlock(), TimmBlock(), TimmBlock(mlp=Mlp(16, 32, act_layer=QuickGELU)),
+         TimmBlock(mlp=SwiGLU(16, 32))],
+        untraceable=untraceable,
+    ).eval()  # fmt: skip
+    found = [(j.producer, j.consumer) for j in auto_junctions(model, example=torch.randn(3, 5, 6))]
+    assert found == [
+        ("blocks.0.mlp.0", "blocks.0.mlp.3"),
+        ("blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
+        ("blocks.2.mlp.fc1", "blocks.2.mlp.fc2"),
+    ]
+
+
+def _hf(kind: str):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=40, max_position_embeddings=16)
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **common)
+        return transformers.DistilBertModel(cfg)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            image_size=8, patch_size=4, num_channels=1,
+        )  # fmt: skip
+        return transformers.ViTModel(cfg)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            intermediate_size=32, **common,
+        )  # fmt: skip
+        return transformers.LlamaModel(cfg)
+    config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[kind]
+    model = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[kind]
+    return model(
+        config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               **common)
+    )  # fmt: skip
+
+
+def _hf_input(kind: str) -> dict[str, torch.Tensor]:
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 1, 8, 8)}
+    ids = torch.randint(0, 40, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    ("kind", "pairs"),
+    [
+        ("bert", [("encoder.layer.{i}.intermediate.dense", "encoder.layer.{i}.output.dense")]),
+        ("roberta", [("encoder.layer.{i}.intermediate.dense", "encoder.layer.{i}.output.dense")]),
+        ("distilbert", [("transformer.layer.{i}.ffn.lin1", "transformer.layer.{i}.ffn.lin2")]),
+        ("vit", None),
+        ("llama", []),
+    ],
+)
+def test_auto_on_tiny_hugging_face_models(seed: int, kind: str, pairs: list | None) -> None:
+    model = _hf(kind).eval()
+    found = [(j.producer, j.consumer) for j in auto_junctions(model, example=_hf_input(kind))]
+    if pairs is None:  # ViT's module names differ between transformers versions
+        assert len(found) == 2
+        assert all(p.endswith(("intermediate.dense", "fc1")) for p, _ in found)
+        assert all(c.endswith(("output.dense", "fc2")) for _, c in found)
+    else:
+        assert found == [(p.format(i=i), c.format(i=i)) for i in range(2) for p, c in pairs]
+
+
+def test_hf_bert_duplicate_neurons_are_removed_losslessly(seed: int) -> None:
+    model = _hf("bert").eval()
+    dense = model.encoder.layer[0].intermediate.dense
+    with torch.no_grad():  # neurons 16..31 copy neurons 0..15: rank 16 of 32
+        dense.weight[16:] = dense.weight[:16]
+        dense.bias[16:] = dense.bias[:16]
+    batch = _hf_input("bert")
+    target = "encoder.layer.0.intermediate.dense"
+    with pytest.raises(UndecidedJunctionError):
+        find_junction(model, target)
+    reduced, (rec,) = eliminate_neurons(model, target, 16, [batch], example=batch)
+    assert rec.consumer == "encoder.layer.0.output.dense"
+    assert reduced.encoder.layer[0].intermediate.dense.out_features == 16
+    assert reduced.encoder.layer[0].output.dense.in_features == 16
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        got = reduced(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_consumer_reached_through_functional_ops(seed: int) -> None:
+    class Inline(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            return self.fc2(h * torch.sigmoid(1.702 * h) + F.relu(h))  # inline, two uses of h
+
+    with pytest.raises(UndecidedJunctionError, match="feeds"):
+        find_junction(Inline(), "fc1")
+    assert find_junction(Inline(), "fc1", example=torch.randn(4, 6)).consumer == "fc2"
