@@ -72,7 +72,12 @@ from lightning_neuronprune.statistics import (
 from lightning_neuronprune.surgery import Junction, UndecidedJunctionError
 from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
-from lightning_neuronprune.validation import check_against_targets, check_arguments
+from lightning_neuronprune.validation import (
+    check_against_targets,
+    check_arguments,
+    check_choice,
+    check_confirmation,
+)
 
 __all__ = ["NeuronEliminationCallback"]
 
@@ -265,6 +270,13 @@ class NeuronEliminationCallback(pl.Callback):
                 joint_order=joint_order, joint_shares=joint_shares, verbose=verbose,
                 adapters=adapters, probe_samples=probe_samples,
             )  # fmt: skip
+            check_confirmation(
+                confirm_fraction=confirm_fraction, confirm_margin=confirm_margin,
+                confirm_confidence=confirm_confidence, confirm_chunk=confirm_chunk,
+                confirm_max_tries=confirm_max_tries, max_accuracy_drop=max_accuracy_drop,
+            )  # fmt: skip
+            check_choice("joint_compensate", joint_compensate, (True, False))
+            check_choice("weights", weights, WEIGHTS)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
         if metric is not None and not isinstance(metric, Metric):
@@ -284,58 +296,16 @@ class NeuronEliminationCallback(pl.Callback):
         self.max_samples = max_samples
         self.eval_dataloader = eval_dataloader
         self.example_input = example_input
-        if confirm_fraction is not None and (
-            isinstance(confirm_fraction, bool)
-            or not isinstance(confirm_fraction, (int, float))
-            or not 0 <= confirm_fraction < 1
-        ):
-            raise MisconfigurationException(
-                f"`confirm_fraction` must be None or a fraction in [0, 1), got {confirm_fraction!r}"
-            )
-        if (
-            isinstance(confirm_margin, bool)
-            or not isinstance(confirm_margin, (int, float))
-            or not 0 <= confirm_margin <= max_accuracy_drop
-        ):
-            raise MisconfigurationException(
-                f"`confirm_margin` must be a number in [0, max_accuracy_drop="
-                f"{max_accuracy_drop}], got {confirm_margin!r}"
-            )
         self.joint = joint
         self.joint_order = joint_order
         self.joint_shares = joint_shares
-        if not isinstance(joint_compensate, bool):
-            raise MisconfigurationException(
-                f"`joint_compensate` must be a bool, got {joint_compensate!r}"
-            )
         self.joint_compensate = joint_compensate
         self.confirm_fraction = float(confirm_fraction) if confirm_fraction else None
         self.confirm_margin = float(confirm_margin)
-        if confirm_confidence is not None and (
-            isinstance(confirm_confidence, bool)
-            or not isinstance(confirm_confidence, (int, float))
-            or not 0 < confirm_confidence < 1
-        ):
-            raise MisconfigurationException(
-                f"`confirm_confidence` must be None or a level in (0, 1), got "
-                f"{confirm_confidence!r}"
-            )
-        for name, value in (
-            ("confirm_chunk", confirm_chunk),
-            ("confirm_max_tries", confirm_max_tries),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MisconfigurationException(
-                    f"`{name}` must be a positive integer, got {value!r}"
-                )
         self.confirm_confidence = confirm_confidence
         self.confirm_chunk = confirm_chunk
         self.confirm_max_tries = confirm_max_tries
         self.verbose = verbose
-        if weights not in WEIGHTS:
-            raise MisconfigurationException(
-                f"`weights` must be one of {list(WEIGHTS)}, got {weights!r}"
-            )
         self.weights = weights
         self.input_fn = input_fn
         self.target_fn = target_fn

@@ -197,3 +197,53 @@ def check_against_targets(
             f"{list(joint_order)!r}"
         )
     return layers
+
+
+def check_confirmation(
+    *,
+    confirm_fraction: Any,
+    confirm_margin: Any,
+    confirm_confidence: Any,
+    confirm_chunk: Any,
+    confirm_max_tries: Any,
+    max_accuracy_drop: float,
+) -> None:
+    """Check the held-out confirmation's arguments (see
+    :class:`~lightning_neuronprune.NeuronEliminationCallback`).
+
+    Raises:
+        ValueError: naming the argument (in backticks) and the bad value.
+    """
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if confirm_fraction is not None and not (
+        number(confirm_fraction) and 0 <= confirm_fraction < 1
+    ):
+        raise ValueError(
+            f"`confirm_fraction` must be None or a fraction in [0, 1), got {confirm_fraction!r}"
+        )
+    if not (number(confirm_margin) and 0 <= confirm_margin <= max_accuracy_drop):
+        raise ValueError(
+            f"`confirm_margin` must be a number in [0, max_accuracy_drop={max_accuracy_drop}], "
+            f"got {confirm_margin!r}"
+        )
+    if confirm_confidence is not None and not (
+        number(confirm_confidence) and 0 < confirm_confidence < 1
+    ):
+        raise ValueError(
+            f"`confirm_confidence` must be None or a level in (0, 1), got {confirm_confidence!r}"
+        )
+    for name, value in (("confirm_chunk", confirm_chunk), ("confirm_max_tries", confirm_max_tries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``
+    (``bool`` arguments pass ``(True, False)`` and must be real bools)."""
+    ok = value in allowed and (not isinstance(allowed[0], bool) or isinstance(value, bool))
+    if not ok:
+        expected = "a bool" if isinstance(allowed[0], bool) else f"one of {list(allowed)}"
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
