@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where to save the reduced model (default: <run dir>/reduced.pt)",
     )
+    parser.add_argument(
+        "--confirm-margin", type=float, default=0.005,
+        help="the held-out drop (or its bound) must stay this far inside the budget: MNIST's "
+        "validation images under-predict test drops of heavily reduced networks",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--verbose", action="store_true", help="print one line per evaluated configuration"
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method,
         confirm_fraction=args.confirm_fraction or None,
         confirm_confidence=args.confirm_confidence or None,
+        confirm_margin=args.confirm_margin,
         verbose=args.verbose,
     )
     trainer = pl.Trainer(
