@@ -327,21 +327,15 @@ def collect_statistics(
             if mask is not None and tuple(mask.shape) == shape[:-1]:
                 real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
                 rows = rows.index_select(0, real)  # (real tokens, n)
-            st = stats[name]
-            st.update(rows.to(device))
-            # A NaN or Inf in the batch makes the float64 feature sums non-finite: checking the n
-            # sums is much cheaper than checking every activation.
-            if not torch.isfinite(st.total).all():
-                raise StatisticsError(
-                    f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
-                    f"(shape {shape})"
-                )
+            stats[name].update(rows.to(device))
+            shapes[name] = shape
 
         return hook
 
     get_input = input_fn if input_fn is not None else batch_input
     get_mask = mask_fn if mask_fn is not None else batch_mask
     current: dict[str, Tensor | None] = {"mask": None}
+    shapes: dict[str, tuple[int, ...]] = {}
     prepare = transfer if transfer is not None else (lambda b: b)
     context = forward_context if forward_context is not None else nullcontext
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
@@ -374,4 +368,11 @@ def collect_statistics(
     for name, s in stats.items():
         if s.count == 0:
             raise StatisticsError(f"no samples reached layer {name!r}: the data iterable was empty")
+        # A NaN or Inf in any batch makes the float64 feature sums non-finite: checked once, at
+        # the end, so that the loop over batches never waits for the device.
+        if not torch.isfinite(s.total).all():
+            raise StatisticsError(
+                f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
+                f"(last batch shape {shapes.get(name)})"
+            )
     return stats
