@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neuronprune import ReducedCheckpointMixin
+
+
+def tiny_trainer(
+    tmp_path: Path, callbacks: pl.Callback | list[pl.Callback], **overrides: Any
+) -> pl.Trainer:
+    """A quiet CPU Trainer for tests: 4 epochs, no progress bar, summary, checkpoints or logger,
+    rooted in ``tmp_path``; ``overrides`` replace any of these."""
+    options: dict[str, Any] = {
+        "max_epochs": 4,
+        "default_root_dir": tmp_path,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": False,
+        "callbacks": callbacks if isinstance(callbacks, list) else [callbacks],
+    }
+    options.update(overrides)
+    return pl.Trainer(**options)
 
 
 def blobs(n: int, seed: int, dim: int = 12, classes: int = 4) -> TensorDataset:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP
+from lit_models import BlobsData, LitMLP, tiny_trainer
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,19 +24,7 @@ from lightning_neuronprune import (
     save_reduced,
 )
 
-
-def _trainer(tmp_path: Path, callback: pl.Callback, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 4,
-        "default_root_dir": tmp_path,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "logger": False,
-        "callbacks": [callback],
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+_trainer = tiny_trainer
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP
+from lit_models import BlobsData, LitMLP, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -178,14 +178,7 @@ def test_sequential_rejects_bad_order_and_shares() -> None:
         search.sequential(0.02, shares=[1.0, -1.0, 1.0])
 
 
-def _trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    options = {
-        "max_epochs": 4, "default_root_dir": tmp_path, "enable_progress_bar": False,
-        "enable_model_summary": False, "enable_checkpointing": False, "logger": False,
-        "callbacks": callbacks,
-    }  # fmt: skip
-    options.update(kwargs)
-    return pl.Trainer(**options)
+_trainer = tiny_trainer
 
 
 def test_callback_joint_search_applies_from_the_joint_front(tmp_path: Path, seed: int) -> None:

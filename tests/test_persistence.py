@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, ReducibleLitMLP
+from lit_models import BlobsData, LitMLP, ReducibleLitMLP, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -177,17 +177,7 @@ def test_rebind_optimizer_inserts_a_new_bias_after_its_weight(
 # ------------------------------------------------------------------ Lightning idioms
 
 
-def _trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 3,
-        "default_root_dir": tmp_path,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "callbacks": callbacks,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+_trainer = functools.partial(tiny_trainer, max_epochs=3, enable_checkpointing=True)
 
 
 def _val() -> torch.Tensor:

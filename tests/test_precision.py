@@ -3,13 +3,13 @@ plugin and the strategy as the Trainer's own do; statistics stay float64, module
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, blobs
+from lit_models import BlobsData, LitMLP, blobs, tiny_trainer
 from pytorch_lightning.plugins.precision import HalfPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -30,18 +30,7 @@ DTYPES = {
 }
 
 
-def _trainer(tmp_path: Path, callback: pl.Callback, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": 3,
-        "default_root_dir": tmp_path,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "logger": False,
-        "callbacks": [callback],
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+_trainer = functools.partial(tiny_trainer, max_epochs=3)
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
