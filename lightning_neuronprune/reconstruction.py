@@ -143,9 +143,10 @@ def least_squares_transform(
     A = B.index_select(0, kept)
     if ridge > 0:
         A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    T, ok = solve_psd_cholesky(A, B)
-    if check and not bool(ok):
-        T = solve_psd_pinv(A, B)
+    if check:
+        T, ok = solve_psd(A, B), None
+    else:
+        T, ok = solve_psd_cholesky(A, B)
     c = stats.mean() - T @ stats.mean()[kept] if affine else None
     rec = Reconstruction(T, c)
     return rec if check else (rec, ok)
