@@ -3,7 +3,9 @@
 The functional core follows Zhang, Davoodi & Hu, *Exploring Energy and Accuracy Tradeoff in
 Structure Simplification of Trained Deep Neural Networks* (IEEE JETCAS 2018):
 statistics (:mod:`.statistics`) → selection (:mod:`.selection`, :mod:`.linalg`) →
-reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.surgery`) → energy (:mod:`.energy`).
+reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.surgery`) → energy (:mod:`.energy`);
+:mod:`.pipeline` runs the sweeps, the joint search, the decision and its confirmation without a
+Trainer, and :class:`NeuronEliminationCallback` is the Lightning shell around it.
 """
 
 from lightning_neuronprune.callback import NeuronEliminationCallback
@@ -32,6 +34,13 @@ from lightning_neuronprune.persistence import (
     rebind_optimizer,
     save_reduced,
 )
+from lightning_neuronprune.pipeline import (
+    ConfirmSettings,
+    ModelIO,
+    ReductionSearch,
+    SearchResult,
+    SearchSettings,
+)
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import nested_order, select_neurons
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
@@ -39,6 +48,7 @@ from lightning_neuronprune.surgery import GatheredLinear, Junction, find_junctio
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConfirmSettings",
     "Elimination",
     "EliminationRecord",
     "EnergyModel",
@@ -47,10 +57,14 @@ __all__ = [
     "Junction",
     "JunctionError",
     "JunctionStatistics",
+    "ModelIO",
     "NeuronEliminationCallback",
     "NeuronEliminationError",
     "NumericalWarning",
     "ReducedCheckpointMixin",
+    "ReductionSearch",
+    "SearchResult",
+    "SearchSettings",
     "StatisticsError",
     "UnsupportedLayerError",
     "batch_input",

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 
 __all__ = [
     "best_checkpoint",
@@ -19,6 +22,7 @@ __all__ = [
     "has_val_source",
     "load_best",
     "reduced_checkpoint_path",
+    "save_reduced_checkpoint",
     "train_loader",
     "trainer_forward",
 ]
@@ -99,6 +103,52 @@ def reduced_checkpoint_path(trainer: pl.Trainer, source: str | None) -> str | No
         version += 1
         path = os.path.join(dirpath, f"{stem}-v{version}.ckpt")
     return trainer.strategy.broadcast(path)
+
+
+def save_reduced_checkpoint(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    before: dict[str, Any],
+    source: str | None,
+) -> str | None:
+    """Make the trainer's state consistent with the reduced model and checkpoint it.
+
+    The optimizers are re-pointed at the new parameters (the reduced layers' optimizer state
+    starts afresh; ``before`` is ``named_parameters()`` before the reduction), so that the
+    checkpoint resumes. It is written with ``trainer.save_checkpoint`` (every rank calls it,
+    rank zero writes) next to ``ModelCheckpoint``'s (see :func:`reduced_checkpoint_path`), and
+    ``load_state_dict`` is told what to advise when unreduced weights arrive.
+
+    Returns:
+        The checkpoint's path, or ``None`` without a ``ModelCheckpoint`` to write it next to.
+    """
+    for optimizer in trainer.optimizers:
+        rebind_optimizer(optimizer, before, pl_module)
+    path = reduced_checkpoint_path(trainer, source)
+    if path is None:
+        install_plan_hook(
+            pl_module,
+            advice=(
+                "The reduced model lives in memory only (the Trainer has no ModelCheckpoint "
+                "to write its checkpoint next to): pass it without `ckpt_path`, or save it "
+                "first (`trainer.save_checkpoint(path)`, `save_reduced(model, path)`). Load "
+                "unreduced weights into a fresh, unreduced instance."
+            ),
+        )
+        return None
+    trainer.save_checkpoint(path)
+    install_plan_hook(
+        pl_module,
+        advice=(
+            f"NeuronEliminationCallback saved the reduced model as {path!r} "
+            f"(`callback.reduced_checkpoint_path`): pass `ckpt_path={path!r}`, or pass the "
+            "model without `ckpt_path` to use it as it is in memory. ModelCheckpoint's "
+            "'best' and 'last' checkpoints were written before the reduction and hold the "
+            "unreduced weights."
+        ),
+    )
+    rank_zero_info(f"neuron elimination: reduced model saved as the checkpoint {path}")
+    return path
 
 
 def trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:

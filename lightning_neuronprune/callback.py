@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
+import dataclasses
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +15,6 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_neuronprune._lightning import (
@@ -26,57 +22,36 @@ from lightning_neuronprune._lightning import (
     best_checkpoint,
     has_val_source,
     load_best,
-    reduced_checkpoint_path,
+    save_reduced_checkpoint,
     trainer_forward,
 )
 from lightning_neuronprune._lightning import eval_loader as get_eval_loader
 from lightning_neuronprune._lightning import train_loader as get_train_loader
-from lightning_neuronprune._runtime import evaluating, to_device
-from lightning_neuronprune.confirmation import (
-    Confirmation,
-    chunk_batches,
-    confirm_front,
-    front_within,
-    split_batches,
-)
-from lightning_neuronprune.decision import (
-    Decision,
-    apply_decision,
-    decide,
-    decision_for,
-)
-from lightning_neuronprune.elimination import eliminate_neurons
+from lightning_neuronprune._runtime import to_device
+from lightning_neuronprune.confirmation import Confirmation
+from lightning_neuronprune.decision import Decision
 from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction, model_output
-from lightning_neuronprune.fitting import FitOptions, JunctionFitter
-from lightning_neuronprune.joint import JointPoint, JointSearch
-from lightning_neuronprune.pareto import pareto_front
-from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
+from lightning_neuronprune.evaluation import default_metric
+from lightning_neuronprune.fitting import FitOptions
+from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.persistence import install_plan_hook
+from lightning_neuronprune.pipeline import (
+    ConfirmSettings,
+    ModelIO,
+    ReductionSearch,
+    SearchResult,
+    SearchSettings,
+)
 from lightning_neuronprune.progress import ProgressBar, sample_count
-from lightning_neuronprune.reporting import (
-    confirmation_table,
-    log_confirmations,
-    log_joint_scalars,
-    log_scalars,
-    log_summary,
-    point_label,
-    write_confirmation_csv,
-    write_report,
-)
-from lightning_neuronprune.statistics import (
-    JunctionStatistics,
-    call_model,
-    collect_statistics,
-    first_input,
-)
-from lightning_neuronprune.surgery import Junction, UndecidedJunctionError
-from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
-from lightning_neuronprune.targets import Targets, resolve_targets
+from lightning_neuronprune.reporting import amend_report, report_result
+from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics, first_input
+from lightning_neuronprune.surgery import Junction
+from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.targets import Targets, resolve_targets, traced_targets
 from lightning_neuronprune.validation import (
     check_against_targets,
     check_arguments,
     check_choice,
-    check_confirmation,
 )
 
 __all__ = ["NeuronEliminationCallback"]
@@ -257,7 +232,6 @@ class NeuronEliminationCallback(pl.Callback):
         probe_samples: int = 8,
     ) -> None:
         super().__init__()
-        self._fitters: dict[str, JunctionFitter] = {}
         adapters = {
             "input_fn": input_fn, "target_fn": target_fn, "output_fn": output_fn,
             "mask_fn": mask_fn,
@@ -270,13 +244,18 @@ class NeuronEliminationCallback(pl.Callback):
                 joint_order=joint_order, joint_shares=joint_shares, verbose=verbose,
                 adapters=adapters, probe_samples=probe_samples,
             )  # fmt: skip
-            check_confirmation(
-                confirm_fraction=confirm_fraction, confirm_margin=confirm_margin,
-                confirm_confidence=confirm_confidence, confirm_chunk=confirm_chunk,
-                confirm_max_tries=confirm_max_tries, max_accuracy_drop=max_accuracy_drop,
-            )  # fmt: skip
             check_choice("joint_compensate", joint_compensate, (True, False))
             check_choice("weights", weights, WEIGHTS)
+            self.settings = SearchSettings(
+                ranks=ranks, max_accuracy_drop=max_accuracy_drop,
+                options=FitOptions(method=method, affine=affine, ridge=ridge), apply=apply,
+                joint=joint, joint_order=joint_order, joint_shares=joint_shares,
+                joint_compensate=joint_compensate, max_samples=max_samples,
+                confirm=ConfirmSettings(
+                    confirm_fraction or 0.0, confirm_margin, confirm_confidence, confirm_chunk,
+                    confirm_max_tries,
+                ),
+            )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
         if metric is not None and not isinstance(metric, Metric):
@@ -284,27 +263,11 @@ class NeuronEliminationCallback(pl.Callback):
                 f"`metric` must be a torchmetrics.Metric, got {type(metric).__name__}"
             )
         self.targets = targets
-        self.ranks = ranks
-        self.max_accuracy_drop = float(max_accuracy_drop)
-        self.method = method
-        self.affine = affine
-        self.ridge = float(ridge)
         self.metric = metric
         self.top_k = top_k
         self.energy_model = energy_model or EnergyModel()
-        self.apply = apply
-        self.max_samples = max_samples
         self.eval_dataloader = eval_dataloader
         self.example_input = example_input
-        self.joint = joint
-        self.joint_order = joint_order
-        self.joint_shares = joint_shares
-        self.joint_compensate = joint_compensate
-        self.confirm_fraction = float(confirm_fraction) if confirm_fraction else None
-        self.confirm_margin = float(confirm_margin)
-        self.confirm_confidence = confirm_confidence
-        self.confirm_chunk = confirm_chunk
-        self.confirm_max_tries = confirm_max_tries
         self.verbose = verbose
         self.weights = weights
         self.input_fn = input_fn
@@ -325,7 +288,6 @@ class NeuronEliminationCallback(pl.Callback):
         self.source_checkpoint_path: str | None = None
         self._forward: dict[str, Any] = {}
         self._failed = False
-        self._search: JointSearch | None = None
         self._joint_layers: list[str] | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -368,110 +330,34 @@ class NeuronEliminationCallback(pl.Callback):
         """The targets, found by the probe on ``example``. Without one (before training), by
         tracing only, to refuse early what tracing refuses; what tracing cannot decide waits for
         the probe (see :func:`~lightning_neuronprune.validation.check_against_targets`)."""
-        if example is not None:
-            targets = resolve_targets(
-                pl_module, self.targets, example=example,
-                forward_context=self._forward.get("forward_context"),
-            )  # fmt: skip
+        if example is None:
+            targets = traced_targets(pl_module, self.targets)
         else:
-            try:
-                with warnings.catch_warnings():  # an untraced explicit consumer: the probe checks
-                    warnings.simplefilter("ignore", UserWarning)
-                    targets = resolve_targets(pl_module, self.targets)
-            except UndecidedJunctionError as err:
-                log.debug("targets left to the probe: %s", err)
-                return Targets([])
+            context = self._forward.get("forward_context")
+            targets = resolve_targets(
+                pl_module, self.targets, example=example, forward_context=context
+            )
         try:
+            s = self.settings
             self._joint_layers = check_against_targets(
-                targets, self.apply, self.joint_order, self.joint_shares
+                targets, s.apply, s.joint_order, s.joint_shares
             )
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         return targets
 
-    def _split_eval(self, loader: Iterable[Any]) -> tuple[Iterable[Any], list[Any] | None]:
-        """The search part and the held-out confirmation part of the evaluation data."""
-        self.confirmations = []
-        if self.confirm_fraction is None:
-            return loader, None
-        search, held_out = split_batches(loader, self.confirm_fraction)
-        self._info(
-            f"neuron elimination: {1 - self.confirm_fraction:.0%} of the evaluation samples for "
-            f"the search, {self.confirm_fraction:.0%} held out to confirm the choice"
-        )
-        return search, held_out
-
-    def _confirm(
-        self, pl_module: pl.LightningModule, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics], every: list[SweepPoint], held_out: list[Any],
-        metric: Metric, device: torch.device,
-    ) -> Decision:  # fmt: skip
-        """Re-measure the candidates on the held-out part, from the lowest energy up, and keep
-        the first whose drop there stays within the budget (minus ``confirm_margin``)."""
-        candidates: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
-        candidates += [pt for pt in self.joint_points if pt.strategy != "baseline"]
-        front = front_within(candidates, self.max_accuracy_drop)
-        first = junctions[0].consumer
-        chunks = chunk_batches(held_out, self.confirm_chunk) if self.confirm_confidence else []
-
-        def evaluate(module: torch.nn.Module) -> Any:
-            fns = self._eval_fns()
-            value = CachedEvaluator(
-                module, first, held_out, metric, device=device, cache=False, **fns
-            )()
-            if not self.confirm_confidence:
-                return value
-            per_chunk = [
-                CachedEvaluator(module, first, c, metric, device=device, cache=False, **fns)()
-                for c in chunks
-            ]
-            return value, per_chunk
-
-        def measure(pt: SweepPoint | JointPoint) -> Any:
-            reduced = copy.deepcopy(pl_module)
-            self._reduce(reduced, junctions, stats, pt)
-            return evaluate(reduced)
-
-        chosen, self.confirmations = confirm_front(
-            front, measure, evaluate(pl_module), self.max_accuracy_drop,
-            higher_is_better=metric_direction(metric),
-            margin=self.confirm_margin, confidence=self.confirm_confidence,
-            max_tries=self.confirm_max_tries,
-        )  # fmt: skip
-        for c in self.confirmations:
-            bound = "" if c.upper_bound is None else f" (upper bound {c.upper_bound:+.4f})"
-            self._info(
-                f"neuron elimination [confirm] {point_label(c.point)}: drop "
-                f"{c.search_drop:+.4f} on the search part, {c.confirmed_drop:+.4f} held out{bound}"
-                " -> " + ("kept" if c.held else "rejected")
-            )
-        if chosen is None:
-            rank_zero_warn(
-                f"NeuronEliminationCallback: no configuration within the budget "
-                f"{self.max_accuracy_drop} on the search part kept it on the held-out part "
-                f"({len(self.confirmations)} tried); the model is left unchanged"
-            )
-            return Decision()
-        return decision_for(chosen, junctions)
-
-    def _reduce(
-        self, module: torch.nn.Module, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics], pt: SweepPoint | JointPoint,
-    ) -> None:  # fmt: skip
-        """Apply one evaluated configuration to ``module`` in place, exactly as evaluated."""
-        if isinstance(pt, JointPoint):
-            self._search.apply(module, pt)  # type: ignore[union-attr]
-            return
-        j = next(j for j in junctions if j.layer == pt.layer)
-        eliminate_neurons(
-            module, {j.target: pt.p}, stats={j.consumer: stats[j.consumer]},
-            kept={j.target: pt.kept}, method=self.method, affine=self.affine, ridge=self.ridge,
-            inplace=True,
-        )  # fmt: skip
-
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(message)
+
+    def _io(self, trainer: pl.Trainer, device: torch.device) -> ModelIO:
+        return ModelIO(
+            device=device, transfer=self._forward.get("transfer"),
+            forward_context=self._forward.get("forward_context"), input_fn=self.input_fn,
+            target_fn=self.target_fn, output_fn=self.output_fn, mask_fn=self.mask_fn,
+            info=self._info, warn=rank_zero_warn,
+            progress=lambda desc, total, unit: ProgressBar(trainer, desc, total, unit),
+        )  # fmt: skip
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
@@ -481,44 +367,32 @@ class NeuronEliminationCallback(pl.Callback):
         pl_module.to(device)
         self._forward = trainer_forward(trainer)
         self.reduced_checkpoint_path = self.source_checkpoint_path = None
+        self.applied, self.report_paths = {}, ()
         if self.weights == "best":
             self.source_checkpoint_path = load_best(trainer, pl_module)
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
-        junctions = self._resolve_junctions(
-            pl_module, self._first_input(train_loader, device, self.probe_samples)
+        io = self._io(trainer, device)
+        example = first_input(
+            train_loader, self.probe_samples, device, input_fn=self.input_fn, transfer=io.transfer
         )
-
-        stats = self._collect(trainer, pl_module, junctions, train_loader, device)
-        example = self._example(eval_loader, device)
+        junctions = self._resolve_junctions(pl_module, example)
+        stats = self._collect(trainer, pl_module, junctions, train_loader, io)
+        example = self._example(eval_loader, device, io)
         metric = self._metric(pl_module, example, device)
-        self._fitters.clear()
-        search_loader, held_out = self._split_eval(eval_loader)
-        search = None
+        settings = dataclasses.replace(self.settings, joint_order=self._joint_layers)
+        search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
         try:
-            self.points = self._sweep(
-                trainer, pl_module, junctions, stats, search_loader, metric, example, device
-            )
-            every = [pt for pts in self.points.values() for pt in pts]
-            self.results = [pt.as_dict() for pt in every]
-            search = self._joint(
-                trainer, pl_module, junctions, stats, search_loader, train_loader, metric, example
-            )
-        finally:
-            self._fitters.clear()  # they hold n × n matrices per junction
-        self._search = search  # applies joint points as they were fitted; dropped after
-        try:
-            self.result = self._decide(every, junctions)
-            if held_out is not None and self.apply == "max_energy_saving":
-                self.result = self._confirm(
-                    pl_module, junctions, stats, every, held_out, metric, device
-                )
-            self.chosen = self.result.chosen
-            self._report(trainer, every)
+            result = search.run(eval_loader, metric, example, train_data=train_loader)
+            self._record(result)
+            self._report(trainer, result)
             before = dict(pl_module.named_parameters())
-            self._apply(pl_module, junctions, stats)
+            if result.decision.plan:
+                search.apply(pl_module, result.decision)
+                self.applied = dict(result.decision.plan)
+                self._info(f"neuron elimination: applied {self.applied}")
         finally:
-            self._search = None
-        if self.result.plan:
+            search.close()
+        if result.decision.plan:
             self._save_reduced(trainer, pl_module, before)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
@@ -527,252 +401,65 @@ class NeuronEliminationCallback(pl.Callback):
 
     def _collect(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
-        loader: Iterable[Any], device: torch.device,
+        loader: Iterable[Any], io: ModelIO,
     ) -> dict[str, JunctionStatistics]:  # fmt: skip
+        layers, limit = [j.layer for j in junctions], self.settings.max_samples
         self._info(
-            f"neuron elimination: collecting statistics of {[j.layer for j in junctions]} "
-            f"(max {self.max_samples} samples per process)"
+            f"neuron elimination: collecting statistics of {layers} (max {limit} per process)"
         )
-        total = sample_count(loader, self.max_samples)
-        with ProgressBar(trainer, "Neuron elimination: statistics", total, "samples") as bar:
+        with ProgressBar(
+            trainer, "Neuron elimination: statistics", sample_count(loader, limit), "samples"
+        ) as bar:
             return collect_statistics(
-                pl_module, [j.consumer for j in junctions], loader, max_samples=self.max_samples,
-                device=device, progress=bar.update, **self._forward_kwargs(),
-                input_fn=self.input_fn, mask_fn=self.mask_fn,
+                pl_module, [j.consumer for j in junctions], loader, max_samples=limit,
+                device=io.device, progress=bar.update, input_fn=io.input_fn, mask_fn=io.mask_fn,
+                **io.forward_kwargs(),
             )  # fmt: skip
 
-    def _example(self, loader: Iterable[Any], device: torch.device) -> Any:
+    def _example(self, loader: Iterable[Any], device: torch.device, io: ModelIO) -> Any:
         if self.example_input is not None:
             convert = self._forward.get("convert", lambda x: x)
             return convert(to_device(self.example_input, device))
-        return self._first_input(loader, device, 1)
-
-    def _first_input(self, loader: Iterable[Any], device: torch.device, size: int) -> Any:
-        return first_input(
-            loader, size, device, input_fn=self.input_fn, transfer=self._forward.get("transfer")
-        )
+        return first_input(loader, 1, device, input_fn=self.input_fn, transfer=io.transfer)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:
             return self.metric.to(device)
-        context = self._forward.get("forward_context") or contextlib.nullcontext
-        with evaluating(pl_module), torch.no_grad(), context():
-            out = call_model(pl_module, example)
-        logits = (self.output_fn or model_output)(out)
-        num_classes = int(logits.shape[-1])
-        if num_classes < 2:
-            raise MisconfigurationException(
-                f"the default metric needs class scores, but the model outputs shape "
-                f"{tuple(logits.shape)}; pass `metric=`"
-            )
-        return MulticlassAccuracy(
-            num_classes, top_k=min(self.top_k, num_classes), average="micro"
-        ).to(device)
+        try:
+            return default_metric(
+                pl_module, example, top_k=self.top_k, output_fn=self.output_fn,
+                forward_context=self._forward.get("forward_context"),
+            )  # fmt: skip
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
 
-    def _sweep(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics], loader: Iterable[Any], metric: Metric,
-        example: Any, device: torch.device,
-    ) -> dict[str, list[SweepPoint]]:  # fmt: skip
-        options = FitOptions(method=self.method, affine=self.affine, ridge=self.ridge)
-        grids = {}
-        for j in junctions:
-            consumer = pl_module.get_submodule(j.consumer)
-            fitter = JunctionFitter(stats[j.consumer], consumer.weight, consumer.bias, options)
-            self._fitters[j.layer] = fitter  # the joint search reuses the selection work
-            grids[j.layer] = rank_grid(j.num_features, self.ranks, start=fitter.rank)
-        # one point for the baseline of each layer, then its grid below n
-        sizes = [1 + sum(p != j.num_features for p in grids[j.layer]) for j in junctions]
-        points: dict[str, list[SweepPoint]] = {}
-        baseline = None
-        bar = ProgressBar(trainer, "Neuron elimination: sweep", sum(sizes), "points")
-        with bar:
-            for i, j in enumerate(junctions, 1):
-                evaluator = CachedEvaluator(
-                    pl_module, j.consumer, loader, metric, device=device,
-                    **self._forward_kwargs(), **self._eval_fns(),
-                )  # fmt: skip
-                if baseline is None:
-                    baseline = (evaluator(), self.energy_model.estimate(pl_module, example))
-                    self._info(
-                        f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
-                        f"{baseline[1].total * 1e6:.3f} µJ"
-                    )
+    def _record(self, result: SearchResult) -> None:
+        """The public attributes, from the one result that reporting and applying follow."""
+        self.points = dict(result.points)
+        self.results = [pt.as_dict() for pt in result.every]
+        self.joint_points = result.joint_points
+        self.confirmations = result.confirmations
+        self.result = result.decision
+        self.chosen = result.decision.chosen
 
-                def progress(pt: SweepPoint, i: int = i) -> None:
-                    bar.advance()
-                    self._info(
-                        f"neuron elimination [{i}/{len(junctions)}] {pt.layer}: p={pt.p}/{pt.n} "
-                        f"accuracy {pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
-                        f"{pt.energy_ratio:.2f}× lower"
-                    )
-
-                points[j.layer] = sweep_junction(
-                    pl_module, j, stats[j.consumer], evaluator, self.energy_model, example,
-                    ranks=self.ranks, options=options, fitter=self._fitters[j.layer],
-                    max_accuracy_drop=self.max_accuracy_drop, baseline=baseline,
-                    on_point=progress,
-                )  # fmt: skip
-                bar.update(sum(sizes[:i]))  # the points after an early stop are skipped
-        return points
-
-    def _joint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics], eval_loader: Iterable[Any],
-        train_loader: Iterable[Any], metric: Metric, example: Any,
-    ) -> JointSearch | None:  # fmt: skip
-        self.joint_points = []
-        if self.joint is None or len(junctions) < 2:
-            return None
-        first = self.points[junctions[0].layer][0]  # the unreduced baseline
-        self._info(
-            f"neuron elimination: joint search ({self.joint}) over {[j.layer for j in junctions]}"
-        )
-
-        bar = ProgressBar(
-            trainer, f"Neuron elimination: joint search ({self.joint})", None, "points"
-        )
-
-        def progress(pt: JointPoint) -> None:
-            bar.advance()
-            self._info(
-                f"neuron elimination [joint {self.joint}] {pt.label}: accuracy {pt.accuracy:.4f} "
-                f"(drop {pt.accuracy_drop:+.4f}), energy {pt.energy_ratio:.2f}× lower"
-            )
-
-        search = JointSearch(
-            pl_module, junctions, stats, eval_loader, metric, self.energy_model, example,
-            train_data=train_loader, method=self.method, affine=self.affine, ridge=self.ridge,
-            ranks=self.ranks, max_samples=self.max_samples, on_point=progress,
-            baseline=(first.accuracy, first.energy), fitters=self._fitters,
-            **self._forward_kwargs(), data_fns=self._data_fns(),
-        )  # fmt: skip
-        with bar:
-            if self.joint == "greedy":
-                self.joint_points = search.greedy(
-                    self.max_accuracy_drop, compensate=self.joint_compensate,
-                    slack=self.max_accuracy_drop / 2,
-                )  # fmt: skip
-            else:
-                self.joint_points = search.sequential(
-                    self.max_accuracy_drop, order=self._joint_layers, shares=self.joint_shares
-                )
-        return search
-
-    def _eval_fns(self) -> dict[str, Any]:
-        return {"input_fn": self.input_fn, "target_fn": self.target_fn, "output_fn": self.output_fn}
-
-    def _data_fns(self) -> dict[str, Any]:
-        return {**self._eval_fns(), "mask_fn": self.mask_fn}
-
-    def _decide(self, every: list[SweepPoint], junctions: list[Junction]) -> Decision:
-        decision = decide(every, self.joint_points, junctions, self.apply, self.max_accuracy_drop)
-        if self.apply is not None and not isinstance(self.apply, dict) and not decision.plan:
-            rank_zero_warn(
-                f"NeuronEliminationCallback: no configuration keeps the accuracy drop within "
-                f"{self.max_accuracy_drop}; the model is left unchanged"
-            )
-        return decision
-
-    def _report(self, trainer: pl.Trainer, every: list[SweepPoint]) -> None:
-        if trainer.loggers:
-            log_scalars(trainer.loggers, every)
-            if self.joint_points:
-                log_joint_scalars(trainer.loggers, self.joint_points)
-            log_confirmations(trainer.loggers, self.confirmations)
+    def _report(self, trainer: pl.Trainer, result: SearchResult) -> None:
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
         directory = trainer.log_dir or trainer.default_root_dir
-        if not trainer.is_global_zero:
-            return
-        log_summary(
-            trainer.loggers, self.points, self.joint_points, self.chosen,
-            confirmations=self.confirmations,
-            extra_table=confirmation_table(
-                self.confirmations, self.confirm_fraction, self.max_accuracy_drop,
-                self.confirm_margin, self.confirm_confidence,
-            ) if self.confirmations else "",
-        )  # fmt: skip
-        self.report_paths = write_report(
-            directory, every, self.chosen,
+        self.report_paths = report_result(
+            trainer.loggers, directory, result, write=trainer.is_global_zero,
+            confirm=self.settings.confirm, budget=self.settings.max_accuracy_drop,
             extra={
-                "applied": dict(self.result.plan),
-                "joint": [pt.as_dict() for pt in self.joint_points],
-                "weights": self.weights,
-                "source_checkpoint": self.source_checkpoint_path,
+                "weights": self.weights, "source_checkpoint": self.source_checkpoint_path,
                 "reduced_checkpoint": None,
-                "joint_front": [pt.as_dict() for pt in pareto_front(self.joint_points)],
-                "confirm_fraction": self.confirm_fraction,
-                "confirmation": [c.as_dict() for c in self.confirmations],
             },
         )  # fmt: skip
-        if self.confirmations:
-            self.report_paths = (
-                *self.report_paths,
-                write_confirmation_csv(directory, self.confirmations),
-            )
-        self._info(f"neuron elimination: report written to {self.report_paths[0]}")
-
-    def _apply(
-        self, pl_module: pl.LightningModule, junctions: list[Junction],
-        stats: dict[str, JunctionStatistics],
-    ) -> None:  # fmt: skip
-        decision = self.result
-        if not decision.plan:
-            return
-        if isinstance(decision.chosen, JointPoint) and self._search is not None:
-            self._search.apply(pl_module, decision.chosen)
-        else:
-            apply_decision(
-                pl_module, junctions, decision, stats,
-                FitOptions(method=self.method, affine=self.affine, ridge=self.ridge),
-            )  # fmt: skip
-        self.applied = dict(decision.plan)
-        self._info(f"neuron elimination: applied {self.applied}")
-
-    # ------------------------------------------------------- precision and checkpoints
-
-    def _forward_kwargs(self) -> dict[str, Any]:
-        """``transfer`` and ``forward_context`` for the functional core (empty outside a run)."""
-        return {k: v for k, v in self._forward.items() if k in ("transfer", "forward_context")}
+        if self.report_paths:
+            self._info(f"neuron elimination: report written to {self.report_paths[0]}")
 
     def _save_reduced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
     ) -> None:
-        """Make the trainer's state consistent with the reduced model and checkpoint it.
-
-        The optimizers are re-pointed at the new parameters (the reduced layers' optimizer state
-        starts afresh), so that the checkpoint resumes; it is written with
-        ``trainer.save_checkpoint`` (every rank calls it, rank zero writes).
-        """
-        for optimizer in trainer.optimizers:
-            rebind_optimizer(optimizer, before, pl_module)
-        path = reduced_checkpoint_path(trainer, self.source_checkpoint_path)
-        if path is None:
-            install_plan_hook(
-                pl_module,
-                advice=(
-                    "The reduced model lives in memory only (the Trainer has no ModelCheckpoint "
-                    "to write its checkpoint next to): pass it without `ckpt_path`, or save it "
-                    "first (`trainer.save_checkpoint(path)`, `save_reduced(model, path)`). Load "
-                    "unreduced weights into a fresh, unreduced instance."
-                ),
-            )
-            return
-        trainer.save_checkpoint(path)
+        path = save_reduced_checkpoint(trainer, pl_module, before, self.source_checkpoint_path)
         self.reduced_checkpoint_path = path
-        install_plan_hook(
-            pl_module,
-            advice=(
-                f"NeuronEliminationCallback saved the reduced model as {path!r} "
-                f"(`callback.reduced_checkpoint_path`): pass `ckpt_path={path!r}`, or pass the "
-                "model without `ckpt_path` to use it as it is in memory. ModelCheckpoint's "
-                "'best' and 'last' checkpoints were written before the reduction and hold the "
-                "unreduced weights."
-            ),
-        )
-        rank_zero_info(f"neuron elimination: reduced model saved as the checkpoint {path}")
-        if trainer.is_global_zero and self.report_paths:
-            report = self.report_paths[0]
-            doc = json.loads(report.read_text())
-            doc["reduced_checkpoint"] = path
-            report.write_text(json.dumps(doc, indent=2))
+        if path is not None and trainer.is_global_zero and self.report_paths:
+            amend_report(self.report_paths[0], reduced_checkpoint=path)

@@ -28,6 +28,7 @@ from lightning_neuronprune.surgery import _set, _Tracer
 __all__ = [
     "CachedEvaluator",
     "batch_target",
+    "default_metric",
     "degradation",
     "metric_direction",
     "model_output",
@@ -69,6 +70,34 @@ def model_output(output: Any) -> Tensor:
         f"the model returned {type(output).__name__}; the sweep evaluates a tensor of predictions "
         "(the output itself, its `logits`, or the first element of a tuple); pass `output_fn`"
     )
+
+
+def default_metric(
+    model: nn.Module,
+    example: Any,
+    *,
+    top_k: int = 1,
+    output_fn: Callable[[Any], Tensor] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Any:
+    """Multiclass top-``top_k`` accuracy, with the class count C read from the model's output on
+    ``example`` (logits of shape (..., C)), on the device of the model.
+
+    Raises:
+        ValueError: the output has fewer than two classes (pass a metric of your own).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    with evaluating(model), torch.no_grad(), (forward_context or nullcontext)():
+        logits = (output_fn or model_output)(call_model(model, example))
+    num_classes = int(logits.shape[-1])
+    if num_classes < 2:
+        raise ValueError(
+            f"the default metric needs class scores, but the model outputs shape "
+            f"{tuple(logits.shape)}; pass `metric=`"
+        )
+    metric = MulticlassAccuracy(num_classes, top_k=min(top_k, num_classes), average="micro")
+    return metric.to(model_device(model))
 
 
 def degradation(baseline: float, value: float, higher_is_better: bool = True) -> float:

@@ -15,6 +15,7 @@ from lightning_neuronprune.sweep import SweepPoint
 
 __all__ = [
     "PREFIX",
+    "amend_report",
     "confirmation_table",
     "log_confirmations",
     "log_joint_scalars",
@@ -24,6 +25,7 @@ __all__ = [
     "markdown_table",
     "point_label",
     "point_metrics",
+    "report_result",
     "tradeoff_figure",
     "write_confirmation_csv",
     "write_report",
@@ -307,6 +309,14 @@ def write_report(
     return json_path, csv_path
 
 
+def amend_report(path: str | os.PathLike[str], **keys: Any) -> None:
+    """Set ``keys`` in the JSON report at ``path`` (e.g. a checkpoint written after it)."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    doc.update(keys)
+    path.write_text(json.dumps(doc, indent=2))
+
+
 def point_label(point: Any) -> str:
     """``"fc1=40"`` for a single-layer point, ``"fc1=40, fc2=20"`` for a joint one."""
     label = getattr(point, "label", None)
@@ -368,3 +378,61 @@ def confirmation_table(
             f"{c.point.energy_ratio:.2f}× | {'confirmed' if c.held else 'rejected'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def report_result(
+    loggers: Sequence[Any],
+    directory: str | os.PathLike[str],
+    result: Any,
+    *,
+    write: bool,
+    extra: Mapping[str, Any] | None = None,
+    confirm: Any = None,
+    budget: float = 0.0,
+) -> tuple[Path, ...]:
+    """Everything a finished search reports: scalars to ``loggers`` (each logger keeps rank
+    zero's), and where ``write`` (rank zero) the summary text and figure, the JSON and CSV
+    reports, and the confirmation CSV.
+
+    Args:
+        loggers: Lightning loggers.
+        directory: where the files go.
+        result: a :class:`~lightning_neuronprune.pipeline.SearchResult`.
+        write: write the summary and the files (rank zero only).
+        extra: more keys for the JSON report.
+        confirm: the :class:`~lightning_neuronprune.pipeline.ConfirmSettings`, for the
+            confirmation table.
+        budget: the accuracy budget, for the confirmation table.
+
+    Returns:
+        The paths written (none unless ``write``).
+    """
+    every, joint, tried = result.every, result.joint_points, result.confirmations
+    if loggers:
+        log_scalars(loggers, every)
+        if joint:
+            log_joint_scalars(loggers, joint)
+        log_confirmations(loggers, tried)
+    if not write:
+        return ()
+    table = ""
+    if tried and confirm is not None:
+        table = confirmation_table(
+            tried, confirm.fraction, budget, confirm.margin, confirm.confidence
+        )
+    chosen = result.decision.chosen
+    log_summary(loggers, result.points, joint, chosen, confirmations=tried, extra_table=table)
+    paths = write_report(
+        directory, every, chosen,
+        extra={
+            "applied": dict(result.decision.plan),
+            "joint": [pt.as_dict() for pt in joint],
+            "joint_front": [pt.as_dict() for pt in pareto_front(joint)],
+            "confirm_fraction": (confirm.fraction or None) if confirm is not None else None,
+            "confirmation": [c.as_dict() for c in tried],
+            **(extra or {}),
+        },
+    )  # fmt: skip
+    if tried:
+        paths = (*paths, write_confirmation_csv(directory, tried))
+    return paths

@@ -9,6 +9,7 @@ made once, when the junctions are resolved; everything downstream speaks canonic
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -26,7 +27,7 @@ from lightning_neuronprune.surgery import (
     linear_layer_names,
 )
 
-__all__ = ["Targets", "resolve_targets"]
+__all__ = ["Targets", "resolve_targets", "traced_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +170,23 @@ def resolve_targets(
         return Targets(junctions)
     consumers = dict(targets) if isinstance(targets, Mapping) else {}
     return Targets(find_junction(model, t, consumers.get(t), probe=probe) for t in targets)
+
+
+def traced_targets(
+    model: nn.Module, targets: str | Sequence[str] | Mapping[str, str] = "auto"
+) -> Targets:
+    """The targets as far as tracing alone decides them, before any data is seen.
+
+    What tracing refuses is refused at once (:class:`~lightning_neuronprune.errors.JunctionError`),
+    so that a bad target fails before training. When tracing cannot decide a named target (an
+    untraceable ``forward``, a custom activation module), the result is empty and the probe
+    decides on the first batch (:func:`resolve_targets` with ``example``). Warnings about
+    explicit consumers that tracing does not see are silenced: the probe checks them.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_targets(model, targets)
+    except UndecidedJunctionError as err:
+        log.debug("targets left to the probe: %s", err)
+        return Targets([])

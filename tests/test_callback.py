@@ -308,7 +308,7 @@ trainer:
         LitMLP, BlobsData, args=["fit", "--config", str(config)], save_config_callback=None
     )
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, NeuronEliminationCallback)]
-    assert callback.method == "qr" and callback.ranks == [12, 6]
+    assert callback.settings.options.method == "qr" and callback.settings.ranks == [12, 6]
     assert callback.applied == {"net.0": 12}
     assert cli.model.net[0].out_features == 12
 

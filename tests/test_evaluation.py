@@ -142,3 +142,15 @@ def test_batch_target_and_empty_data() -> None:
         batch_target(torch.zeros(2))
     with pytest.raises(NeuronEliminationError, match="evaluation data is empty"):
         CachedEvaluator(nn.Linear(2, 2), "", [], MulticlassAccuracy(2))
+
+
+def test_default_metric_reads_the_class_count_and_restores_modes() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))
+    model.train()
+    model[1].eval()
+    metric = evaluation.default_metric(model, torch.zeros(2, 6), top_k=9)
+    assert isinstance(metric, MulticlassAccuracy)
+    assert metric.num_classes == 5 and metric.top_k == 5  # top_k capped at the class count
+    assert model.training and model[0].training and not model[1].training
+    with pytest.raises(ValueError, match=r"needs class scores.*\(2, 1\).*`metric=`"):
+        evaluation.default_metric(nn.Linear(6, 1), torch.zeros(2, 6))

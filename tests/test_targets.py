@@ -7,7 +7,7 @@ from transformer_blocks import FFN, QuickGELU
 
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.surgery import UndecidedJunctionError
-from lightning_neuronprune.targets import resolve_targets
+from lightning_neuronprune.targets import resolve_targets, traced_targets
 from lightning_neuronprune.validation import check_against_targets
 
 
@@ -39,6 +39,15 @@ def test_named_targets_and_target_consumer_pairs(seed: int) -> None:
 
     resolve_targets(model, ["fc1"], example=x, forward_context=Context)
     assert contexts  # the probe's forward passes run under the given context
+
+
+def test_traced_targets_wait_for_the_probe_but_refuse_what_tracing_refuses() -> None:
+    untraceable = FFN(QuickGELU())
+    assert list(traced_targets(untraceable, ["fc1"])) == []  # left to the probe, no error
+    traceable = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert [j.consumer for j in traced_targets(traceable, ["0"])] == ["2"]
+    with pytest.raises(JunctionError, match="'2'"):
+        traced_targets(traceable, ["2"])  # the last layer's outputs have no consumer
 
 
 def test_check_against_undecided_targets_refuses_only_unknown_names() -> None:

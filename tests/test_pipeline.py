@@ -1,0 +1,184 @@
+"""The whole search without a Trainer: ReductionSearch, SearchSettings, ModelIO."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from lit_models import blobs
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_neuronprune import (
+    ConfirmSettings,
+    EnergyModel,
+    ModelIO,
+    ReductionSearch,
+    SearchSettings,
+    collect_statistics,
+    find_junction,
+)
+from lightning_neuronprune.decision import Decision, decision_for
+from lightning_neuronprune.fitting import FitOptions
+from lightning_neuronprune.joint import JointPoint
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Sequential, list[Any], list[Any]]:
+    """A small MLP trained on blobs, with training and evaluation batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
+    )  # fmt: skip
+    train, held = blobs(1024, seed=1), blobs(512, seed=2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        idx = torch.randint(0, len(train), (64,))
+        x, y = train[idx]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    batches = [train[i : i + 128] for i in range(0, len(train), 128)]
+    eval_batches = [held[i : i + 128] for i in range(0, len(held), 128)]
+    return model, batches, eval_batches
+
+
+def _accuracy(model: nn.Module, batches: list[Any]) -> float:
+    """An independent reference: a full forward pass over every batch."""
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    return correct / sum(len(y) for _, y in batches)
+
+
+def _search(model: nn.Module, batches: list[Any], settings: SearchSettings, **io: Any):
+    junctions = [find_junction(model, "0"), find_junction(model, "2")]
+    stats = collect_statistics(model, [j.consumer for j in junctions], batches)
+    return ReductionSearch(model, junctions, stats, EnergyModel(), settings, ModelIO(**io))
+
+
+def test_run_decides_without_touching_the_model_and_apply_reproduces_the_choice(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, eval_batches = trained
+    model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_accuracy_drop=0.02, joint=None)
+    search = _search(model, batches, settings)
+    result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
+
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    assert set(result.points) == {"0", "2"} and result.joint_points == []
+    chosen = result.decision.chosen
+    assert chosen is not None and chosen.accuracy_drop <= 0.02
+    assert dict(result.decision.plan) == {chosen.layer: chosen.p}
+    # the choice is the lowest-energy reduced point within the budget
+    within = [pt for pt in result.every if pt.p < pt.n and pt.accuracy_drop <= 0.02]
+    assert chosen.energy.total == min(pt.energy.total for pt in within)
+
+    search.apply(model, result.decision)
+    widths = {"0": model[0].out_features, "2": model[2].out_features}
+    assert widths[chosen.layer] == chosen.p
+    assert _accuracy(model, eval_batches) == pytest.approx(chosen.accuracy, abs=1e-6)
+
+
+def test_joint_point_is_applied_as_it_was_evaluated(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, eval_batches = trained
+    model = copy.deepcopy(model)
+    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_accuracy_drop=0.05, joint="greedy")
+    search = _search(model, batches, settings)
+    result = search.run(
+        eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1], train_data=batches
+    )
+    assert any(pt.strategy != "baseline" for pt in result.joint_points)
+    joint = [pt for pt in result.joint_points if pt.strategy != "baseline"]
+    best = min(joint, key=lambda pt: pt.energy.total)
+    assert isinstance(best, JointPoint) and any(p < 24 for p in best.config.values())
+    search.apply(model, decision_for(best, search.junctions))
+    assert model[0].out_features == best.config["0"] and model[2].out_features == best.config["2"]
+    assert _accuracy(model, eval_batches) == pytest.approx(best.accuracy, abs=1e-6)
+
+
+def test_confirmation_keeps_only_a_point_that_held_on_the_held_out_part(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, eval_batches = trained
+    warned: list[str] = []
+    settings = SearchSettings(
+        ranks="all", max_accuracy_drop=0.01, joint=None, confirm=ConfirmSettings(0.5)
+    )
+    search = _search(model, batches, settings, warn=warned.append)
+    result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
+    chosen = result.decision.chosen
+    assert chosen is not None and not warned, "blobs reduce within 1 point"
+    assert result.confirmations[-1].held and result.confirmations[-1].point is chosen
+    assert all(not c.held for c in result.confirmations[:-1])
+    assert result.confirmations[-1].confirmed_drop <= 0.01
+
+
+def test_progress_and_info_reach_the_callables(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, eval_batches = trained
+    bars: dict[str, list[int]] = {}
+    lines: list[str] = []
+
+    class Bar:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def update(self, done: int) -> None:
+            bars[self.name].append(done)
+
+        def advance(self, steps: int = 1) -> None:
+            bars[self.name].append(bars[self.name][-1] + steps if bars[self.name] else steps)
+
+    totals: dict[str, int | None] = {}
+
+    @contextmanager
+    def progress(description: str, total: int | None, unit: str):
+        totals[description] = total
+        bars[description] = []
+        yield Bar(description)
+
+    settings = SearchSettings(ranks=[8, 4], max_accuracy_drop=1.0, joint="greedy")
+    search = _search(model, batches, settings, info=lines.append, progress=progress)
+    result = search.run(
+        eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1], train_data=batches
+    )
+    sweep = "Neuron elimination: sweep"
+    assert totals[sweep] == len(result.every) == 6 and bars[sweep][-1] == 6
+    joint = "Neuron elimination: joint search (greedy)"
+    assert totals[joint] is None and len(bars[joint]) == len(result.joint_points)
+    assert any("baseline accuracy" in line for line in lines)
+
+
+def test_settings_refuse_bad_values_naming_them() -> None:
+    with pytest.raises(ValueError, match="`joint` must be one of"):
+        SearchSettings(joint="exhaustive")
+    with pytest.raises(ValueError, match="`max_accuracy_drop`"):
+        SearchSettings(max_accuracy_drop=2.0)
+    with pytest.raises(ValueError, match="`options` must be a FitOptions"):
+        SearchSettings(options={"method": "qr"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`confirm_margin`"):
+        SearchSettings(max_accuracy_drop=0.01, confirm=ConfirmSettings(0.5, margin=0.02))
+    with pytest.raises(ValueError, match="`joint_order` and `joint_shares`"):
+        SearchSettings(joint="greedy", joint_shares=[0.5, 0.5])
+    assert SearchSettings(options=FitOptions(method="qr")).options.method == "qr"
+
+
+def test_empty_decision_applies_nothing(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, _ = trained
+    model = copy.deepcopy(model)
+    search = _search(model, batches, SearchSettings(joint=None))
+    record = search.apply(model, Decision())
+    assert record.records == [] and model[0].out_features == 24
