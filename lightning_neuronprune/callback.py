@@ -178,6 +178,8 @@ class NeuronEliminationCallback(pl.Callback):
         probe_samples: samples of the first training batch used to find the junctions.
 
     Attributes:
+        settings: the search's :class:`~lightning_neuronprune.pipeline.SearchSettings`, made
+            from the arguments (the core runs the search: :mod:`~lightning_neuronprune.pipeline`).
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
         points: ``{layer: [SweepPoint, ...]}``.
         chosen: the applied :class:`SweepPoint` or :class:`JointPoint`, or ``None``.
@@ -383,7 +385,10 @@ class NeuronEliminationCallback(pl.Callback):
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
         try:
             result = search.run(eval_loader, metric, example, train_data=train_loader)
-            self._record(result)
+            self.points, self.joint_points = dict(result.points), result.joint_points
+            self.results = [pt.as_dict() for pt in result.every]
+            self.result, self.chosen = result.decision, result.decision.chosen
+            self.confirmations = result.confirmations
             self._report(trainer, result)
             before = dict(pl_module.named_parameters())
             if result.decision.plan:
@@ -432,15 +437,6 @@ class NeuronEliminationCallback(pl.Callback):
             )  # fmt: skip
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
-
-    def _record(self, result: SearchResult) -> None:
-        """The public attributes, from the one result that reporting and applying follow."""
-        self.points = dict(result.points)
-        self.results = [pt.as_dict() for pt in result.every]
-        self.joint_points = result.joint_points
-        self.confirmations = result.confirmations
-        self.result = result.decision
-        self.chosen = result.decision.chosen
 
     def _report(self, trainer: pl.Trainer, result: SearchResult) -> None:
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it.
