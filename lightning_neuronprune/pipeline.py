@@ -39,6 +39,7 @@ from lightning_neuronprune.confirmation import (
 from lightning_neuronprune.decision import Decision, apply_decision, decide, decision_for
 from lightning_neuronprune.elimination import Elimination
 from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
@@ -220,6 +221,10 @@ class ReductionSearch:
         energy_model: prices each configuration.
         settings: what to search and how to choose.
         io: how batches reach the model, and where progress goes.
+
+    Raises:
+        ValueError: no junctions, or ``settings`` is not a :class:`SearchSettings`.
+        StatisticsError: a junction's consumer has no statistics in ``stats``.
     """
 
     def __init__(
@@ -231,6 +236,15 @@ class ReductionSearch:
         settings: SearchSettings,
         io: ModelIO | None = None,
     ) -> None:
+        if not junctions:
+            raise ValueError("`junctions` is empty: nothing to search")
+        if not isinstance(settings, SearchSettings):
+            raise ValueError(f"`settings` must be a SearchSettings, got {settings!r}")
+        missing = [j.consumer for j in junctions if j.consumer not in stats]
+        if missing:
+            raise StatisticsError(
+                f"no statistics for the consumers {missing}; `stats` has {sorted(stats)}"
+            )
         self.model = model
         self.junctions = list(junctions)
         self.stats = stats
@@ -286,7 +300,7 @@ class ReductionSearch:
         decision = decide(every, joint_points, self.junctions, s.apply, s.max_accuracy_drop)
         if s.apply is not None and not isinstance(s.apply, Mapping) and not decision.plan:
             self.io.warn(
-                f"NeuronEliminationCallback: no configuration keeps the accuracy drop within "
+                f"neuron elimination: no configuration keeps the accuracy drop within "
                 f"{s.max_accuracy_drop}; the model is left unchanged"
             )
         confirmations: list[Confirmation[Any]] = []
@@ -431,7 +445,7 @@ class ReductionSearch:
             )
         if chosen is None:
             self.io.warn(
-                f"NeuronEliminationCallback: no configuration within the budget "
+                f"neuron elimination: no configuration within the budget "
                 f"{s.max_accuracy_drop} on the search part kept it on the held-out part "
                 f"({len(tried)} tried); the model is left unchanged"
             )

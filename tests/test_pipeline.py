@@ -22,6 +22,7 @@ from lightning_neuronprune import (
     find_junction,
 )
 from lightning_neuronprune.decision import Decision, decision_for
+from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.fitting import FitOptions
 from lightning_neuronprune.joint import JointPoint
 
@@ -182,3 +183,17 @@ def test_empty_decision_applies_nothing(
     search = _search(model, batches, SearchSettings(joint=None))
     record = search.apply(model, Decision())
     assert record.records == [] and model[0].out_features == 24
+
+
+def test_search_refuses_missing_statistics_and_empty_junctions(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    model, batches, _ = trained
+    junctions = [find_junction(model, "0"), find_junction(model, "2")]
+    stats = collect_statistics(model, ["2"], batches[:1])
+    with pytest.raises(StatisticsError, match=r"no statistics for the consumers \['4'\]"):
+        ReductionSearch(model, junctions, stats, EnergyModel(), SearchSettings())
+    with pytest.raises(ValueError, match="`junctions` is empty"):
+        ReductionSearch(model, [], stats, EnergyModel(), SearchSettings())
+    with pytest.raises(ValueError, match="`settings` must be a SearchSettings"):
+        ReductionSearch(model, junctions[:1], stats, EnergyModel(), {"joint": None})  # type: ignore[arg-type]
