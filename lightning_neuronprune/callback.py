@@ -50,6 +50,7 @@ from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction, model_output
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.junctions import Junction, UndecidedJunctionError
 from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.progress import ProgressBar, sample_count
@@ -69,7 +70,6 @@ from lightning_neuronprune.statistics import (
     collect_statistics,
     first_input,
 )
-from lightning_neuronprune.surgery import Junction, UndecidedJunctionError
 from lightning_neuronprune.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.targets import Targets, resolve_targets
 from lightning_neuronprune.validation import (

@@ -42,9 +42,10 @@ from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.evaluation import CachedEvaluator
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
-from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction, linear_from
+from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, linear_from
 from lightning_neuronprune.sweep import Ranks, rank_grid, sweep_junction
 
 __all__ = [
@@ -118,7 +119,7 @@ class JointSearch:
 
     Args:
         model: the trained network (never modified; reduced copies are built).
-        junctions: the targets, from :func:`~lightning_neuronprune.surgery.find_junction`.
+        junctions: the targets, from :func:`~lightning_neuronprune.junctions.find_junction`.
         stats: ``{consumer: statistics}`` on the original network, for every junction.
         eval_data: evaluation batches.
         metric: a ``torchmetrics.Metric``.
