@@ -47,10 +47,11 @@ from lightning_neuronprune.decision import (
 )
 from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.errors import UndecidedJunctionError
 from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction, model_output
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
-from lightning_neuronprune.junctions import Junction, UndecidedJunctionError
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.pareto import pareto_front
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
 from lightning_neuronprune.progress import ProgressBar, sample_count

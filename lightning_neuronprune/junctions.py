@@ -20,16 +20,19 @@ Targets are named like this:
   when ``fc1`` feeds ``fc2`` directly, and to a gather junction otherwise. The paper's "FCk" is
   ``"fck:in"``.
 
-Junctions are found here by tracing the model with :mod:`torch.fx`, starting from the innermost
-module that holds the target and moving outwards until the target's consumer is found; or, given
-an example batch, by their behaviour on it (:mod:`lightning_neuronprune.probe`), which also
-reaches untraceable models (Hugging Face transformers) and custom activation modules. A found
-:class:`Junction` is what :mod:`lightning_neuronprune.surgery` reduces; :mod:`.targets` resolves
-the user's target names with :func:`find_junction` and :func:`auto_junctions`.
+:func:`find_junction` checks the names (the layers exist, are ``nn.Linear`` and are not shared
+or tied) and finds the consumer by tracing the model with :mod:`torch.fx`
+(:mod:`lightning_neuronprune.tracing`), starting from the innermost module that holds the target
+and moving outwards; or, given an example batch, by its behaviour on it
+(:mod:`lightning_neuronprune.probe`), which also reaches untraceable models (Hugging Face
+transformers) and custom activation modules. A found :class:`Junction` is what
+:mod:`lightning_neuronprune.surgery` reduces; :mod:`lightning_neuronprune.targets` resolves the
+user's target names with :func:`find_junction` and :func:`auto_junctions`.
 
-This module was split out of :mod:`lightning_neuronprune.surgery`, which the design notes describe
-as "finding junctions and building and swapping the reduced modules": the finding lives here, the
-building and swapping there.
+This module and :mod:`lightning_neuronprune.tracing` were split out of
+:mod:`lightning_neuronprune.surgery`, which the design notes describe as "finding junctions and
+building and swapping the reduced modules": finding junctions lives here (the torch.fx walk in
+:mod:`~lightning_neuronprune.tracing`), building and swapping the modules stays in surgery.
 """
 
 from __future__ import annotations
@@ -37,17 +40,14 @@ from __future__ import annotations
 import difflib
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.surgery import GatheredLinear
+from lightning_neuronprune.tracing import traced_consumer, traced_producer
 
 if TYPE_CHECKING:
     from lightning_neuronprune.probe import JunctionProbe
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Junction",
-    "UndecidedJunctionError",
     "auto_junctions",
     "find_junction",
     "linear_layer_names",
@@ -64,28 +63,7 @@ __all__ = [
 
 INPUT_SUFFIX = ":in"
 
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.SiLU, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Dropout, nn.AlphaDropout, nn.Identity, nn.Flatten,
-)  # fmt: skip
-ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset({
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, torch.tanh, F.tanh, torch.sigmoid,
-    F.sigmoid, F.leaky_relu, F.elu, F.selu, F.silu, F.mish, F.hardtanh, F.hardswish,
-    F.hardsigmoid, F.softplus, F.softsign, F.dropout, F.alpha_dropout, torch.flatten,
-})  # fmt: skip
-ELEMENTWISE_METHODS: frozenset[str] = frozenset(
-    {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "flatten", "contiguous"}
-)
-
 Kind = Literal["producer", "gather"]
-
-
-class _Tracer(torch.fx.Tracer):
-    """The default tracer, with :class:`GatheredLinear` kept as a leaf."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, GatheredLinear) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
@@ -152,130 +130,6 @@ def _check_not_shared(model: nn.Module, name: str) -> None:
             )
 
 
-def _describe(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(modules[str(node.target)]).__name__})"
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {node.target}"
-
-
-def _is_elementwise(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[str(node.target)], ELEMENTWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in ELEMENTWISE_METHODS
-    return False
-
-
-def _scopes(name: str) -> list[str]:
-    """``"a.b.c"`` → ``["a.b", "a", ""]``: the enclosing modules, innermost first."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
-
-
-def _traced_scopes(
-    model: nn.Module, name: str
-) -> Iterator[tuple[str, torch.fx.Graph, dict[str, nn.Module], str]]:
-    """Trace the modules enclosing ``name``, innermost first, skipping untraceable ones.
-
-    Yields:
-        ``(scope, graph, modules of the scope, name relative to the scope)``.
-    """
-    for scope in _scopes(name):
-        root = model.get_submodule(scope) if scope else model
-        try:
-            graph = _Tracer().trace(root)
-        except Exception:  # any tracing failure means "try the enclosing scope"
-            continue
-        yield scope, graph, dict(root.named_modules()), name[len(scope) + 1 :] if scope else name
-
-
-def _qualify(scope: str, rel: str) -> str:
-    return f"{scope}.{rel}" if scope else rel
-
-
-class _Outward(Exception):
-    """The walk left the traced scope; retry in the enclosing one."""
-
-
-def _walk_forward(
-    graph: torch.fx.Graph, modules: Mapping[str, nn.Module], producer_rel: str, producer: str
-) -> tuple[str, str | None, tuple[str, ...]]:
-    """From the producer's call, follow single users through elementwise ops to a Linear."""
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == producer_rel]
-    if len(calls) != 1:
-        raise JunctionError(
-            f"layer {producer!r} is called {len(calls)} times in the forward pass; a layer used "
-            "more than once cannot be reduced"
-        )
-    node, batchnorm, path = calls[0], None, []
-    while True:
-        users = list(node.users)
-        if not users:
-            raise JunctionError(f"the output of {producer!r} is never used, so it has no consumer")
-        if len(users) > 1:
-            raise UndecidedJunctionError(
-                f"the output of {producer!r} (after {path or 'nothing'}) feeds "
-                f"{len(users)} consumers: {[_describe(u, modules) for u in users]}; a junction "
-                "must have exactly one consumer nn.Linear"
-            )
-        user = users[0]
-        if user.op == "output":
-            raise _Outward
-        if (
-            user.args
-            and user.args[0] is not node
-            or any(a is node for a in list(user.args[1:]) + list(user.kwargs.values()))
-        ):
-            raise UndecidedJunctionError(
-                f"the output of {producer!r} reaches {_describe(user, modules)} as a secondary "
-                "argument; only elementwise ops may lie between producer and consumer"
-            )
-        if user.op == "call_module":
-            m = modules[str(user.target)]
-            if isinstance(m, nn.Linear):
-                return str(user.target), batchnorm, tuple(path)
-            if isinstance(m, nn.BatchNorm1d) and batchnorm is None:
-                batchnorm = str(user.target)
-                path.append(_describe(user, modules))
-                node = user
-                continue
-        if _is_elementwise(user, modules):
-            path.append(_describe(user, modules))
-            node = user
-            continue
-        raise UndecidedJunctionError(
-            f"between {producer!r} and its consumer lies {_describe(user, modules)}, which mixes "
-            "features or is not known to act elementwise; only elementwise modules (ReLU, GELU, "
-            "Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten) and one BatchNorm1d may lie "
-            "between the two Linear layers"
-        )
-
-
-def _walk_backward(
-    graph: torch.fx.Graph, modules: Mapping[str, nn.Module], consumer_rel: str
-) -> str | None:
-    """The Linear that feeds the consumer through single-user elementwise ops, if any."""
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == consumer_rel]
-    if len(calls) != 1:
-        return None
-    node = calls[0].args[0] if calls[0].args else None
-    while isinstance(node, torch.fx.Node) and len(node.users) == 1:
-        if node.op == "call_module":
-            m = modules[str(node.target)]
-            if isinstance(m, nn.Linear):
-                return str(node.target)
-            if not isinstance(m, (nn.BatchNorm1d, *ELEMENTWISE_MODULES)):
-                return None
-        elif not _is_elementwise(node, modules):
-            return None
-        node = node.args[0] if node.args else None
-    return None
-
-
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     modules = dict(model.named_modules())
     if name not in modules:
@@ -289,37 +143,6 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-class UndecidedJunctionError(JunctionError):
-    """Tracing could not decide the junction (the model cannot be traced, or the path holds a
-    module or an op that no list marks as elementwise); a behavioural probe
-    (:class:`~lightning_neuronprune.probe.JunctionProbe`) may still find it."""
-
-
-def _traced_consumer(
-    model: nn.Module, producer: str
-) -> tuple[str, str | None, tuple[str, ...]] | None:
-    """``(consumer, batchnorm, path)`` by :mod:`torch.fx`, or ``None`` if no scope traced.
-
-    Raises:
-        JunctionError: the traced code refuses the junction (the output is the network output,
-            or feeds several users or a feature-mixing op).
-    """
-    root_traced = False
-    for scope, graph, modules, rel in _traced_scopes(model, producer):
-        root_traced = root_traced or scope == ""
-        try:
-            cons_rel, bn_rel, path = _walk_forward(graph, modules, rel, producer)
-        except _Outward:
-            continue
-        bn = _qualify(scope, bn_rel) if bn_rel is not None else None
-        return _qualify(scope, cons_rel), bn, path
-    if root_traced:
-        raise JunctionError(
-            f"could not find the consumer of {producer!r}: its output is the network output"
-        )
-    return None
-
-
 def _producer_junction(
     model: nn.Module,
     target: str,
@@ -331,7 +154,7 @@ def _producer_junction(
     _check_not_shared(model, producer)
     if probe is not None:
         return _probed_junction(model, target, producer, consumer, probe)
-    traced = _traced_consumer(model, producer)
+    traced = traced_consumer(model, producer)
     if traced is not None:
         found, bn, path = traced
         if consumer is not None and consumer != found:
@@ -365,7 +188,7 @@ def _probed_junction(
 ) -> Junction:
     """The probe decides; a successful trace must agree with it (a cross-check)."""
     try:
-        traced = _traced_consumer(model, producer)
+        traced = traced_consumer(model, producer)
     except JunctionError as err:  # the probe may accept what tracing cannot prove
         log.debug("tracing refused %s (%s); probing", producer, err)
         traced = None
@@ -450,15 +273,12 @@ def find_junction(
     if target.endswith(INPUT_SUFFIX):
         cons_name = target[: -len(INPUT_SUFFIX)]
         cons = _linear(model, cons_name)
-        for scope, graph, modules, rel in _traced_scopes(model, cons_name):
-            prod_rel = _walk_backward(graph, modules, rel)
-            if prod_rel is not None:
-                producer = _qualify(scope, prod_rel)
-                try:
-                    return _producer_junction(model, target, producer, cons_name)
-                except JunctionError:
-                    break
-            break
+        producer = traced_producer(model, cons_name)
+        if producer is not None:
+            try:
+                return _producer_junction(model, target, producer, cons_name)
+            except JunctionError:
+                pass
         return _finish(model, target, "gather", None, cons_name, None, cons.in_features, ())
     return _producer_junction(model, target, target, consumer, probe)
 

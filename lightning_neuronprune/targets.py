@@ -15,10 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.junctions import (
     Junction,
-    UndecidedJunctionError,
     auto_junctions,
     find_junction,
     linear_layer_names,
@@ -132,7 +131,7 @@ def resolve_targets(
 
     Raises:
         JunctionError: a named target cannot be simplified, two name the same junction, or
-            ``"auto"`` finds none. :class:`~lightning_neuronprune.junctions.UndecidedJunctionError`
+            ``"auto"`` finds none. :class:`~lightning_neuronprune.errors.UndecidedJunctionError`
             (a subclass) when tracing alone cannot decide a named target and no example is
             given (``"auto"`` lists such layers in :attr:`Targets.undecided` instead).
     """
