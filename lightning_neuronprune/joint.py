@@ -348,28 +348,8 @@ class JointSearch:
         )[consumer]
 
     # ------------------------------------------------------------------ strategies
+    # Functions of a search (lightning_neuronprune.joint_strategies); as class attributes they
+    # are methods: ``search.greedy(budget)`` is ``joint_strategies.greedy(search, budget)``.
 
-    def greedy(
-        self,
-        budget: float,
-        *,
-        refit: bool = True,
-        lazy: bool = True,
-        compensate: bool = False,
-        slack: float = 0.0,
-    ) -> list[JointPoint]:
-        """Greedy by marginal cost (:func:`~lightning_neuronprune.joint_strategies.greedy`)."""
-        return joint_strategies.greedy(
-            self, budget, refit=refit, lazy=lazy, compensate=compensate, slack=slack
-        )
-
-    def sequential(
-        self,
-        budget: float,
-        *,
-        order: Sequence[str] | None = None,
-        shares: Sequence[float] | None = None,
-    ) -> list[JointPoint]:
-        """Data-driven sequential reduction
-        (:func:`~lightning_neuronprune.joint_strategies.sequential`)."""
-        return joint_strategies.sequential(self, budget, order=order, shares=shares)
+    greedy = joint_strategies.greedy
+    sequential = joint_strategies.sequential
