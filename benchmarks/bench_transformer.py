@@ -33,9 +33,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, GatheredLinear, collect_statistics
 from lightning_neuronprune.evaluation import CachedEvaluator
+from lightning_neuronprune.junctions import auto_junctions
 from lightning_neuronprune.models import PatchTransformer, patch_mask
 from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.surgery import auto_junctions
 from lightning_neuronprune.sweep import sweep_junction
 
 

@@ -43,7 +43,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_reduced
 from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
-from lightning_neuronprune.joint import STRATEGIES, JointPoint
+from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.joint_strategies import STRATEGIES
 from lightning_neuronprune.models import LitClassifier
 from lightning_neuronprune.pareto import choose
 from lightning_neuronprune.selection import METHODS

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from lightning_neuronprune import NeuronEliminationCallback
 from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
-from lightning_neuronprune.joint import STRATEGIES
+from lightning_neuronprune.joint_strategies import STRATEGIES
 from lightning_neuronprune.models import LitPatchTransformer, patch_mask
 
 

@@ -3,9 +3,10 @@
 The functional core follows Zhang, Davoodi & Hu, *Exploring Energy and Accuracy Tradeoff in
 Structure Simplification of Trained Deep Neural Networks* (IEEE JETCAS 2018):
 statistics (:mod:`.statistics`) → selection (:mod:`.selection`, :mod:`.linalg`) →
-reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.surgery`) → energy (:mod:`.energy`);
-:mod:`.pipeline` runs the sweeps, the joint search, the decision and its confirmation without a
-Trainer, and :class:`NeuronEliminationCallback` is the Lightning shell around it.
+reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.junctions`, :mod:`.surgery`) →
+energy (:mod:`.energy`); :mod:`.pipeline` runs the sweeps, the joint search, the decision and its
+confirmation without a Trainer, and :class:`NeuronEliminationCallback` is the Lightning shell
+around it.
 """
 
 from lightning_neuronprune.callback import NeuronEliminationCallback
@@ -24,6 +25,7 @@ from lightning_neuronprune.errors import (
     StatisticsError,
     UnsupportedLayerError,
 )
+from lightning_neuronprune.junctions import Junction, find_junction
 from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.persistence import (
     ReducedCheckpointMixin,
@@ -32,6 +34,7 @@ from lightning_neuronprune.persistence import (
     match_plan,
     read_plan,
     rebind_optimizer,
+    rebuild_shapes,
     save_reduced,
 )
 from lightning_neuronprune.pipeline import (
@@ -44,7 +47,7 @@ from lightning_neuronprune.pipeline import (
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import nested_order, select_neurons
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
-from lightning_neuronprune.surgery import GatheredLinear, Junction, find_junction, rebuild_shapes
+from lightning_neuronprune.surgery import GatheredLinear
 
 __all__ = [
     "CheckpointMismatchError",

@@ -34,6 +34,7 @@ from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.evaluation import default_metric
 from lightning_neuronprune.fitting import FitOptions
 from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.persistence import install_plan_hook
 from lightning_neuronprune.pipeline import (
     ConfirmSettings,
@@ -45,7 +46,6 @@ from lightning_neuronprune.pipeline import (
 from lightning_neuronprune.progress import ProgressBar, sample_count
 from lightning_neuronprune.reporting import amend_report, report_result
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics, first_input
-from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import SweepPoint
 from lightning_neuronprune.targets import Targets, resolve_targets, traced_targets
 from lightning_neuronprune.validation import (

@@ -27,10 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import StatisticsError
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.reconstruction import solve_psd
 from lightning_neuronprune.selection import _greedy_output, _output_factor
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, model_device
-from lightning_neuronprune.surgery import Junction, apply_reduction
+from lightning_neuronprune.surgery import apply_reduction
 
 __all__ = [
     "CrossStatistics",

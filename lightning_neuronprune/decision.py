@@ -16,9 +16,9 @@ from torch import nn
 from lightning_neuronprune.elimination import Elimination, eliminate_neurons
 from lightning_neuronprune.fitting import FitOptions
 from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.pareto import choose
 from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import SweepPoint
 from lightning_neuronprune.targets import Targets
 

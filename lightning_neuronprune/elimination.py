@@ -15,11 +15,12 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.fitting import FitOptions, fit_junction
+from lightning_neuronprune.junctions import Junction, find_junction
 from lightning_neuronprune.persistence import read_plan, write_plan
 from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
-from lightning_neuronprune.surgery import Junction, apply_reduction, find_junction
+from lightning_neuronprune.surgery import apply_reduction
 
 __all__ = ["Elimination", "EliminationRecord", "eliminate_neurons", "reduce_junction"]
 
@@ -112,7 +113,7 @@ def reduce_junction(
 
     Args:
         model: holds the junction; modified in place.
-        junction: from :func:`~lightning_neuronprune.surgery.find_junction`.
+        junction: from :func:`~lightning_neuronprune.junctions.find_junction`.
         stats: statistics of the consumer's n input features.
         p: features to keep.
         method: ``"svd_qr"``, ``"qr"`` or ``"output"`` (output-aware, uses the consumer's weight).
@@ -226,7 +227,7 @@ def eliminate_neurons(
         example: one model input (a few samples) to find the junctions by probing
             (:class:`~lightning_neuronprune.probe.JunctionProbe`) rather than by tracing only;
             needed for models that :mod:`torch.fx` cannot trace.
-        junctions: junctions already resolved (by :func:`~lightning_neuronprune.surgery.
+        junctions: junctions already resolved (by :func:`~lightning_neuronprune.junctions.
             find_junction`), matched to the targets by their ``target``; the others are resolved
             here.
 

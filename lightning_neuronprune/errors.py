@@ -8,6 +8,7 @@ __all__ = [
     "NeuronEliminationError",
     "NumericalWarning",
     "StatisticsError",
+    "UndecidedJunctionError",
     "UnsupportedLayerError",
 ]
 
@@ -26,6 +27,12 @@ class CheckpointMismatchError(NeuronEliminationError, ValueError):
 
 class JunctionError(NeuronEliminationError, ValueError):
     """A target layer cannot be simplified: its junction is missing, shared or feature-mixing."""
+
+
+class UndecidedJunctionError(JunctionError):
+    """Tracing could not decide the junction (the model cannot be traced, or the path holds a
+    module or an op that no list marks as elementwise); a behavioural probe
+    (:class:`~lightning_neuronprune.probe.JunctionProbe`) may still find it."""
 
 
 class StatisticsError(NeuronEliminationError):

@@ -23,7 +23,8 @@ from lightning_neuronprune._runtime import evaluating, model_device, to_device
 from lightning_neuronprune.confirmation import metric_drop
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.statistics import TARGET_KEYS, batch_input, call_model
-from lightning_neuronprune.surgery import _set, _Tracer
+from lightning_neuronprune.surgery import _set
+from lightning_neuronprune.tracing import _Tracer
 
 __all__ = [
     "CachedEvaluator",

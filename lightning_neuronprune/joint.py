@@ -1,23 +1,10 @@
-"""Simplifying several layers at once under one accuracy budget.
+"""Simplifying several layers at once under one accuracy budget: the joint search.
 
 The paper applies the procedure to several layers of a network "to maximize the compression
 ratio ... subject to an overall budget in degradation of accuracy across all the simplified
-layers". Two strategies search the joint configurations ``{layer: p}``:
-
-* ``"greedy"`` (by marginal cost): start from the unreduced network; at each step, try moving
-  every layer one point down its rank grid, and take the move with the most energy saved per
-  accuracy lost that keeps the total drop within the budget. Each junction is fitted on the
-  original network's statistics. The chosen configuration is finally re-fitted sequentially on
-  data (``refit``), which is recorded as one more point.
-  With ``compensate``, the greedy path is also re-fitted by *compensating* fits
-  (:mod:`~lightning_neuronprune.compensation`): junction by junction, the consumer of the
-  reduced network is fitted to reproduce the original network's consumer output from the kept
-  features (cross statistics of both networks on the same training data), so each fit absorbs
-  the errors of the junctions before it. The path is explored up to ``budget + slack`` and the
-  compensated re-fits are tried from the cheapest configuration up.
-* ``"sequential"`` (data-driven): reduce one junction after another (``order``); the statistics of
-  each junction are collected on the network reduced so far, so that its least-squares fit
-  compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
+layers". A :class:`JointSearch` fits, builds, scores and applies joint configurations
+``{layer: p}``; its strategies (``"greedy"`` by marginal cost and ``"sequential"``, data-driven),
+which choose the configurations to try, are in :mod:`lightning_neuronprune.joint_strategies`.
 
 Every evaluated joint configuration is kept as a :class:`JointPoint`; :func:`pareto_front`
 (from :mod:`~lightning_neuronprune.pareto`) applies to them too, and :meth:`JointSearch.apply` swaps
@@ -36,26 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune.compensation import collect_cross_statistics, compensate_junction
-from lightning_neuronprune.elimination import Elimination, eliminate_neurons, reduce_junction
+from lightning_neuronprune import joint_strategies
+from lightning_neuronprune.elimination import Elimination, eliminate_neurons
 from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.evaluation import CachedEvaluator
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics
-from lightning_neuronprune.surgery import GatheredLinear, Junction, apply_reduction, linear_from
-from lightning_neuronprune.sweep import Ranks, rank_grid, sweep_junction
+from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, linear_from
+from lightning_neuronprune.sweep import Ranks, SweepPoint, rank_grid
 
-__all__ = [
-    "STRATEGIES",
-    "JointPoint",
-    "JointSearch",
-]
+__all__ = ["JointPoint", "JointSearch"]
 
 log = logging.getLogger(__name__)
-
-STRATEGIES: tuple[str, ...] = ("greedy", "sequential")
 
 
 @dataclass(frozen=True)
@@ -118,7 +100,7 @@ class JointSearch:
 
     Args:
         model: the trained network (never modified; reduced copies are built).
-        junctions: the targets, from :func:`~lightning_neuronprune.surgery.find_junction`.
+        junctions: the targets, from :func:`~lightning_neuronprune.junctions.find_junction`.
         stats: ``{consumer: statistics}`` on the original network, for every junction.
         eval_data: evaluation batches.
         metric: a ``torchmetrics.Metric``.
@@ -285,10 +267,7 @@ class JointSearch:
             memory_ratio=base.energy.memory_ratio(energy),
             strategy=strategy, kept=dict(kept),
         )  # fmt: skip
-        self._fitted[id(point)] = (point, dict(stats), dict(weights or {}))
-        if self.on_point is not None:
-            self.on_point(point)
-        return point
+        return self._record(point, stats, weights)
 
     def evaluate(self, config: Mapping[str, int], strategy: str = "greedy") -> JointPoint:
         """Build and score ``config`` with every junction fitted on the original statistics."""
@@ -338,207 +317,39 @@ class JointSearch:
                     module.bias.copy_(b_p)
         return result
 
+    def _record(
+        self,
+        point: JointPoint,
+        stats: Mapping[str, JunctionStatistics],
+        weights: Mapping[str, tuple[Tensor, Tensor | None]] | None = None,
+    ) -> JointPoint:
+        """Keep what ``point``'s junctions were fitted with (for :meth:`apply`); report it."""
+        self._fitted[id(point)] = (point, dict(stats), dict(weights or {}))
+        if self.on_point is not None:
+            self.on_point(point)
+        return point
+
+    def _from_sweep(
+        self, sp: SweepPoint, config: Mapping[str, int], kept: Mapping[str, tuple[int, ...]],
+        stats: Mapping[str, JunctionStatistics],
+    ) -> JointPoint:  # fmt: skip
+        """The recorded joint point of a sequential sweep's point ``sp``."""
+        point = JointPoint(
+            config=dict(config), accuracy=sp.accuracy, accuracy_drop=sp.accuracy_drop,
+            energy=sp.energy, energy_ratio=sp.energy_ratio, memory_ratio=sp.memory_ratio,
+            strategy="sequential", kept=dict(kept),
+        )  # fmt: skip
+        return self._record(point, stats)
+
+    def _statistics(self, model: nn.Module, consumer: str) -> JunctionStatistics:
+        """Statistics of ``consumer``'s input in ``model`` (a reduced copy) on ``train_data``."""
+        return collect_statistics(
+            model, [consumer], self.train_data, max_samples=self.max_samples, **self._stat
+        )[consumer]
+
     # ------------------------------------------------------------------ strategies
+    # Functions of a search (lightning_neuronprune.joint_strategies); as class attributes they
+    # are methods: ``search.greedy(budget)`` is ``joint_strategies.greedy(search, budget)``.
 
-    def greedy(
-        self,
-        budget: float,
-        *,
-        refit: bool = True,
-        lazy: bool = True,
-        compensate: bool = False,
-        slack: float = 0.0,
-    ) -> list[JointPoint]:
-        """Greedy by marginal cost. Returns every evaluated point, the path's points included.
-
-        A move takes one layer one point down its grid. Its merit is the energy saved per
-        accuracy point lost (moves that lose nothing come first, by energy saved). With ``lazy``,
-        merits from earlier steps serve as estimates: only the most promising move is
-        re-evaluated, and taken if it is still the best (the classic lazy-greedy shortcut,
-        which saves most evaluations when merits shrink as the network gets smaller).
-
-        Args:
-            budget: the largest accepted accuracy drop.
-            refit: re-fit the final configuration sequentially on ``train_data`` (if given).
-            lazy: re-evaluate only the most promising move at each step.
-            compensate: also re-fit the path's configurations with compensating fits (needs
-                ``train_data``), from the cheapest within ``budget + slack`` up, until one is
-                within ``budget``; every compensated point is returned
-                (strategy ``"greedy+compensated"``).
-            slack: how far past the budget the greedy path explores for ``compensate``.
-        """
-        if slack < 0:
-            raise ValueError(f"`slack` must be non-negative, got {slack!r}")
-        explore = budget + slack if compensate and self.train_data is not None else budget
-        path: list[JointPoint] = []
-        config = {j.layer: j.num_features for j in self.junctions}
-        position = {layer: 0 for layer in config}
-        current = self.baseline
-        points: list[JointPoint] = []
-        estimate: dict[str, tuple[bool, float]] = {}
-        infinite = (True, float("inf"))
-
-        def merit(pt: JointPoint) -> tuple[bool, float]:
-            if pt.accuracy_drop > explore:
-                return (False, -float("inf"))
-            saved = current.energy.total - pt.energy.total
-            lost = pt.accuracy_drop - current.accuracy_drop
-            return (lost <= 0, saved if lost <= 0 else saved / lost)
-
-        while True:
-            movable = [l for l, g in self.grids.items() if position[l] + 1 < len(g)]
-            fresh: dict[str, JointPoint] = {}
-            best: str | None = None
-            for layer in sorted(movable, key=lambda l: estimate.get(l, infinite), reverse=True):
-                pt = self.evaluate({**config, layer: self.grids[layer][position[layer] + 1]})
-                points.append(pt)
-                fresh[layer] = pt
-                estimate[layer] = merit(pt)
-                rivals = [estimate.get(l, infinite) for l in movable if l not in fresh]
-                top = max(fresh, key=lambda l: estimate[l])
-                if (
-                    lazy
-                    and estimate[top][1] > -float("inf")
-                    and all(estimate[top] >= r for r in rivals)
-                ):
-                    best = top
-                    break
-            else:
-                feasible = [l for l in fresh if estimate[l][1] > -float("inf")]
-                best = max(feasible, key=lambda l: estimate[l]) if feasible else None
-            if best is None:
-                break
-            current = fresh[best]
-            path.append(current)
-            position[best] += 1
-            config = dict(current.config)
-        points = list({id(pt): pt for pt in points}.values())  # evaluations are memoised
-        within = [pt for pt in path if pt.accuracy_drop <= budget]
-        if refit and self.train_data is not None and within:
-            points.append(self.sequential_refit(within[-1]))
-        if compensate and self.train_data is not None:
-            for pt in sorted(path, key=lambda q: q.energy.total):
-                fitted = self.compensated_refit(pt)
-                points.append(fitted)
-                if fitted.accuracy_drop <= budget:
-                    break
-        return points
-
-    def compensated_refit(self, point: JointPoint) -> JointPoint:
-        """Re-fit ``point``'s configuration junction by junction with compensating fits.
-
-        Junctions are reduced in network order on a copy of the model; each consumer is fitted
-        (and, with ``method="output"``, its kept set re-selected) against the original network's
-        consumer output, from cross statistics over ``train_data``. Other methods keep
-        ``point``'s kept sets. The affine and ridge options do not apply to this fit.
-        """
-        if self.train_data is None:
-            raise ValueError("the compensated refit needs `train_data`")
-        work = copy.deepcopy(self.model)
-        kept: dict[str, tuple[int, ...]] = {}
-        for j in self.junctions:
-            p = point.config[j.layer]
-            if p >= j.num_features:
-                continue
-            cs = collect_cross_statistics(
-                self.model, work, j.consumer, self.train_data, max_samples=self.max_samples
-            )
-            given = None if self.method == "output" else torch.as_tensor(point.kept[j.layer])
-            chosen = compensate_junction(work, j, cs, p, kept=given)
-            kept[j.layer] = tuple(int(i) for i in chosen.tolist())
-        stats = {self.by_layer[layer].consumer: self.stats[self.by_layer[layer].consumer]
-                 for layer in kept}  # fmt: skip
-        weights = {}
-        for consumer in stats:
-            module = work.get_submodule(consumer)
-            bias = module.bias.detach().clone() if module.bias is not None else None
-            weights[consumer] = (module.weight.detach().clone(), bias)
-        return self._score(work, point.config, "greedy+compensated", kept, stats, weights)
-
-    def sequential_refit(self, point: JointPoint) -> JointPoint:
-        """Re-fit ``point``'s configuration junction by junction on data, keeping its kept sets."""
-        work = copy.deepcopy(self.model)
-        stats: dict[str, JunctionStatistics] = {}
-        for j in self.junctions:
-            p = point.config[j.layer]
-            if p >= j.num_features:
-                continue
-            st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._stat
-            )[j.consumer]
-            reduce_junction(
-                work, j, st, p, method=self.method, affine=self.affine, ridge=self.ridge,
-                kept=torch.as_tensor(point.kept[j.layer]),
-            )  # fmt: skip
-            stats[j.consumer] = st
-        return self._score(work, point.config, "greedy+refit", point.kept, stats)
-
-    def sequential(
-        self,
-        budget: float,
-        *,
-        order: Sequence[str] | None = None,
-        shares: Sequence[float] | None = None,
-    ) -> list[JointPoint]:
-        """Data-driven sequential reduction. Returns every evaluated point.
-
-        Args:
-            budget: the largest accepted accuracy drop of the whole network.
-            order: the layers in the order to reduce them (default: network order).
-            shares: the fraction of the budget each layer may add (default: equal); junction i may
-                bring the total drop to ``budget · (shares_0 + ... + shares_i)``.
-        """
-        if self.train_data is None:
-            raise ValueError("the sequential strategy needs `train_data` to re-collect statistics")
-        layers = list(order) if order is not None else [j.layer for j in self.junctions]
-        if sorted(layers) != sorted(self.by_layer):
-            raise ValueError(
-                f"`order` must be a permutation of {sorted(self.by_layer)}, got {layers}"
-            )
-        weights = list(shares) if shares is not None else [1.0] * len(layers)
-        if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"`shares` must be {len(layers)} non-negative numbers, got {shares}")
-        total = sum(weights)
-        work = copy.deepcopy(self.model)
-        config = {j.layer: j.num_features for j in self.junctions}
-        kept: dict[str, tuple[int, ...]] = {}
-        stats_used: dict[str, JunctionStatistics] = {}
-        points: list[JointPoint] = []
-        allowed = 0.0
-        for layer, w in zip(layers, weights, strict=True):
-            allowed += budget * w / total
-            j = self.by_layer[layer]
-            st = collect_statistics(
-                work, [j.consumer], self.train_data, max_samples=self.max_samples, **self._stat
-            )[j.consumer]
-            evaluator = CachedEvaluator(work, j.consumer, self.eval_data, self.metric, **self._eval)
-            base = (self.baseline.accuracy, self.baseline.energy)
-            swept = sweep_junction(
-                work, j, st, evaluator, self.energy_model, self.example_input,
-                ranks=[p for p in self.grids[layer] if p < j.num_features] or [j.num_features],
-                method=self.method, affine=self.affine, ridge=self.ridge,
-                max_accuracy_drop=allowed, baseline=base,
-            )  # fmt: skip
-            for sp in swept[1:]:
-                pt = JointPoint(
-                    config={**config, layer: sp.p}, accuracy=sp.accuracy,
-                    accuracy_drop=sp.accuracy_drop, energy=sp.energy,
-                    energy_ratio=sp.energy_ratio, memory_ratio=sp.memory_ratio,
-                    strategy="sequential", kept={**kept, layer: sp.kept},
-                )  # fmt: skip
-                self._fitted[id(pt)] = (pt, {**stats_used, j.consumer: st}, {})
-                points.append(pt)
-                if self.on_point is not None:
-                    self.on_point(pt)
-            ok = [sp for sp in swept[1:] if sp.accuracy_drop <= allowed]
-            if not ok:
-                continue
-            best = min(ok, key=lambda sp: (sp.energy.total, -sp.accuracy))
-            reduce_junction(
-                work, j, st, best.p, method=self.method, affine=self.affine, ridge=self.ridge,
-                kept=torch.as_tensor(best.kept),
-            )  # fmt: skip
-            config[layer] = best.p
-            kept[layer] = best.kept
-            stats_used[j.consumer] = st
-        return points
+    greedy = joint_strategies.greedy
+    sequential = joint_strategies.sequential

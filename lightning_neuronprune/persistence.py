@@ -7,7 +7,7 @@ with no pickled code.
 
 Loading a reduced ``state_dict`` needs the reduced *shapes* first. :func:`match_plan` gives a
 model the shapes of a state dict's plan (it replays the records the model lacks with
-:func:`~lightning_neuronprune.surgery.rebuild_shapes`), and refuses with a
+:func:`rebuild_shapes`), and refuses with a
 :class:`~lightning_neuronprune.errors.CheckpointMismatchError` (layer, both shapes, the call to
 use) when the two disagree in a way that cannot be replayed, e.g. unreduced weights loaded into a
 reduced model. It runs, before ``load_state_dict`` copies anything:
@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import CheckpointMismatchError
-from lightning_neuronprune.surgery import _set, rebuild_shapes
+from lightning_neuronprune.junctions import Junction, _linear
+from lightning_neuronprune.surgery import _set, apply_reduction
 
 __all__ = [
     "PLAN_BUFFER",
@@ -46,6 +47,7 @@ __all__ = [
     "match_plan",
     "read_plan",
     "rebind_optimizer",
+    "rebuild_shapes",
     "save_reduced",
     "write_plan",
 ]
@@ -186,7 +188,7 @@ def match_plan(
 
     * ``incoming == current`` (e.g. both unreduced): nothing to do;
     * ``current`` is the start of ``incoming`` (e.g. a fresh model and a reduced checkpoint): the
-      records the module lacks are replayed (:func:`~lightning_neuronprune.surgery.rebuild_shapes`
+      records the module lacks are replayed (:func:`rebuild_shapes`
       with placeholder weights, which ``load_state_dict`` then overwrites) and the plan is written;
     * otherwise (e.g. unreduced weights into a reduced model): a
       :class:`~lightning_neuronprune.errors.CheckpointMismatchError`, with nothing changed.
@@ -239,6 +241,35 @@ def match_plan(
         write_plan(owner, incoming)
         rebuilt.append(rel)
     return rebuilt
+
+
+def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
+    """Give a fresh model the module shapes of a reduced one, so that its ``state_dict`` loads.
+
+    The weights are placeholders (the producer's rows are kept; the consumer's weight is its
+    first p columns) until ``load_state_dict`` fills them.
+
+    Args:
+        model: a fresh instance of the unreduced architecture.
+        plan: the records of :func:`~lightning_neuronprune.elimination.eliminate_neurons`, as plain
+            dicts (``model.neuron_elimination_plan``), applied in order.
+    """
+    for rec in plan:
+        junction = Junction(
+            target=rec["target"],
+            kind=rec["kind"],
+            producer=rec["producer"],
+            consumer=rec["consumer"],
+            batchnorm=rec["batchnorm"],
+            num_features=rec["n"],
+        )
+        kept = torch.as_tensor(rec["kept"], dtype=torch.long)
+        cons = _linear(model, junction.consumer)
+        W_p = cons.weight.detach()[:, : kept.numel()]
+        b_p = cons.bias.detach() if cons.bias is not None else None
+        if rec.get("consumer_bias", b_p is not None) and b_p is None:
+            b_p = cons.weight.new_zeros(cons.out_features)
+        apply_reduction(model, junction, kept, W_p, b_p)
 
 
 def _replay(owner: nn.Module, rel: str, records: list[dict[str, Any]]) -> None:

@@ -43,9 +43,9 @@ from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.reporting import point_label
 from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.surgery import Junction
 from lightning_neuronprune.sweep import Ranks, SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.validation import check_arguments, check_confirmation
 

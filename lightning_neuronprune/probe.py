@@ -360,7 +360,8 @@ class JunctionProbe:
         """Run the network with feature ``n // 2`` removed; the consumer must read the rest."""
         if n < 2:
             return
-        from lightning_neuronprune.surgery import Junction, _set, apply_reduction
+        from lightning_neuronprune.junctions import Junction
+        from lightning_neuronprune.surgery import _set, apply_reduction
 
         dropped = n // 2
         kept = torch.tensor([j for j in range(n) if j != dropped])

@@ -29,16 +29,11 @@ from lightning_neuronprune.evaluation import (
     model_output,
 )
 from lightning_neuronprune.fitting import Fit, FitOptions, JunctionFitter
+from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.pareto import choose, pareto_front
 from lightning_neuronprune.selection import Method
 from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.surgery import (
-    GatheredLinear,
-    Junction,
-    _set,
-    apply_reduction,
-    linear_from,
-)
+from lightning_neuronprune.surgery import GatheredLinear, _set, apply_reduction, linear_from
 
 __all__ = [
     "CachedEvaluator",

@@ -16,16 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.probe import JunctionProbe
-from lightning_neuronprune.statistics import call_model
-from lightning_neuronprune.surgery import (
+from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
+from lightning_neuronprune.junctions import (
     Junction,
-    UndecidedJunctionError,
     auto_junctions,
     find_junction,
     linear_layer_names,
 )
+from lightning_neuronprune.probe import JunctionProbe
+from lightning_neuronprune.statistics import call_model
 
 __all__ = ["Targets", "resolve_targets", "traced_targets"]
 
@@ -133,7 +132,7 @@ def resolve_targets(
 
     Raises:
         JunctionError: a named target cannot be simplified, two name the same junction, or
-            ``"auto"`` finds none. :class:`~lightning_neuronprune.surgery.UndecidedJunctionError`
+            ``"auto"`` finds none. :class:`~lightning_neuronprune.errors.UndecidedJunctionError`
             (a subclass) when tracing alone cannot decide a named target and no example is
             given (``"auto"`` lists such layers in :attr:`Targets.undecided` instead).
     """

@@ -13,7 +13,7 @@ from typing import Any
 from lightning_neuronprune.decision import APPLY_MODES
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.fitting import FitOptions
-from lightning_neuronprune.joint import STRATEGIES
+from lightning_neuronprune.joint_strategies import STRATEGIES
 from lightning_neuronprune.sweep import rank_grid
 from lightning_neuronprune.targets import Targets
 

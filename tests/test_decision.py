@@ -10,8 +10,8 @@ from lightning_neuronprune.decision import Decision, apply_decision, decide
 from lightning_neuronprune.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.junctions import find_junction
 from lightning_neuronprune.statistics import collect_statistics
-from lightning_neuronprune.surgery import find_junction
 from lightning_neuronprune.sweep import SweepPoint
 
 

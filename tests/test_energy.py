@@ -8,13 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.energy import (
-    EnergyModel,
-    EnergyReport,
-    LayerCount,
-    count_linear,
-    count_nothing,
-)
+from lightning_neuronprune.counting import LayerCount, count_linear, count_nothing
+from lightning_neuronprune.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError, UnsupportedLayerError
 from lightning_neuronprune.models import LeNet5, LeNet300100, caffenet
 

@@ -19,9 +19,9 @@ from transformer_blocks import (
 )
 
 from lightning_neuronprune.elimination import eliminate_neurons
-from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
+from lightning_neuronprune.junctions import auto_junctions, find_junction
 from lightning_neuronprune.probe import JunctionProbe
-from lightning_neuronprune.surgery import UndecidedJunctionError, auto_junctions, find_junction
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,65 +1,26 @@
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.models import LeNet5, LeNet300100
-from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, find_junction
-
-
-class Functional(nn.Module):
-    """An ordinary module whose forward calls submodules and functions."""
-
-    def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(8, 6), nn.Tanh())
-        self.bn = nn.BatchNorm1d(6) if bn else nn.Identity()
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
-        h = F.dropout(F.relu(self.bn(h)), 0.1, self.training)
-        return self.head(h)
-
-
-def test_sequential_junctions() -> None:
-    model = LeNet300100()
-    j = find_junction(model, "fc1")
-    assert (j.kind, j.producer, j.consumer, j.num_features) == ("producer", "fc1", "fc2", 300)
-    assert find_junction(model, "fc2:in") == find_junction(model, "fc1").__class__(
-        "fc2:in", "producer", "fc1", "fc2", None, 300, j.path
-    )
-    j = find_junction(model, "fc1:in")
-    assert (j.kind, j.producer, j.consumer, j.num_features) == ("gather", None, "fc1", 784)
-    assert j.layer == "fc1:in"
-
-
-def test_flattened_conv_output_is_a_gather_junction() -> None:
-    j = find_junction(LeNet5(), "fc1:in")
-    assert (j.kind, j.consumer, j.num_features) == ("gather", "fc1", 800)
-
-
-def test_nested_module_with_functions_and_batchnorm() -> None:
-    j = find_junction(Functional(bn=True), "encoder.0")
-    assert (j.producer, j.consumer, j.batchnorm) == ("encoder.0", "head", "bn")
-    assert "relu" in " ".join(j.path)
-    j = find_junction(Functional(bn=True), "head:in")
-    assert j.producer == "encoder.0"
+from lightning_neuronprune.junctions import Junction
+from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, linear_from
 
 
 def test_apply_reduction_shapes_dtype_device() -> None:
-    model = Functional(bn=True).double()
-    j = find_junction(model, "encoder.0")
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    j = Junction("0", "producer", "0", "3", "1", 6)
     kept = torch.tensor([1, 4])
     W_p = torch.randn(3, 2, dtype=torch.float64)
-    apply_reduction(model, j, kept, W_p, torch.zeros(3, dtype=torch.float64))
-    assert model.encoder[0].out_features == 2 and model.encoder[0].weight.dtype == torch.float64
-    assert model.bn.num_features == 2
-    assert model.head.in_features == 2
-    torch.testing.assert_close(model.head.weight, W_p)
+    assert apply_reduction(model, j, kept, W_p, torch.zeros(3, dtype=torch.float64)) == [
+        "0",
+        "1",
+        "3",
+    ]
+    assert model[0].out_features == 2 and model[0].weight.dtype == torch.float64
+    assert model[1].num_features == 2
+    assert model[3].in_features == 2
+    torch.testing.assert_close(model[3].weight, W_p)
     assert model(torch.randn(5, 8, dtype=torch.float64)).shape == (5, 3)
 
 
@@ -72,90 +33,23 @@ def test_gathered_linear_selects_inputs() -> None:
     assert set(layer.state_dict()) == {"weight", "index"}
 
 
-class TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.a = nn.Linear(4, 2)
-        self.b = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc(x))
-        return self.a(h) + self.b(h)
-
-
-class WithLayerNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
-        self.fc2 = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(self.fc1(x)))
+def test_gather_twice_composes_the_indices() -> None:
+    model = nn.Sequential(nn.Linear(5, 2))
+    j = Junction("0:in", "gather", None, "0", None, 5)
+    W_a = torch.randn(2, 3)
+    apply_reduction(model, j, torch.tensor([0, 2, 4]), W_a, None)
+    W_b = torch.randn(2, 2)
+    apply_reduction(model, j, torch.tensor([1, 2]), W_b, torch.ones(2))
+    layer = model[0]
+    assert isinstance(layer, GatheredLinear) and layer.source_features == 5
+    assert layer.index.tolist() == [2, 4]
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(model(x), x[:, [2, 4]] @ W_b.T + 1)
 
 
-class WithSoftmax(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 4)
-        self.fc2 = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.softmax(self.fc1(x), -1))
-
-
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 4)
-        self.fc2 = nn.Linear(4, 4)
-        self.fc3 = nn.Linear(4, 2)
-        self.fc2.weight = self.fc1.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class Reused(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.fc(torch.relu(self.fc(x)))))
-
-
-@pytest.mark.parametrize(
-    ("model", "target", "message"),
-    [
-        (TwoHeads(), "fc", "feeds 2 consumers"),
-        (WithLayerNorm(), "fc1", "lies norm \\(LayerNorm\\), which mixes features"),
-        (WithSoftmax(), "fc1", "lies softmax, which mixes features"),
-        (Tied(), "fc1", "weights tied to 'fc2.weight'"),
-        (Reused(), "fc", "called 2 times"),
-        (LeNet300100(), "fc4", "no nn.Linear named 'fc4'. Did you mean 'fc[123]'"),
-        (LeNet300100(), "relu1", "'relu1' is a ReLU, not an nn.Linear"),
-        (LeNet5(), "conv1", "'conv1' is a Conv2d, not an nn.Linear"),
-        (LeNet300100(), "fc3", "could not find the consumer of 'fc3'"),
-        (LeNet300100(), "", "non-empty layer name"),
-    ],
-)
-def test_refusals_name_the_problem(model: nn.Module, target: str, message: str) -> None:
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(JunctionError, match=message):
-        find_junction(model, target)
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_valid_names_are_listed() -> None:
-    with pytest.raises(JunctionError, match=r"Valid names: \['fc1', 'fc2', 'fc3'\]"):
-        find_junction(LeNet300100(), "nope")
-
-
-def test_explicit_consumer_must_agree() -> None:
-    message = "consumer of 'fc1' is 'fc2', not the given consumer 'fc3'"
-    with pytest.raises(JunctionError, match=message):
-        find_junction(LeNet300100(), "fc1", consumer="fc3")
+def test_linear_from_uses_the_given_tensors() -> None:
+    weight, bias = torch.randn(3, 2), torch.randn(3)
+    like = nn.Linear(2, 3).eval().requires_grad_(False)
+    layer = linear_from(weight, bias, like=like)
+    assert layer.weight.data_ptr() == weight.data_ptr() and layer.bias.data_ptr() == bias.data_ptr()
+    assert not layer.training and not layer.weight.requires_grad

@@ -15,9 +15,9 @@ from lightning_neuronprune.evaluation import (
     degradation,
     model_output,
 )
+from lightning_neuronprune.junctions import find_junction
 from lightning_neuronprune.pareto import choose
 from lightning_neuronprune.statistics import collect_statistics
-from lightning_neuronprune.surgery import find_junction
 from lightning_neuronprune.sweep import rank_grid, sweep_junction
 
 

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 from transformer_blocks import FFN, QuickGELU
 
-from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.surgery import UndecidedJunctionError
+from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.targets import resolve_targets, traced_targets
 from lightning_neuronprune.validation import check_against_targets
 

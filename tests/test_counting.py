@@ -1,0 +1,47 @@
+"""Tests of :mod:`lightning_neuronprune.counting` called directly (``test_energy.py`` covers the
+rules through :meth:`EnergyModel.estimate`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_neuronprune.counting import (
+    LayerCount,
+    count_conv,
+    count_inference,
+    count_linear,
+    count_nothing,
+)
+
+
+def test_count_inference_is_per_inference() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    per_layer, output = count_inference(model, torch.zeros(3, 6))
+    assert per_layer == {
+        "0": LayerCount(macs=6 * 5, weights=30, activations=6),
+        "2": LayerCount(macs=5 * 2, weights=10, activations=5),
+    }
+    assert output == 2
+
+
+def test_given_rules_override_the_builtin_ones() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    per_layer, _ = count_inference(model, torch.zeros(1, 6), {nn.Linear: count_nothing})
+    assert per_layer == {"0": LayerCount(), "2": LayerCount()}
+
+
+def test_rules_called_directly() -> None:
+    conv = nn.Conv2d(4, 6, kernel_size=3, groups=2)
+    x = torch.zeros(2, 4, 7, 7)
+    count = count_conv(conv, x, conv(x))
+    assert count == LayerCount(macs=2 * 5 * 5 * 6 * 3 * 3 * 4 // 2, weights=6 * 2 * 3 * 3,
+                               activations=x.numel())  # fmt: skip
+    fc = nn.Linear(4, 3)
+    assert count_linear(fc, torch.zeros(2, 5, 4), None) == LayerCount(120, 12, 40)
+
+
+def test_bad_batch_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="`batch_size`"):
+        count_inference(nn.Linear(2, 2), torch.zeros(2, 2), batch_size=0)
