@@ -11,10 +11,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_neuronprune.persistence import install_plan_hook, rebind_optimizer
+from lightning_neuronprune.pipeline import ModelIO
+from lightning_neuronprune.progress import ProgressBar
 
 __all__ = [
     "best_checkpoint",
@@ -24,7 +27,7 @@ __all__ = [
     "reduced_checkpoint_path",
     "save_reduced_checkpoint",
     "train_loader",
-    "trainer_forward",
+    "trainer_io",
 ]
 
 NO_EVAL_DATA = (
@@ -151,20 +154,24 @@ def save_reduced_checkpoint(
     return path
 
 
-def trainer_forward(trainer: pl.Trainer) -> dict[str, Any]:
-    """How the Trainer feeds its model: ``transfer`` (a raw batch through the precision plugin's
-    ``convert_input`` then the strategy's ``batch_to_device``, as the fit loop does),
-    ``convert`` (an input's dtype only) and ``forward_context`` (the precision plugin's)."""
+def trainer_io(trainer: pl.Trainer, device: torch.device, **adapters: Any) -> ModelIO:
+    """The :class:`~lightning_neuronprune.pipeline.ModelIO` of the Trainer: a raw batch goes
+    through the precision plugin's ``convert_input`` then the strategy's ``batch_to_device``
+    (as the fit loop does), forward passes run under the precision plugin's
+    ``forward_context``, warnings go out on rank zero, progress bars follow the Trainer's style.
+    ``adapters`` are the other fields (``input_fn``..., ``info``)."""
     strategy, precision = trainer.strategy, trainer.precision_plugin
 
     def transfer(batch: Any) -> Any:
         return strategy.batch_to_device(precision.convert_input(batch))
 
-    return {
-        "transfer": transfer,
-        "convert": precision.convert_input,
-        "forward_context": precision.forward_context,
-    }
+    def progress(description: str, total: int | None, unit: str) -> ProgressBar:
+        return ProgressBar(trainer, description, total, unit)
+
+    return ModelIO(
+        device=device, transfer=transfer, forward_context=precision.forward_context,
+        warn=rank_zero_warn, progress=progress, **adapters,
+    )  # fmt: skip
 
 
 def has_val_source(trainer: pl.Trainer) -> bool:

@@ -23,7 +23,7 @@ from lightning_neuronprune._lightning import (
     has_val_source,
     load_best,
     save_reduced_checkpoint,
-    trainer_forward,
+    trainer_io,
 )
 from lightning_neuronprune._lightning import eval_loader as get_eval_loader
 from lightning_neuronprune._lightning import train_loader as get_train_loader
@@ -43,7 +43,7 @@ from lightning_neuronprune.pipeline import (
     SearchResult,
     SearchSettings,
 )
-from lightning_neuronprune.progress import ProgressBar, sample_count
+from lightning_neuronprune.progress import sample_count
 from lightning_neuronprune.reporting import amend_report, report_result
 from lightning_neuronprune.statistics import JunctionStatistics, collect_statistics, first_input
 from lightning_neuronprune.sweep import SweepPoint
@@ -288,7 +288,7 @@ class NeuronEliminationCallback(pl.Callback):
         self.report_paths: tuple[Any, ...] = ()
         self.reduced_checkpoint_path: str | None = None
         self.source_checkpoint_path: str | None = None
-        self._forward: dict[str, Any] = {}
+        self._io: ModelIO | None = None  # during a run
         self._failed = False
         self._joint_layers: list[str] | None = None
 
@@ -303,7 +303,7 @@ class NeuronEliminationCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._failed = False
+        self._failed, self._io = False, None
         # Refuse bad targets and missing evaluation data before any training; what tracing
         # cannot decide waits for the probe on a real batch in `_run`.
         self._resolve_junctions(pl_module)
@@ -335,7 +335,7 @@ class NeuronEliminationCallback(pl.Callback):
         if example is None:
             targets = traced_targets(pl_module, self.targets)
         else:
-            context = self._forward.get("forward_context")
+            context = self._io.forward_context if self._io is not None else None
             targets = resolve_targets(
                 pl_module, self.targets, example=example, forward_context=context
             )
@@ -352,34 +352,27 @@ class NeuronEliminationCallback(pl.Callback):
         if self.verbose:
             rank_zero_info(message)
 
-    def _io(self, trainer: pl.Trainer, device: torch.device) -> ModelIO:
-        return ModelIO(
-            device=device, transfer=self._forward.get("transfer"),
-            forward_context=self._forward.get("forward_context"), input_fn=self.input_fn,
-            target_fn=self.target_fn, output_fn=self.output_fn, mask_fn=self.mask_fn,
-            info=self._info, warn=rank_zero_warn,
-            progress=lambda desc, total, unit: ProgressBar(trainer, desc, total, unit),
-        )  # fmt: skip
-
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         eval_loader = get_eval_loader(trainer, self.eval_dataloader)
         train_loader = get_train_loader(trainer)
         device = trainer.strategy.root_device
         pl_module.to(device)
-        self._forward = trainer_forward(trainer)
+        self._io = io = trainer_io(
+            trainer, device, input_fn=self.input_fn, target_fn=self.target_fn,
+            output_fn=self.output_fn, mask_fn=self.mask_fn, info=self._info,
+        )  # fmt: skip
         self.reduced_checkpoint_path = self.source_checkpoint_path = None
         self.applied, self.report_paths = {}, ()
         if self.weights == "best":
             self.source_checkpoint_path = load_best(trainer, pl_module)
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
-        io = self._io(trainer, device)
         example = first_input(
             train_loader, self.probe_samples, device, input_fn=self.input_fn, transfer=io.transfer
         )
         junctions = self._resolve_junctions(pl_module, example)
-        stats = self._collect(trainer, pl_module, junctions, train_loader, io)
-        example = self._example(eval_loader, device, io)
+        stats = self._collect(pl_module, junctions, train_loader, io)
+        example = self._example(trainer, eval_loader, io)
         metric = self._metric(pl_module, example, device)
         settings = dataclasses.replace(self.settings, joint_order=self._joint_layers)
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
@@ -398,34 +391,38 @@ class NeuronEliminationCallback(pl.Callback):
         finally:
             search.close()
         if result.decision.plan:
-            self._save_reduced(trainer, pl_module, before)
+            source = self.source_checkpoint_path
+            path = self.reduced_checkpoint_path = save_reduced_checkpoint(
+                trainer, pl_module, before, source
+            )
+            if path is not None and trainer.is_global_zero and self.report_paths:
+                amend_report(self.report_paths[0], reduced_checkpoint=path)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
             + (f"applied {self.applied}" if self.applied else "model unchanged")
         )
 
     def _collect(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: list[Junction],
-        loader: Iterable[Any], io: ModelIO,
+        self, pl_module: pl.LightningModule, junctions: list[Junction], loader: Iterable[Any],
+        io: ModelIO,
     ) -> dict[str, JunctionStatistics]:  # fmt: skip
         layers, limit = [j.layer for j in junctions], self.settings.max_samples
         self._info(
             f"neuron elimination: collecting statistics of {layers} (max {limit} per process)"
         )
-        with ProgressBar(
-            trainer, "Neuron elimination: statistics", sample_count(loader, limit), "samples"
-        ) as bar:
+        total = sample_count(loader, limit)
+        with io.progress("Neuron elimination: statistics", total, "samples") as bar:
             return collect_statistics(
                 pl_module, [j.consumer for j in junctions], loader, max_samples=limit,
                 device=io.device, progress=bar.update, input_fn=io.input_fn, mask_fn=io.mask_fn,
                 **io.forward_kwargs(),
             )  # fmt: skip
 
-    def _example(self, loader: Iterable[Any], device: torch.device, io: ModelIO) -> Any:
+    def _example(self, trainer: pl.Trainer, loader: Iterable[Any], io: ModelIO) -> Any:
         if self.example_input is not None:
-            convert = self._forward.get("convert", lambda x: x)
-            return convert(to_device(self.example_input, device))
-        return first_input(loader, 1, device, input_fn=self.input_fn, transfer=io.transfer)
+            convert = trainer.precision_plugin.convert_input
+            return convert(to_device(self.example_input, io.device))
+        return first_input(loader, 1, io.device, input_fn=self.input_fn, transfer=io.transfer)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:
@@ -433,7 +430,7 @@ class NeuronEliminationCallback(pl.Callback):
         try:
             return default_metric(
                 pl_module, example, top_k=self.top_k, output_fn=self.output_fn,
-                forward_context=self._forward.get("forward_context"),
+                forward_context=self._io.forward_context if self._io is not None else None,
             )  # fmt: skip
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
@@ -451,11 +448,3 @@ class NeuronEliminationCallback(pl.Callback):
         )  # fmt: skip
         if self.report_paths:
             self._info(f"neuron elimination: report written to {self.report_paths[0]}")
-
-    def _save_reduced(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
-    ) -> None:
-        path = save_reduced_checkpoint(trainer, pl_module, before, self.source_checkpoint_path)
-        self.reduced_checkpoint_path = path
-        if path is not None and trainer.is_global_zero and self.report_paths:
-            amend_report(self.report_paths[0], reduced_checkpoint=path)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,33 +44,13 @@ from lightning_neuronprune.evaluation import CachedEvaluator, metric_direction
 from lightning_neuronprune.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.joint import JointPoint, JointSearch
 from lightning_neuronprune.junctions import Junction
+from lightning_neuronprune.progress import Bar, no_progress
 from lightning_neuronprune.reporting import point_label
 from lightning_neuronprune.statistics import JunctionStatistics
 from lightning_neuronprune.sweep import Ranks, SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.validation import check_arguments, check_confirmation
 
 __all__ = ["ConfirmSettings", "ModelIO", "ReductionSearch", "SearchResult", "SearchSettings"]
-
-
-class Bar(Protocol):
-    """What :class:`ReductionSearch` asks of a progress bar
-    (:class:`~lightning_neuronprune.progress.ProgressBar` has it)."""
-
-    def update(self, done: int) -> None: ...
-
-    def advance(self, steps: int = 1) -> None: ...
-
-
-class _NoBar:
-    def update(self, done: int) -> None:
-        pass
-
-    def advance(self, steps: int = 1) -> None:
-        pass
-
-
-def _no_progress(description: str, total: int | None, unit: str) -> AbstractContextManager[Bar]:
-    return nullcontext(_NoBar())
 
 
 @dataclass(frozen=True)
@@ -169,7 +149,7 @@ class ModelIO:
     mask_fn: Callable[[Any], Any] | None = None
     info: Callable[[str], None] = lambda message: None
     warn: Callable[[str], None] = warnings.warn
-    progress: Callable[[str, int | None, str], AbstractContextManager[Bar]] = _no_progress
+    progress: Callable[[str, int | None, str], AbstractContextManager[Bar]] = no_progress
 
     def forward_kwargs(self) -> dict[str, Any]:
         """``transfer`` and ``forward_context``."""
