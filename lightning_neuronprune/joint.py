@@ -14,7 +14,6 @@ the chosen one into a model exactly as it was evaluated.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -36,8 +35,6 @@ from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, linea
 from lightning_neuronprune.sweep import Ranks, SweepPoint, rank_grid
 
 __all__ = ["JointPoint", "JointSearch"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
