@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,12 @@ def seed() -> int:
 @pytest.fixture
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """Seeded numpy generator, for matrices checked against LAPACK (scipy)."""
+    return np.random.default_rng(20180605)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ Tolerances. Householder QR is normwise backward stable: ``||A P - Q R|| <= c(m, 
 safety factor of about 10 above what both LAPACK and our code reach on these matrices, and still
 orders of magnitude below what a wrong reflector or a wrong pivot swap would give (O(1)).
 
-Pivots. On generic matrices the pivot sequence must be LAPACK's. Both codes estimate partial norms
-by downdating, with different rounding, so two candidates whose norms agree to a few ulps (a
-near-tie) may legitimately be ordered differently; :func:`_assert_same_pivots` accepts a first
-mismatch only when it is such a near-tie, measured independently in float64.
+Pivots. On generic matrices the pivot sequence must be LAPACK's, up to a near-tie
+(:func:`lapack_reference.assert_same_pivots`). The pivoted Cholesky has its own tests in
+``test_cholesky.py``, the batched subset selection ``prefix_qr_pivots`` in ``test_selection.py``.
 """
 
 from __future__ import annotations
@@ -20,60 +19,28 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from lapack_reference import (
+    DTYPES,
+    NP_DTYPES,
+    assert_same_pivots,
+    low_rank,
+    machine_eps,
+    partial_norms,
+)
 
-from lightning_neuronprune.linalg import PivotedCholesky, PivotedQR, pivoted_cholesky, pivoted_qr
-
-DTYPES = [torch.float32, torch.float64]
+from lightning_neuronprune.linalg import PivotedQR, pivoted_cholesky, pivoted_qr
 
 # Every test runs twice: pivots read on the host (the CPU path) and kept on the device (the
 # synchronisation-free GPU path: device-side swaps, Gram-based QR pivots), forced on the CPU.
 pytestmark = pytest.mark.usefixtures("pivots_on")
-NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 SHAPES = [(50, 30), (30, 50), (64, 64), (128, 256)]
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    """Seeded numpy generator (the seeded torch ``generator`` fixture is in ``conftest.py``)."""
-    return np.random.default_rng(20180605)
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def _partial_norms(A: np.ndarray, chosen: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Norms of ``A[:, cols]`` after projecting out ``span(A[:, chosen])``, in float64."""
-    A = A.astype(np.float64)
-    if len(chosen) == 0:
-        return np.linalg.norm(A[:, cols], axis=0)
-    Qc, _ = np.linalg.qr(A[:, chosen])
-    E = A[:, cols] - Qc @ (Qc.T @ A[:, cols])
-    return np.linalg.norm(E, axis=0)
-
-
-def _assert_same_pivots(
-    A: np.ndarray, perm: np.ndarray, perm_ref: np.ndarray, count: int, near_tie: float
-) -> None:
-    """Check ``perm[:count] == perm_ref[:count]``, tolerating a first mismatch at a near-tie."""
-    diff = np.flatnonzero(perm[:count] != perm_ref[:count])
-    if diff.size == 0:
-        return
-    j = int(diff[0])
-    cand = np.array([perm[j], perm_ref[j]])
-    nrm = _partial_norms(A, perm_ref[:j], cand)
-    rel = abs(nrm[0] - nrm[1]) / nrm.max()
-    assert rel <= near_tie, (
-        f"pivot {j} differs: ours {perm[j]} (norm {nrm[0]:.9g}) vs LAPACK {perm_ref[j]} "
-        f"(norm {nrm[1]:.9g}), relative gap {rel:.3g} > {near_tie:.1g}"
-    )
 
 
 def _check_qr(A: torch.Tensor, res: PivotedQR, k: int) -> None:
     """Structural checks: shapes, dtypes, orthonormal Q, upper trapezoidal R, decreasing |diag|."""
     m, n = A.shape
     Q, R, perm = res
-    eps = _eps(A.dtype)
+    eps = machine_eps(A.dtype)
     assert Q.shape == (m, k) and R.shape == (k, n) and perm.shape == (n,)
     assert Q.dtype == R.dtype == A.dtype and perm.dtype == torch.int64
     assert Q.device == R.device == perm.device == A.device
@@ -104,9 +71,9 @@ def test_pivoted_qr_matches_lapack(rng: np.random.Generator, shape, dtype) -> No
     r = min(m, n)
     _check_qr(A, res, r)
     Q, R, perm = res
-    eps = _eps(dtype)
+    eps = machine_eps(dtype)
     assert _relative_residual(A, Q, R, perm) <= 50 * eps * math.sqrt(n)
-    _assert_same_pivots(
+    assert_same_pivots(
         A_np, perm.numpy(), perm_ref, r, near_tie=1e-5 if dtype == torch.float32 else 1e-9
     )
     if np.array_equal(perm.numpy(), perm_ref):
@@ -128,10 +95,6 @@ def test_pivoted_qr_tie_rule_is_lapack_swap_order(pivots_on: str) -> None:
     assert pivoted_qr(torch.eye(6)).perm.tolist() == list(range(6))
 
 
-def _low_rank(rng: np.random.Generator, m: int, n: int, rank: int) -> np.ndarray:
-    return rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
-
-
 def _rank_deficient_cases(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, int]]:
     dup = rng.standard_normal((40, 20))
     dup = np.concatenate([dup, dup[:, [3, 7, 11]], dup[:, :2]], axis=1)  # 25 columns, rank 20
@@ -140,8 +103,8 @@ def _rank_deficient_cases(rng: np.random.Generator) -> dict[str, tuple[np.ndarra
     return {
         "duplicate": (dup, 20),
         "zero": (zero, 20),
-        "low_rank_tall": (_low_rank(rng, 60, 40, 12), 12),
-        "low_rank_wide": (_low_rank(rng, 30, 70, 9), 9),
+        "low_rank_tall": (low_rank(rng, 60, 40, 12), 12),
+        "low_rank_wide": (low_rank(rng, 30, 70, 9), 9),
     }
 
 
@@ -152,7 +115,7 @@ def test_pivoted_qr_rank_deficient(rng: np.random.Generator, case: str, dtype) -
     A_np = A_np.astype(NP_DTYPES[dtype])
     A = torch.from_numpy(A_np)
     m, n = A.shape
-    eps = _eps(dtype)
+    eps = machine_eps(dtype)
     res = pivoted_qr(A)
     _check_qr(A, res, min(m, n))
     Q, R, perm = res
@@ -164,11 +127,11 @@ def test_pivoted_qr_rank_deficient(rng: np.random.Generator, case: str, dtype) -
     lead = perm[:rank].numpy()
     sv = np.linalg.svd(A_np[:, lead].astype(np.float64), compute_uv=False)
     assert sv[-1] > 1e-3 * sv[0]
-    residual = _partial_norms(A_np, lead, np.arange(n))
+    residual = partial_norms(A_np, lead, np.arange(n))
     assert residual.max() <= 100 * eps * math.sqrt(n) * scale
     # the first pivots are those of LAPACK too, up to the numerical rank
     perm_ref = scipy.linalg.qr(A_np, mode="economic", pivoting=True)[2]
-    _assert_same_pivots(A_np, perm.numpy(), perm_ref, rank, near_tie=1e-3)
+    assert_same_pivots(A_np, perm.numpy(), perm_ref, rank, near_tie=1e-3)
     if case == "zero":
         assert not set(lead.tolist()) & {0, 5, 6, 23}
     if case == "duplicate":
@@ -180,7 +143,7 @@ def test_pivoted_qr_rank_deficient(rng: np.random.Generator, case: str, dtype) -
 @pytest.mark.parametrize("shape", [(70, 40), (40, 90)])
 def test_pivoted_qr_truncated(rng: np.random.Generator, shape, dtype) -> None:
     A = torch.from_numpy(rng.standard_normal(shape).astype(NP_DTYPES[dtype]))
-    eps = _eps(dtype)
+    eps = machine_eps(dtype)
     full = pivoted_qr(A)
     for k in (1, 7, 32, 33, 39):
         res = pivoted_qr(A, k=k)
@@ -253,104 +216,11 @@ def test_pivoted_factorizations_on_cuda(rng: np.random.Generator, dtype) -> None
     Q, R, perm = pivoted_qr(A)
     assert Q.is_cuda and R.is_cuda and perm.is_cuda
     perm_ref = scipy.linalg.qr(A_np, mode="economic", pivoting=True)[2]
-    _assert_same_pivots(A_np, perm.cpu().numpy(), perm_ref, 96, near_tie=1e-3)
-    assert _relative_residual(A.cpu(), Q.cpu(), R.cpu(), perm.cpu()) <= 50 * _eps(dtype) * 13
+    assert_same_pivots(A_np, perm.cpu().numpy(), perm_ref, 96, near_tie=1e-3)
+    assert _relative_residual(A.cpu(), Q.cpu(), R.cpu(), perm.cpu()) <= 50 * machine_eps(dtype) * 13
     L, p, rank = pivoted_cholesky(A @ A.T)
     assert L.is_cuda and p.is_cuda and rank == 96
     assert torch.equal(p.cpu(), pivoted_cholesky((A @ A.T).cpu()).perm)
-
-
-# ----------------------------------------------------------------------------- pivoted Cholesky
-
-
-@pytest.mark.parametrize("shape", [(40, 60), (100, 200), (64, 64)])
-def test_pivoted_cholesky_pivots_equal_qrcp_of_xt(rng: np.random.Generator, shape) -> None:
-    n, K = shape
-    X = rng.standard_normal((n, K))
-    G = torch.from_numpy(X @ X.T)
-    L, perm, rank = pivoted_cholesky(G)
-    assert rank == n and L.shape == (n, n)
-    perm_ref = scipy.linalg.qr(X.T, mode="economic", pivoting=True)[2]
-    _assert_same_pivots(X.T, perm.numpy(), perm_ref, n - 1, near_tie=1e-8)
-
-
-def test_pivoted_cholesky_rank_deficient_stops_at_rank(rng: np.random.Generator) -> None:
-    n, K = 300, 150  # stops inside the second panel
-    X = rng.standard_normal((n, K))
-    G = torch.from_numpy(X @ X.T)
-    L, perm, rank = pivoted_cholesky(G)
-    assert rank == K and L.shape == (n, K)
-    perm_ref = scipy.linalg.qr(X.T, mode="economic", pivoting=True)[2]
-    _assert_same_pivots(X.T, perm.numpy(), perm_ref, K, near_tie=1e-8)
-    Gp = G[perm[:, None], perm]
-    assert (Gp - L @ L.T).abs().max().item() <= 1e3 * n * _eps(torch.float64) * G.abs().max()
-    # a looser tolerance stops earlier, with a small Schur complement
-    L2, perm2, rank2 = pivoted_cholesky(G, rtol=0.3)
-    assert 0 < rank2 < K and torch.equal(perm2[:rank2], perm[:rank2])
-    S = G[perm2[:, None], perm2] - L2 @ L2.T
-    assert S[:rank2].abs().max().item() <= 1e-10 * G.abs().max()
-    assert S.diagonal()[rank2:].max().item() <= 0.3 * G.diagonal().max().item() * (1 + 1e-12)
-    assert S.diagonal()[rank2 - 1 :].max().item() <= L2[rank2 - 1, rank2 - 1].item() ** 2 * 1.001
-
-
-def test_pivoted_cholesky_accepts_round_off_asymmetry(generator: torch.Generator) -> None:
-    X = torch.randn(50, 80, generator=generator, dtype=torch.float32)
-    G = X @ X.T
-    G_asym = G + 1e-6 * G.abs().max() * torch.randn(50, 50, generator=generator).triu(1)
-    before = G_asym.clone()
-    L, perm, rank = pivoted_cholesky(G_asym)
-    assert torch.equal(G_asym, before)  # input untouched
-    assert rank == 50
-    sym = (G_asym + G_asym.T) / 2
-    err = (sym[perm[:, None], perm] - L @ L.T).abs().max() / G.abs().max()
-    assert err.item() <= 1e-5
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pivoted_cholesky_reconstruction(generator: torch.Generator, dtype) -> None:
-    n = 300  # more than one panel
-    X = torch.randn(n, 2 * n, generator=generator, dtype=torch.float64)
-    G = (X @ X.T).to(dtype)
-    L, perm, rank = pivoted_cholesky(G)
-    assert L.dtype == dtype and perm.dtype == torch.int64 and rank == n
-    assert torch.equal(torch.sort(perm).values, torch.arange(n))
-    assert torch.equal(L, L.tril()) and torch.all(L.diagonal() > 0)
-    d = L.diagonal()
-    assert torch.all(d[1:] <= d[:-1] * (1 + 1e-3))
-    Gp = G.double()[perm[:, None], perm]
-    err = (Gp - L.double() @ L.double().T).norm() / G.double().norm()
-    assert err.item() <= 50 * _eps(dtype) * math.sqrt(n)
-
-
-def test_pivoted_cholesky_truncated_and_nested(generator: torch.Generator) -> None:
-    n = 200
-    X = torch.randn(n, 150, generator=generator, dtype=torch.float64)
-    G = X @ X.T
-    full = pivoted_cholesky(G)
-    for k in (1, 37, 129, 150):
-        L, perm, rank = pivoted_cholesky(G, k)
-        assert rank == k and L.shape == (n, k)
-        assert torch.equal(perm[:k], full.perm[:k])
-        # the same columns of L, once the rows are put back in the original order
-        L_orig, L_full = torch.empty_like(L), torch.empty_like(full.L[:, :k])
-        L_orig[perm], L_full[full.perm] = L, full.L[:, :k]
-        assert torch.allclose(L_orig, L_full, atol=1e-10 * G.abs().max().item())
-        Gp = G[perm[:k, None], perm]
-        assert torch.allclose(Gp, (L @ L.T)[:k], atol=1e-10 * G.abs().max().item())
-        rest = perm[k:]
-        assert torch.equal(rest, torch.sort(rest).values)
-    empty = pivoted_cholesky(G, 0)
-    assert isinstance(empty, PivotedCholesky)
-    assert empty.rank == 0 and empty.L.shape == (n, 0)
-    assert torch.equal(empty.perm, torch.arange(n))
-
-
-def test_pivoted_cholesky_ties_go_to_lowest_index() -> None:
-    res = pivoted_cholesky(torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=torch.float64)))
-    assert res.perm.tolist() == [2, 0, 1, 3] and res.rank == 4
-    assert pivoted_cholesky(torch.eye(5)).perm.tolist() == list(range(5))
-    zero = pivoted_cholesky(torch.zeros(4, 4))
-    assert zero.rank == 0 and zero.L.shape == (4, 0) and zero.perm.tolist() == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -401,84 +271,3 @@ def test_pivoted_qr_without_q_gives_the_same_pivots_and_r() -> None:
     assert light.Q.shape == (40, 0)
     assert torch.equal(light.perm, full.perm)
     torch.testing.assert_close(light.R, full.R, rtol=0, atol=0)
-
-
-# ------------------------------------------------------------------ subset selection over a grid
-
-
-def _orthonormal_basis(rng: np.random.Generator, n: int, decay: float = 3.0) -> torch.Tensor:
-    """Eigenvectors (largest first) of the Gram matrix of features with decaying scales."""
-    X = rng.standard_normal((n, 3 * n)) * np.logspace(0, -decay, n)[:, None]
-    w, U = np.linalg.eigh(X @ X.T)
-    return torch.from_numpy(U[:, ::-1].copy())
-
-
-@pytest.mark.parametrize("n", [40, 97])
-def test_prefix_qr_pivots_match_lapack_at_every_rank(rng: np.random.Generator, n: int) -> None:
-    from lightning_neuronprune.selection import prefix_qr_pivots
-
-    U = _orthonormal_basis(rng, n)
-    ps = list(range(n - 1, 0, -3))
-    batched = prefix_qr_pivots(U, ps)
-    for p, piv in zip(ps, batched, strict=True):
-        A_np = np.ascontiguousarray(U[:, :p].T.numpy())
-        ref = scipy.linalg.qr(A_np, mode="r", pivoting=True)[1]
-        assert piv.dtype == torch.int64 and piv.shape == (p,)
-        _assert_same_pivots(A_np, piv.numpy(), ref, p, near_tie=1e-9)
-        assert set(piv.tolist()) == set(ref[:p].tolist()), f"kept set differs at p={p}"
-
-
-def test_prefix_qr_pivots_batched_equals_one_by_one(rng: np.random.Generator) -> None:
-    from lightning_neuronprune.selection import prefix_qr_pivots
-
-    U = _orthonormal_basis(rng, 60)
-    ps = [59, 7, 30, 1, 30, 44]  # any order, repeats allowed
-    together = prefix_qr_pivots(U, ps)
-    for p, piv in zip(ps, together, strict=True):
-        alone = prefix_qr_pivots(U, [p])[0]
-        assert torch.equal(piv, alone)
-        assert torch.equal(piv, pivoted_qr(U[:, :p].T, k=p, compute_q=False).perm[:p])
-    # chunks forced by a tiny memory bound give the same pivots
-    small = prefix_qr_pivots(U, ps, max_bytes=1)
-    assert all(torch.equal(a, b) for a, b in zip(small, together, strict=True))
-
-
-def test_prefix_qr_pivots_float32_and_validation(rng: np.random.Generator) -> None:
-    from lightning_neuronprune.selection import prefix_qr_pivots
-
-    U = _orthonormal_basis(rng, 30, decay=1.0)
-    piv32 = prefix_qr_pivots(U.float(), [10, 20])
-    piv64 = prefix_qr_pivots(U, [10, 20])
-    for a, b in zip(piv32, piv64, strict=True):
-        assert set(a.tolist()) == set(b.tolist())
-    assert prefix_qr_pivots(U, []) == []
-    with pytest.raises(ValueError, match=r"ranks `ps` must be integers in \[1, 30\].*got 31"):
-        prefix_qr_pivots(U, [31])
-    with pytest.raises(ValueError, match="got 0"):
-        prefix_qr_pivots(U, [0])
-    with pytest.raises(ValueError, match="got True"):
-        prefix_qr_pivots(U, [True])
-    with pytest.raises(ValueError, match="finite"):
-        prefix_qr_pivots(torch.full((4, 2), float("nan")), [1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_pivots_across_panels_and_rank_stop(rng: np.random.Generator) -> None:
-    """The CUDA-graph path over several panels (k > 128) and with a stop at the rank."""
-    X = torch.from_numpy(_low_rank(rng, 300, 400, 210))  # rank 210 < n = 300
-    G = X @ X.T
-    host = pivoted_cholesky(G)
-    dev = pivoted_cholesky(G.cuda())
-    assert dev.rank == host.rank == 210
-    assert torch.equal(dev.perm.cpu(), host.perm)
-    torch.testing.assert_close(dev.L.cpu(), host.L, atol=1e-8, rtol=1e-8)
-    A_np = rng.standard_normal((260, 300))
-    perm_ref = scipy.linalg.qr(A_np, mode="economic", pivoting=True)[2]
-    Q, R, perm = pivoted_qr(torch.from_numpy(A_np).cuda(), k=200)
-    _assert_same_pivots(A_np, perm.cpu().numpy(), perm_ref, 200, near_tie=1e-9)
-    from lightning_neuronprune.selection import prefix_qr_pivots
-
-    U = _orthonormal_basis(rng, 200)
-    ps = [199, 150, 60, 3]
-    for a, b in zip(prefix_qr_pivots(U.cuda(), ps), prefix_qr_pivots(U, ps), strict=True):
-        assert torch.equal(a.cpu(), b)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from lapack_reference import assert_same_pivots, orthonormal_basis
 
+from lightning_neuronprune.linalg import pivoted_qr
 from lightning_neuronprune.selection import (
     nested_order,
     numerical_rank,
+    prefix_qr_pivots,
     select_neurons,
     spectrum,
 )
@@ -55,3 +59,52 @@ def test_numerical_rank(generator: torch.Generator) -> None:
 def test_refusals(generator: torch.Generator, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         select_neurons(_stats(generator), **kwargs)
+
+
+# ------------------------------------------------------------------ subset selection over a grid
+
+
+@pytest.mark.usefixtures("pivots_on")
+@pytest.mark.parametrize("n", [40, 97])
+def test_prefix_qr_pivots_match_lapack_at_every_rank(rng: np.random.Generator, n: int) -> None:
+    U = orthonormal_basis(rng, n)
+    ps = list(range(n - 1, 0, -3))
+    batched = prefix_qr_pivots(U, ps)
+    for p, piv in zip(ps, batched, strict=True):
+        A_np = np.ascontiguousarray(U[:, :p].T.numpy())
+        ref = scipy.linalg.qr(A_np, mode="r", pivoting=True)[1]
+        assert piv.dtype == torch.int64 and piv.shape == (p,)
+        assert_same_pivots(A_np, piv.numpy(), ref, p, near_tie=1e-9)
+        assert set(piv.tolist()) == set(ref[:p].tolist()), f"kept set differs at p={p}"
+
+
+@pytest.mark.usefixtures("pivots_on")
+def test_prefix_qr_pivots_batched_equals_one_by_one(rng: np.random.Generator) -> None:
+    U = orthonormal_basis(rng, 60)
+    ps = [59, 7, 30, 1, 30, 44]  # any order, repeats allowed
+    together = prefix_qr_pivots(U, ps)
+    for p, piv in zip(ps, together, strict=True):
+        alone = prefix_qr_pivots(U, [p])[0]
+        assert torch.equal(piv, alone)
+        assert torch.equal(piv, pivoted_qr(U[:, :p].T, k=p, compute_q=False).perm[:p])
+    # chunks forced by a tiny memory bound give the same pivots
+    small = prefix_qr_pivots(U, ps, max_bytes=1)
+    assert all(torch.equal(a, b) for a, b in zip(small, together, strict=True))
+
+
+@pytest.mark.usefixtures("pivots_on")
+def test_prefix_qr_pivots_float32_and_validation(rng: np.random.Generator) -> None:
+    U = orthonormal_basis(rng, 30, decay=1.0)
+    piv32 = prefix_qr_pivots(U.float(), [10, 20])
+    piv64 = prefix_qr_pivots(U, [10, 20])
+    for a, b in zip(piv32, piv64, strict=True):
+        assert set(a.tolist()) == set(b.tolist())
+    assert prefix_qr_pivots(U, []) == []
+    with pytest.raises(ValueError, match=r"ranks `ps` must be integers in \[1, 30\].*got 31"):
+        prefix_qr_pivots(U, [31])
+    with pytest.raises(ValueError, match="got 0"):
+        prefix_qr_pivots(U, [0])
+    with pytest.raises(ValueError, match="got True"):
+        prefix_qr_pivots(U, [True])
+    with pytest.raises(ValueError, match="finite"):
+        prefix_qr_pivots(torch.full((4, 2), float("nan")), [1])
