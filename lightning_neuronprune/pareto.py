@@ -35,18 +35,25 @@ P = TypeVar("P", bound=Point)
 def choose(points: Iterable[P], max_accuracy_drop: float) -> P | None:
     """The lowest-energy point whose accuracy drop is within ``max_accuracy_drop``.
 
-    Ties in energy go to the higher accuracy. Returns ``None`` when no point qualifies.
+    Ties in energy go to the smaller drop (the better metric, in its own direction: the higher
+    accuracy, or the lower loss), exact ties to the first point listed. Returns ``None`` when no
+    point qualifies.
     """
     ok = [pt for pt in points if pt.accuracy_drop <= max_accuracy_drop]
     if not ok:
         return None
-    return min(ok, key=lambda pt: (pt.energy.total, -pt.accuracy))
+    return min(ok, key=lambda pt: (pt.energy.total, pt.accuracy_drop))
 
 
 def pareto_front(points: Iterable[P]) -> list[P]:
-    """The points not dominated in (lower energy, higher accuracy), by increasing energy."""
+    """The points not dominated in (lower energy, smaller accuracy drop), by increasing energy.
+
+    The drop, not the raw metric, ranks the points, so that a loss (``higher_is_better=False``,
+    where the drop is the increase) is ranked the right way round. Of points equal in both, the
+    first one listed is kept.
+    """
     front: list[P] = []
-    for pt in sorted(points, key=lambda q: (q.energy.total, -q.accuracy)):
-        if not front or pt.accuracy > front[-1].accuracy:
+    for pt in sorted(points, key=lambda q: (q.energy.total, q.accuracy_drop)):
+        if not front or pt.accuracy_drop < front[-1].accuracy_drop:
             front.append(pt)
     return front
