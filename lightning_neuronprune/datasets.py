@@ -6,8 +6,10 @@ No network is touched unless ``download=True`` is passed explicitly.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +37,34 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzipped or not) into a numpy array.
 
     Raises:
-        ValueError: the file is not a valid IDX file.
+        ValueError: the file is not a valid IDX file: a bad magic number, a truncated header,
+            data that do not fill the shape of its header exactly, or a broken gzip stream.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{str(path)!r} is not a valid gzip file ({err})") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{str(path)!r} is not an IDX file (magic bytes {data[:4]!r})")
     ndim = data[3]
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise ValueError(
+            f"{str(path)!r} is truncated: its header announces {ndim} dimensions, {offset} bytes "
+            f"of header, but the file holds only {len(data)} bytes"
+        )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{str(path)!r} holds {array.size} values, but its header says {shape}")
-    return array.reshape(shape)
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ValueError(
+            f"{str(path)!r} holds {len(data) - offset} bytes of data, but its header says "
+            f"{shape} values of {dtype.str}: {expected} bytes"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
 def _find(root: Path, stem: str, download: bool) -> Path:
