@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,16 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_neuronprune import ReducedCheckpointMixin
+from lightning_neuronprune import (
+    EnergyModel,
+    ReducedCheckpointMixin,
+    collect_statistics,
+    find_junction,
+)
+from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.statistics import JunctionStatistics
 
 
 def tiny_trainer(
@@ -144,3 +153,45 @@ class LitTinyBert(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def trained_joint_search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
+    """A LitMLP trained 4 epochs on blobs, and a JointSearch over its three junctions."""
+    pl.seed_everything(seed, verbose=False)
+    model = LitMLP()
+    dm = BlobsData()
+    pl.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, datamodule=dm)  # fmt: skip
+    junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
+    stats = collect_statistics(model, [j.consumer for j in junctions], dm.train_dataloader())
+    search = JointSearch(
+        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"),
+        EnergyModel(),
+        dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
+    )  # fmt: skip
+    return model, search, junctions
+
+
+def val_accuracy(model: nn.Module) -> float:
+    """Accuracy on BlobsData's validation set, by one full forward pass."""
+    dm = BlobsData()
+    dm.setup()
+    x, y = dm.val_set.tensors
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def holds_statistics(point: JointPoint) -> bool:
+    """Whether a result holds statistics or tensors anywhere in its fields."""
+    stack: list[Any] = [getattr(point, f.name) for f in dataclasses.fields(point)]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (torch.Tensor, JunctionStatistics)):
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return False

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, tiny_trainer
+from lit_models import BlobsData, LitMLP, holds_statistics, tiny_trainer, val_accuracy
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -26,9 +24,8 @@ from lightning_neuronprune import (
     load_reduced,
     read_plan,
 )
-from lightning_neuronprune.joint import JointPoint, JointSearch
+from lightning_neuronprune.joint import JointSearch
 from lightning_neuronprune.pareto import pareto_front
-from lightning_neuronprune.statistics import JunctionStatistics
 
 
 def _duplicate_rows(layer: nn.Linear, rank: int) -> None:
@@ -108,76 +105,6 @@ class _Agreement(Metric):
         return 1.0 - self.err / self.n
 
 
-def _search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
-    pl.seed_everything(seed, verbose=False)
-    model = LitMLP()
-    dm = BlobsData()
-    pl.Trainer(
-        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, datamodule=dm)  # fmt: skip
-    junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
-    stats = collect_statistics(model, [j.consumer for j in junctions], dm.train_dataloader())
-    search = JointSearch(
-        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"),
-        EnergyModel(),
-        dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
-    )  # fmt: skip
-    return model, search, junctions
-
-
-def _val_accuracy(model: nn.Module) -> float:
-    dm = BlobsData()
-    dm.setup()
-    x, y = dm.val_set.tensors
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-@pytest.mark.parametrize("strategy", ["greedy", "sequential"])
-def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> None:
-    model, search, junctions = _search()
-    budget = 0.03
-    points = search.greedy(budget) if strategy == "greedy" else search.sequential(budget)
-    assert points and {pt.strategy for pt in points} <= {"greedy", "greedy+refit", "sequential"}
-    within = [pt for pt in points if pt.accuracy_drop <= budget]
-    best = min(within, key=lambda pt: pt.energy.total)
-    assert best.energy_ratio > 1.5
-    applied = copy.deepcopy(model)
-    search.apply(applied, best)
-    assert not any(_holds_statistics(pt) for pt in points)
-    # The applied model scores on the evaluation set exactly what the search measured.
-    assert _val_accuracy(applied) == pytest.approx(best.accuracy, abs=1e-6)
-    assert search.baseline.accuracy - _val_accuracy(applied) <= budget + 1e-9
-    assert len(read_plan(applied)) == sum(
-        p < n for p, n in zip(best.config.values(), (12, 24, 16), strict=True)
-    )
-
-
-def test_pareto_front_is_not_dominated() -> None:
-    _, search, _ = _search()
-    points = search.greedy(0.05)
-    front = pareto_front(points)
-    for f in front:
-        for q in points:
-            dominated = (
-                q.energy.total <= f.energy.total
-                and q.accuracy >= f.accuracy
-                and (q.energy.total < f.energy.total or q.accuracy > f.accuracy)
-            )
-            assert not dominated, (f.label, q.label)
-    energies = [f.energy.total for f in front]
-    assert energies == sorted(energies)
-
-
-def test_sequential_rejects_bad_order_and_shares() -> None:
-    _, search, _ = _search()
-    with pytest.raises(ValueError, match="`order` must be a permutation"):
-        search.sequential(0.02, order=["net.0"])
-    with pytest.raises(ValueError, match="`shares` must be 3 non-negative numbers"):
-        search.sequential(0.02, shares=[1.0, -1.0, 1.0])
-
-
 _trainer = tiny_trainer
 
 
@@ -199,7 +126,7 @@ def test_callback_joint_search_applies_from_the_joint_front(tmp_path: Path, seed
     within = [pt for pt in everything if pt.accuracy_drop <= 0.03]
     assert callback.chosen.energy.total == min(pt.energy.total for pt in within)
     assert callback.chosen in pareto_front(everything)
-    assert _val_accuracy(model) == pytest.approx(callback.chosen.accuracy, abs=1e-6)
+    assert val_accuracy(model) == pytest.approx(callback.chosen.accuracy, abs=1e-6)
     report = json.loads(Path(callback.report_paths[0]).read_text())
     assert len(report["joint"]) == len(callback.joint_points) and report["joint_front"]
 
@@ -249,14 +176,14 @@ def test_fine_tune_then_checkpoint_and_reload(tmp_path: Path, seed: int) -> None
     _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert callback.applied
-    before = _val_accuracy(model)
+    before = val_accuracy(model)
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _trainer(tmp_path, [checkpoint], max_epochs=2, enable_checkpointing=True).fit(
         model, datamodule=BlobsData()
     )
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
-    assert _val_accuracy(model) >= before - 0.02
+    assert val_accuracy(model) >= before - 0.02
     reloaded = load_reduced(LitMLP(), tmp_path / "ckpt" / "last.ckpt")
     dm = BlobsData()
     dm.setup()
@@ -279,24 +206,10 @@ def test_joint_report_lists_only_changed_layers(tmp_path: Path, seed: int) -> No
     assert model.net[2].out_features == callback.applied.get("net.2", 16)
 
 
-def _holds_statistics(point: JointPoint) -> bool:
-    """Whether a result holds statistics or tensors anywhere in its fields."""
-    stack: list[Any] = [getattr(point, f.name) for f in dataclasses.fields(point)]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, (torch.Tensor, JunctionStatistics)):
-            return True
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
-    return False
-
-
 def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"], ranks=4, joint="sequential", verbose=False
     )
     _trainer(tmp_path, [callback]).fit(LitMLP(), datamodule=BlobsData())
     assert callback.joint_points
-    assert not any(_holds_statistics(pt) for pt in callback.joint_points)
+    assert not any(holds_statistics(pt) for pt in callback.joint_points)
