@@ -88,13 +88,11 @@ class NeuronEliminationCallback(pl.Callback):
     every ``Trainer(precision=...)`` works; the statistics are accumulated in float64 and the
     reduced layers keep the model's dtype.
 
-    Checkpoints: in ``setup`` the callback makes the LightningModule's ``load_state_dict`` rebuild
-    reduced shapes from a checkpoint's plan first, so ``trainer.fit/validate/test/predict(
-    ckpt_path=<reduced checkpoint>)`` work on a fresh instance (optimizer state included).
-    ``trainer.test(ckpt_path="best")`` after a reduction refuses with a
-    :class:`~lightning_neuronprune.errors.CheckpointMismatchError` that names the reduced
-    checkpoint to pass instead: "best" and "last" are ``ModelCheckpoint``'s checkpoints, written
-    before the reduction. See :mod:`~lightning_neuronprune.persistence`.
+    Checkpoints: ``trainer.fit/validate/test/predict(ckpt_path=<reduced checkpoint>)`` work on a
+    fresh instance (``setup`` makes ``load_state_dict`` rebuild the reduced shapes first), and
+    ``ckpt_path="best"`` after a reduction refuses with a
+    :class:`~lightning_neuronprune.errors.CheckpointMismatchError` naming the reduced checkpoint
+    (see :mod:`~lightning_neuronprune.persistence`).
 
     Work runs in ``on_train_end``, while the model is still on the training device and the
     process group is alive. Every rank performs the same reduction; only rank zero reports.
@@ -328,10 +326,14 @@ class NeuronEliminationCallback(pl.Callback):
 
     # --------------------------------------------------------------- helpers
 
-    def _resolve_junctions(self, pl_module: pl.LightningModule, example: Any = None) -> Targets:
-        """The targets, found by the probe on ``example``. Without one (before training), by
-        tracing only, to refuse early what tracing refuses; what tracing cannot decide waits for
-        the probe (see :func:`~lightning_neuronprune.validation.check_against_targets`)."""
+    def _resolve_junctions(
+        self, pl_module: pl.LightningModule, example: Any = None, trainer: pl.Trainer | None = None
+    ) -> Targets:
+        """The targets, found by the probe on ``example``: rank zero's junctions on every rank
+        (each rank probes its own batch; the surgery must be the same everywhere). Without an
+        example (before training), by tracing only, to refuse early what tracing refuses; what
+        tracing cannot decide waits for the probe (see
+        :func:`~lightning_neuronprune.validation.check_against_targets`)."""
         if example is None:
             targets = traced_targets(pl_module, self.targets)
         else:
@@ -339,6 +341,8 @@ class NeuronEliminationCallback(pl.Callback):
             targets = resolve_targets(
                 pl_module, self.targets, example=example, forward_context=context
             )
+            if trainer is not None:
+                targets = Targets(trainer.strategy.broadcast(list(targets)))
         try:
             s = self.settings
             self._joint_layers = check_against_targets(
@@ -367,12 +371,14 @@ class NeuronEliminationCallback(pl.Callback):
         if self.weights == "best":
             self.source_checkpoint_path = load_best(trainer, pl_module)
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
-        example = first_input(
-            train_loader, self.probe_samples, device, input_fn=self.input_fn, transfer=io.transfer
-        )
-        junctions = self._resolve_junctions(pl_module, example)
+        adapt = {"input_fn": self.input_fn, "transfer": io.transfer}
+        example = first_input(train_loader, self.probe_samples, device, **adapt)
+        junctions = self._resolve_junctions(pl_module, example, trainer)
         stats = self._collect(pl_module, junctions, train_loader, io)
-        example = self._example(trainer, eval_loader, io)
+        if self.example_input is None:
+            example = first_input(eval_loader, 1, device, **adapt)
+        else:
+            example = trainer.precision_plugin.convert_input(to_device(self.example_input, device))
         metric = self._metric(pl_module, example, device)
         settings = dataclasses.replace(self.settings, joint_order=self._joint_layers)
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
@@ -417,12 +423,6 @@ class NeuronEliminationCallback(pl.Callback):
                 device=io.device, progress=bar.update, input_fn=io.input_fn, mask_fn=io.mask_fn,
                 **io.forward_kwargs(),
             )  # fmt: skip
-
-    def _example(self, trainer: pl.Trainer, loader: Iterable[Any], io: ModelIO) -> Any:
-        if self.example_input is not None:
-            convert = trainer.precision_plugin.convert_input
-            return convert(to_device(self.example_input, io.device))
-        return first_input(loader, 1, io.device, input_fn=self.input_fn, transfer=io.transfer)
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
         if self.metric is not None:

@@ -409,3 +409,26 @@ def test_explicit_target_consumer_pairs(tmp_path: Path, seed: int) -> None:
         NeuronEliminationCallback(probe_samples=0)
     with pytest.raises(MisconfigurationException, match="`mask_fn` must be callable"):
         NeuronEliminationCallback(mask_fn="attention_mask")
+
+
+def test_every_rank_reduces_rank_zeros_junctions(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank probes its own first batch; the junctions used are the broadcast ones."""
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=[0.5], joint=None, apply=None, verbose=False
+    )
+    trainer = _trainer(tmp_path, callback, max_epochs=1)
+    broadcast = trainer.strategy.broadcast
+    sent: list[Any] = []
+
+    def rank_zero_found_one(obj: Any, src: int = 0) -> Any:
+        if isinstance(obj, list) and obj and all(hasattr(j, "consumer") for j in obj):
+            sent.append([j.layer for j in obj])
+            return obj[:1]  # what rank zero's probe found, if it differed from this rank's
+        return broadcast(obj, src)
+
+    monkeypatch.setattr(trainer.strategy, "broadcast", rank_zero_found_one)
+    trainer.fit(LitMLP(), datamodule=BlobsData())
+    assert sent == [["net.0", "net.2"]]
+    assert set(callback.points) == {"net.0"}
