@@ -15,6 +15,15 @@ MNIST_DIR = Path(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch/BLAS thread for the suite and the scripts it runs. Its tensors are small, so a
+    second thread only adds overhead; and on a shared 2-core machine whose other core is busy,
+    torch's two-thread pool is pathologically slow: test_mnist_lenet300100_fc1_to_60_neurons took
+    16.8 s with one thread and 171 s with two while a benchmark ran on the other core."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the example and benchmark runs
+
+
 @pytest.fixture
 def seed() -> int:
     torch.manual_seed(0)
