@@ -227,6 +227,25 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
             if best_joint is None or best.energy.total < best_joint.energy.total:
                 best_joint = best
 
+    # compensated refits against the plain greedy fit of the same configuration
+    plain = {tuple(pt.config.items()): pt for pt in all_joint if pt.strategy == "greedy"}
+    compensation = []
+    for comp in all_joint:
+        same = plain.get(tuple(comp.config.items()))
+        if comp.strategy != "greedy+compensated" or same is None:
+            continue
+        compensation.append(
+            {
+                "configuration": comp.label,
+                "energy_ratio": comp.energy_ratio,
+                "search_drop_points": (100 * same.accuracy_drop, 100 * comp.accuracy_drop),
+                "test_drop_points": (
+                    100 * (base_test - test_acc(same)),
+                    100 * (base_test - test_acc(comp)),
+                ),
+            }
+        )
+
     finetune = None
     if best_joint is not None and args.finetune_epochs > 0:
         reduced = copy.deepcopy(model)
@@ -275,6 +294,7 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
         "evaluated": len(all_joint),
         "timings_s": timings,
         "finetune": finetune,
+        "compensation": compensation,
         "energy_ceiling": ceiling,
         "figure": str(figure_path) if figure_path else None,
         "wall_s": time.perf_counter() - started,
@@ -333,6 +353,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"epoch(s) at lr 1e-4: test accuracy {f['test_before']:.2f}% → {f['test_after']:.2f}% "
             f"(unreduced: {f['baseline']:.2f}%).",
         ]
+    if result.get("compensation"):
+        lines += [
+            "",
+            "Compensating refits at equal configurations (plain greedy fit → compensated fit):",
+            "",
+            "| configuration | energy ratio | search drop | test drop |",
+            "|---|---|---|---|",
+        ]
+        for c in result["compensation"]:
+            (s0, s1), (t0, t1) = c["search_drop_points"], c["test_drop_points"]
+            lines.append(
+                f"| {c['configuration']} | {c['energy_ratio']:.2f}× | {s0:.2f} → {s1:.2f} | "
+                f"{t0:.2f} → {t1:.2f} |"
+            )
     timings = ", ".join(f"{k}: {v:.0f} s" for k, v in result["timings_s"].items())
     lines += ["", f"Strategy wall times: {timings}.", ""]
     return "\n".join(lines)
