@@ -155,13 +155,15 @@ class LitTinyBert(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-def trained_joint_search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
-    """A LitMLP trained 4 epochs on blobs, and a JointSearch over its three junctions."""
+def trained_joint_search(
+    seed: int = 0, epochs: int = 4, method: str = "svd_qr"
+) -> tuple[LitMLP, JointSearch, list]:
+    """A LitMLP trained on blobs, and a JointSearch over its three junctions (grid step 3)."""
     pl.seed_everything(seed, verbose=False)
     model = LitMLP()
     dm = BlobsData()
     pl.Trainer(
-        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     ).fit(model, datamodule=dm)  # fmt: skip
     junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
@@ -169,7 +171,7 @@ def trained_joint_search(seed: int = 0) -> tuple[LitMLP, JointSearch, list]:
     search = JointSearch(
         model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"),
         EnergyModel(),
-        dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
+        dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3, method=method,
     )  # fmt: skip
     return model, search, junctions
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP
+from lit_models import trained_joint_search, val_accuracy
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
+from lightning_neuronprune import collect_statistics, find_junction
 from lightning_neuronprune.compensation import (
     collect_cross_statistics,
     compensate_junction,
@@ -19,7 +17,6 @@ from lightning_neuronprune.compensation import (
 )
 from lightning_neuronprune.elimination import reduce_junction
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.joint import JointSearch
 from lightning_neuronprune.selection import output_order
 
 
@@ -93,31 +90,14 @@ def test_cross_statistics_refuse_mismatched_consumers(generator: torch.Generator
 
 @pytest.mark.parametrize("method", ["output", "svd_qr"])
 def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None:
-    pl.seed_everything(seed, verbose=False)
-    model = LitMLP()
-    dm = BlobsData()
-    pl.Trainer(
-        max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, datamodule=dm)  # fmt: skip
-    junctions = [find_junction(model, t) for t in ("net.0:in", "net.0", "net.2")]
-    stats = collect_statistics(model, [j.consumer for j in junctions], dm.train_dataloader())
-    search = JointSearch(
-        model, junctions, stats, dm.val_dataloader(), MulticlassAccuracy(4, average="micro"),
-        EnergyModel(), dm.val_set.tensors[0][:1], train_data=dm.train_dataloader(), ranks=3,
-        method=method,
-    )  # fmt: skip
+    model, search, junctions = trained_joint_search(seed, epochs=3, method=method)
     points = search.greedy(0.02, compensate=True, slack=0.05)
     compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
     assert compensated and all(search._fitted[id(pt)][2] for pt in compensated)
-    x, y = dm.val_set.tensors
     for pt in compensated[:2]:
         applied = copy.deepcopy(model)
         search.apply(applied, pt)
-        applied.eval()
-        with torch.no_grad():
-            acc = (applied(x).argmax(1) == y).float().mean().item()
-        assert acc == pytest.approx(pt.accuracy, abs=1e-6)
+        assert val_accuracy(applied.eval()) == pytest.approx(pt.accuracy, abs=1e-6)
         if method != "output":
             assert pt.kept == search.evaluate(pt.config).kept
     with pytest.raises(ValueError, match="`slack` must be non-negative"):
