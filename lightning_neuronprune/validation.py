@@ -90,7 +90,8 @@ def check_arguments(
         raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}")
     if energy_model is not None and not isinstance(energy_model, EnergyModel):
         raise ValueError(
-            f"`energy_model` must be an EnergyModel, got {type(energy_model).__name__}"
+            f"`energy_model` must be an EnergyModel, got {type(energy_model).__name__} "
+            f"{energy_model!r}"
         )
     if isinstance(apply, Mapping):
         bad = {k: v for k, v in apply.items() if not isinstance(k, str) or not _is_int(v) or v < 1}
@@ -215,28 +216,25 @@ def check_confirmation(
         ValueError: naming the argument (in backticks) and the bad value.
     """
 
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
     if confirm_fraction is not None and not (
-        number(confirm_fraction) and 0 <= confirm_fraction < 1
+        _is_real(confirm_fraction) and 0 <= confirm_fraction < 1
     ):
         raise ValueError(
             f"`confirm_fraction` must be None or a fraction in [0, 1), got {confirm_fraction!r}"
         )
-    if not (number(confirm_margin) and 0 <= confirm_margin <= max_accuracy_drop):
+    if not (_is_real(confirm_margin) and 0 <= confirm_margin <= max_accuracy_drop):
         raise ValueError(
             f"`confirm_margin` must be a number in [0, max_accuracy_drop={max_accuracy_drop}], "
             f"got {confirm_margin!r}"
         )
     if confirm_confidence is not None and not (
-        number(confirm_confidence) and 0 < confirm_confidence < 1
+        _is_real(confirm_confidence) and 0 < confirm_confidence < 1
     ):
         raise ValueError(
             f"`confirm_confidence` must be None or a level in (0, 1), got {confirm_confidence!r}"
         )
     for name, value in (("confirm_chunk", confirm_chunk), ("confirm_max_tries", confirm_max_tries)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
 
 

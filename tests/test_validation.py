@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -119,7 +120,8 @@ def test_check_arguments_refuses_duplicate_names() -> None:
 
 
 def test_check_arguments_refuses_a_non_energy_model() -> None:
-    with pytest.raises(ValueError, match="`energy_model` must be an EnergyModel, got dict"):
+    message = r"`energy_model` must be an EnergyModel, got dict \{'mac'"
+    with pytest.raises(ValueError, match=message):
         check_arguments(**_arguments(energy_model={"mac": 4.6e-12}))
 
 
@@ -312,6 +314,9 @@ def test_check_confirmation_margin_message_gives_the_budget() -> None:
         {"confirm_margin": 0.02},  # equal to the budget
         {"confirm_confidence": None},
         {"confirm_chunk": 1, "confirm_max_tries": 1},
+        # numpy scalars, as `max_accuracy_drop` accepts them
+        {"confirm_fraction": np.float32(0.25), "confirm_margin": np.float64(0.01)},
+        {"confirm_confidence": np.float64(0.9), "confirm_chunk": np.int64(50)},
     ],
 )
 def test_check_confirmation_accepts(changes: dict[str, Any]) -> None:
