@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP
+from lit_models import BlobsData, LitMLP, tiny_trainer
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
@@ -146,11 +146,7 @@ def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed:
     model = LitMLP()
     data = _HardHeldOut(n_val=512)
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = pl.Trainer(
-        max_epochs=4, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, logger=logger,
-        callbacks=[callback],
-    )  # fmt: skip
+    trainer = tiny_trainer(tmp_path, callback, logger=logger)
     snapshot: dict[str, torch.Tensor] = {}
 
     class Keep(pl.Callback):
@@ -199,11 +195,7 @@ def test_callback_without_confirmation_uses_all_eval_data(tmp_path: Path, seed: 
     callback = NeuronEliminationCallback(
         targets=["net.0"], ranks="all", joint=None, confirm_fraction=None, verbose=False
     )
-    trainer = pl.Trainer(
-        max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, logger=False,
-        callbacks=[callback],
-    )  # fmt: skip
+    trainer = tiny_trainer(tmp_path, callback, max_epochs=2)
     trainer.fit(LitMLP(), datamodule=BlobsData())
     assert callback.confirmations == []
 
@@ -278,11 +270,7 @@ def test_callback_confidence_bound_is_reported(tmp_path: Path, seed: int) -> Non
         targets=["net.0"], ranks="all", joint=None, confirm_confidence=0.9, confirm_chunk=32,
         verbose=False,
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, logger=False,
-        callbacks=[callback],
-    )  # fmt: skip
+    trainer = tiny_trainer(tmp_path, callback, max_epochs=2)
     trainer.fit(LitMLP(), datamodule=BlobsData())
     assert callback.confirmations
     for c in callback.confirmations:
