@@ -31,18 +31,17 @@ The MNIST IDX files are read from ``--data-dir`` (default: ``$NEURONPRUNE_MNIST_
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from _common import KeepUnreduced, default_data_dir
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_reduced
-from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
+from lightning_neuronprune.datasets import MNISTDataModule, has_mnist
 from lightning_neuronprune.joint import JointPoint
 from lightning_neuronprune.joint_strategies import STRATEGIES
 from lightning_neuronprune.models import LitClassifier
@@ -55,23 +54,6 @@ DEFAULT_TARGETS = {
     "lenet5": ["net.fc1", "net.fc1:in"],
 }
 DEFAULT_EPOCHS = {"lenet300100": 5, "lenet5": 2}
-
-
-def default_data_dir() -> str:
-    """``$NEURONPRUNE_MNIST_DIR`` if set, else ``../shared/data/mnist`` relative to the working
-    directory, or, when that does not exist, relative to the repository root."""
-    if os.environ.get("NEURONPRUNE_MNIST_DIR"):
-        return os.environ["NEURONPRUNE_MNIST_DIR"]
-    relative = Path("..", "shared", "data", "mnist")
-    beside_repo = (Path(__file__).resolve().parents[1] / relative).resolve()
-    return str(relative if relative.is_dir() or not beside_repo.is_dir() else beside_repo)
-
-
-def _has_mnist(data_dir: str) -> bool:
-    return all(
-        (Path(data_dir) / stem).is_file() or (Path(data_dir) / f"{stem}.gz").is_file()
-        for stem in MNIST_FILES.values()
-    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,22 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--confirm-fraction must lie in [0, 1), got {args.confirm_fraction}")
     if args.limit_train is not None and args.limit_train < 1:
         parser.error(f"--limit-train must be positive, got {args.limit_train}")
-    if not args.download and not _has_mnist(args.data_dir):
+    if not args.download and not has_mnist(args.data_dir):
         parser.error(
             f"the MNIST IDX files are not in {args.data_dir!r}: pass --data-dir, set "
             "NEURONPRUNE_MNIST_DIR, or add --download (needs internet)"
         )
     return args
-
-
-class _KeepUnreduced(pl.Callback):
-    """Snapshot the trained weights in ``on_train_end``, before the elimination callback runs."""
-
-    def __init__(self) -> None:
-        self.state_dict: dict[str, torch.Tensor] | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.state_dict = copy.deepcopy(pl_module.state_dict())
 
 
 def summary_table(
@@ -222,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     model = LitClassifier(args.arch, lr=args.lr, epochs=args.epochs)
     tb_logger = TensorBoardLogger(args.log_dir, name=f"mnist_{args.arch}")
-    snapshot = _KeepUnreduced()
+    snapshot = KeepUnreduced()
     pruner = NeuronEliminationCallback(
         targets=args.targets,
         max_accuracy_drop=args.max_accuracy_drop,

@@ -23,30 +23,18 @@ The MNIST IDX files are read from ``--data-dir`` (default: ``$NEURONPRUNE_MNIST_
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from _common import KeepUnreduced, default_data_dir
 from torch.utils.data import DataLoader
 
 from lightning_neuronprune import NeuronEliminationCallback
-from lightning_neuronprune.datasets import MNIST_FILES, MNISTDataModule
+from lightning_neuronprune.datasets import MNISTDataModule, has_mnist
 from lightning_neuronprune.joint_strategies import STRATEGIES
 from lightning_neuronprune.models import LitPatchTransformer, patch_mask
-
-
-def default_data_dir() -> str:
-    """``$NEURONPRUNE_MNIST_DIR`` if set, else ``../shared/data/mnist`` relative to the working
-    directory, or, when that does not exist, relative to the repository root."""
-    if os.environ.get("NEURONPRUNE_MNIST_DIR"):
-        return os.environ["NEURONPRUNE_MNIST_DIR"]
-    relative = Path("..", "shared", "data", "mnist")
-    beside_repo = (Path(__file__).resolve().parents[1] / relative).resolve()
-    return str(relative if relative.is_dir() or not beside_repo.is_dir() else beside_repo)
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -99,24 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    if not all(
-        (Path(args.data_dir) / s).is_file() or (Path(args.data_dir) / f"{s}.gz").is_file()
-        for s in MNIST_FILES.values()
-    ):
+    if not has_mnist(args.data_dir):
         parser.error(f"the MNIST IDX files are not in {args.data_dir!r}: pass --data-dir")
     if args.epochs < 1 or args.grid < 2 or args.depth < 1:
         parser.error("--epochs and --depth must be at least 1, --grid at least 2")
     return args
-
-
-class _KeepUnreduced(pl.Callback):
-    """Snapshot the trained weights in ``on_train_end``, before the elimination callback runs."""
-
-    def __init__(self) -> None:
-        self.state_dict: dict[str, torch.Tensor] | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.state_dict = copy.deepcopy(pl_module.state_dict())
 
 
 @torch.no_grad()
@@ -151,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     arch = {"depth": args.depth, "dim": args.dim, "hidden": args.hidden}
     model = LitPatchTransformer(lr=args.lr, epochs=args.epochs, **arch)
-    snapshot = _KeepUnreduced()
+    snapshot = KeepUnreduced()
     pruner = NeuronEliminationCallback(
         targets="auto",
         ranks=[k / args.grid for k in range(1, args.grid + 1)],

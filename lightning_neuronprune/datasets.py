@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["MNIST_FILES", "MNISTDataModule", "load_mnist", "read_idx"]
+__all__ = ["MNIST_FILES", "MNISTDataModule", "has_mnist", "load_mnist", "read_idx"]
 
 MNIST_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -67,10 +67,22 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
-def _find(root: Path, stem: str, download: bool) -> Path:
+def has_mnist(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` holds the four MNIST IDX files (each plain or ``.gz``)."""
+    return all(_local(Path(root), stem) is not None for stem in MNIST_FILES.values())
+
+
+def _local(root: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz"):
         if (root / name).is_file():
             return root / name
+    return None
+
+
+def _find(root: Path, stem: str, download: bool) -> Path:
+    found = _local(root, stem)
+    if found is not None:
+        return found
     if not download:
         raise FileNotFoundError(
             f"MNIST file {stem!r} (or {stem}.gz) not found in {str(root)!r}; pass a directory "

@@ -20,6 +20,7 @@ from lightning_neuronprune.datasets import (
     MNIST_MEAN,
     MNIST_STD,
     MNISTDataModule,
+    has_mnist,
     load_mnist,
     read_idx,
 )
@@ -201,6 +202,18 @@ def test_load_mnist_without_the_files_does_not_download(tmp_path: Path, no_netwo
     with pytest.raises(FileNotFoundError, match="download=True"):
         load_mnist(missing, "train")
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_has_mnist_needs_all_four_files_plain_or_gzipped(
+    tmp_path: Path, rng: np.random.Generator, gz: bool
+) -> None:
+    assert not has_mnist(tmp_path) and not has_mnist(tmp_path / "nowhere")
+    _mnist_like(tmp_path, rng, gz=gz)
+    assert has_mnist(tmp_path) and has_mnist(str(tmp_path))
+    stem = MNIST_FILES[("test", "labels")]
+    (tmp_path / (stem + ".gz" if gz else stem)).unlink()
+    assert not has_mnist(tmp_path)
 
 
 def test_load_mnist_refuses_an_unknown_split(tmp_path: Path) -> None:
