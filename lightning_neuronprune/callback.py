@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -286,7 +285,6 @@ class NeuronEliminationCallback(pl.Callback):
         self.report_paths: tuple[Any, ...] = ()
         self.reduced_checkpoint_path: str | None = None
         self.source_checkpoint_path: str | None = None
-        self._io: ModelIO | None = None  # during a run
         self._failed = False
         self._joint_layers: list[str] | None = None
 
@@ -301,7 +299,7 @@ class NeuronEliminationCallback(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._failed, self._io = False, None
+        self._failed = False
         # Refuse bad targets and missing evaluation data before any training; what tracing
         # cannot decide waits for the probe on a real batch in `_run`.
         self._resolve_junctions(pl_module)
@@ -327,22 +325,14 @@ class NeuronEliminationCallback(pl.Callback):
     # --------------------------------------------------------------- helpers
 
     def _resolve_junctions(
-        self, pl_module: pl.LightningModule, example: Any = None, trainer: pl.Trainer | None = None
+        self, pl_module: pl.LightningModule, targets: Targets | None = None
     ) -> Targets:
-        """The targets, found by the probe on ``example``: rank zero's junctions on every rank
-        (each rank probes its own batch; the surgery must be the same everywhere). Without an
-        example (before training), by tracing only, to refuse early what tracing refuses; what
-        tracing cannot decide waits for the probe (see
+        """Check ``targets`` (found by the probe) against ``apply`` and the joint options.
+        Without them (before training), the targets by tracing only, to refuse early what tracing
+        refuses; what tracing cannot decide waits for the probe (see
         :func:`~lightning_neuronprune.validation.check_against_targets`)."""
-        if example is None:
+        if targets is None:
             targets = traced_targets(pl_module, self.targets)
-        else:
-            context = self._io.forward_context if self._io is not None else None
-            targets = resolve_targets(
-                pl_module, self.targets, example=example, forward_context=context
-            )
-            if trainer is not None:
-                targets = Targets(trainer.strategy.broadcast(list(targets)))
         try:
             s = self.settings
             self._joint_layers = check_against_targets(
@@ -362,7 +352,7 @@ class NeuronEliminationCallback(pl.Callback):
         train_loader = get_train_loader(trainer)
         device = trainer.strategy.root_device
         pl_module.to(device)
-        self._io = io = trainer_io(
+        io = trainer_io(
             trainer, device, input_fn=self.input_fn, target_fn=self.target_fn,
             output_fn=self.output_fn, mask_fn=self.mask_fn, info=self._info,
         )  # fmt: skip
@@ -373,13 +363,18 @@ class NeuronEliminationCallback(pl.Callback):
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
         adapt = {"input_fn": self.input_fn, "transfer": io.transfer}
         example = first_input(train_loader, self.probe_samples, device, **adapt)
-        junctions = self._resolve_junctions(pl_module, example, trainer)
+        probed = resolve_targets(
+            pl_module, self.targets, example=example, forward_context=io.forward_context
+        )  # each rank probes its own batch: every rank reduces rank zero's junctions
+        junctions = self._resolve_junctions(
+            pl_module, Targets(trainer.strategy.broadcast(list(probed)))
+        )
         stats = self._collect(pl_module, junctions, train_loader, io)
         if self.example_input is None:
             example = first_input(eval_loader, 1, device, **adapt)
         else:
             example = trainer.precision_plugin.convert_input(to_device(self.example_input, device))
-        metric = self._metric(pl_module, example, device)
+        metric = self._metric(pl_module, example, io)
         settings = dataclasses.replace(self.settings, joint_order=self._joint_layers)
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
         try:
@@ -424,13 +419,13 @@ class NeuronEliminationCallback(pl.Callback):
                 **io.forward_kwargs(),
             )  # fmt: skip
 
-    def _metric(self, pl_module: pl.LightningModule, example: Any, device: torch.device) -> Metric:
+    def _metric(self, pl_module: pl.LightningModule, example: Any, io: ModelIO) -> Metric:
         if self.metric is not None:
-            return self.metric.to(device)
+            return self.metric.to(io.device)
         try:
             return default_metric(
                 pl_module, example, top_k=self.top_k, output_fn=self.output_fn,
-                forward_context=self._io.forward_context if self._io is not None else None,
+                forward_context=io.forward_context,
             )  # fmt: skip
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import (
     JunctionError,
+    ModelIO,
     NeuronEliminationCallback,
     load_reduced,
     read_plan,
@@ -318,7 +319,7 @@ def test_default_metric_restores_each_submodule_mode() -> None:
     model.train()
     model.net[1].eval()
     callback = NeuronEliminationCallback(targets=["net.0"], verbose=False)
-    metric = callback._metric(model, torch.zeros(1, 12), torch.device("cpu"))
+    metric = callback._metric(model, torch.zeros(1, 12), ModelIO())
     assert isinstance(metric, MulticlassAccuracy)
     assert model.training and model.net[0].training and not model.net[1].training
 
