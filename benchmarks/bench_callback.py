@@ -37,8 +37,8 @@ from common import DEFAULT_MNIST, trained  # noqa: E402
 from report import Report, machine_description, md_table  # noqa: E402
 
 from lightning_neuronprune import NeuronEliminationCallback  # noqa: E402
-from lightning_neuronprune.datasets import MNISTDataModule  # noqa: E402
-from lightning_neuronprune.models import LitClassifier  # noqa: E402
+from lightning_neuronprune.testing.datasets import MNISTDataModule  # noqa: E402
+from lightning_neuronprune.testing.models import LitClassifier  # noqa: E402
 
 TARGETS = ["net.fc1:in", "net.fc1", "net.fc2"]
 

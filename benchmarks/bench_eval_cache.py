@@ -17,8 +17,8 @@ from common import DEFAULT_MNIST, loader, mnist_tensors, trained
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
-from lightning_neuronprune.evaluation import CachedEvaluator
-from lightning_neuronprune.sweep import sweep_junction
+from lightning_neuronprune.search.evaluation import CachedEvaluator
+from lightning_neuronprune.search.sweep import sweep_junction
 
 
 def main() -> None:

@@ -114,7 +114,7 @@ def bench_qr(sizes: list[int], dtypes: list[str], repeat: int, seed: int, clock:
     import scipy.linalg
     import torch
 
-    from lightning_neuronprune.linalg import pivoted_qr
+    from lightning_neuronprune.core.linalg import pivoted_qr
 
     rows = []
     for n in sizes:
@@ -171,7 +171,7 @@ def bench_cholesky(sizes: list[int], repeat: int, seed: int, clock: Clock) -> No
     import torch
     from scipy.linalg import lapack
 
-    from lightning_neuronprune.linalg import pivoted_cholesky
+    from lightning_neuronprune.core.linalg import pivoted_cholesky
 
     rows = []
     for n in sizes:
@@ -223,7 +223,7 @@ def bench_cholesky(sizes: list[int], repeat: int, seed: int, clock: Clock) -> No
 _STATS_CHILD = """
 import resource, sys, torch
 from torch import nn
-from lightning_neuronprune.statistics import collect_statistics
+from lightning_neuronprune.core.statistics import collect_statistics
 torch.manual_seed(0)
 width, K, batch = int(sys.argv[1]), int(sys.argv[2]), 1000
 model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))

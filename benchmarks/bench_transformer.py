@@ -1,6 +1,6 @@
 """Sweep time of a 6-layer transformer encoder's FFN blocks on CPU, with same-run baselines.
 
-The model is :class:`~lightning_neuronprune.models.PatchTransformer` (MNIST 4×4 patches as 49
+The model is :class:`~lightning_neuronprune.testing.models.PatchTransformer` (MNIST 4×4 patches as 49
 tokens, blank patches as padding) with 6 blocks, dim 64 and FFN width 256, randomly initialised
 (the timings do not depend on training). Batches are dicts with ``pixel_values``,
 ``attention_mask`` and ``labels``; the FFN activations are (batch × tokens × features).
@@ -32,11 +32,11 @@ from common import DEFAULT_MNIST, mnist_tensors
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, GatheredLinear, collect_statistics
-from lightning_neuronprune.evaluation import CachedEvaluator
-from lightning_neuronprune.junctions import auto_junctions
-from lightning_neuronprune.models import PatchTransformer, patch_mask
-from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.sweep import sweep_junction
+from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.search.evaluation import CachedEvaluator
+from lightning_neuronprune.search.sweep import sweep_junction
+from lightning_neuronprune.structure.discovery import auto_junctions
+from lightning_neuronprune.testing.models import PatchTransformer, patch_mask
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:

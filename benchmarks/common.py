@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_neuronprune.datasets import MNISTDataModule, load_mnist
-from lightning_neuronprune.models import LitClassifier
+from lightning_neuronprune.testing.datasets import MNISTDataModule, load_mnist
+from lightning_neuronprune.testing.models import LitClassifier
 
 #: Default MNIST directory: $NEURONPRUNE_MNIST_DIR, else ../shared/data/mnist from the repo root.
 DEFAULT_MNIST = os.environ.get(

@@ -29,13 +29,14 @@ from common import DEFAULT_MNIST, accuracy, loader, mnist_tensors, trained
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
-from lightning_neuronprune.confirmation import confirm_front, front_within, split_batches
-from lightning_neuronprune.evaluation import CachedEvaluator
-from lightning_neuronprune.joint import JointPoint, JointSearch
-from lightning_neuronprune.pareto import pareto_front
-from lightning_neuronprune.reporting import mark_confirmations, tradeoff_figure
-from lightning_neuronprune.selection import METHODS
-from lightning_neuronprune.sweep import SweepPoint, sweep_junction
+from lightning_neuronprune.core.selection import METHODS
+from lightning_neuronprune.lightning.reporting import mark_confirmations, tradeoff_figure
+from lightning_neuronprune.search.confirmation import confirm_front, front_within, split_batches
+from lightning_neuronprune.search.evaluation import CachedEvaluator
+from lightning_neuronprune.search.joint import JointPoint, JointSearch
+from lightning_neuronprune.search.pareto import pareto_front
+from lightning_neuronprune.search.strategies import greedy, sequential
+from lightning_neuronprune.search.sweep import SweepPoint, sweep_junction
 
 SETUPS = {
     # arch: (targets, budget as a fraction, paper reference)
@@ -102,7 +103,7 @@ def _apply_single(
 
 
 def fine_tune(model: torch.nn.Module, data_dir: str, epochs: int, limit_train: int | None) -> None:
-    from lightning_neuronprune.datasets import MNISTDataModule
+    from lightning_neuronprune.testing.datasets import MNISTDataModule
 
     model.train()
     model.hparams.lr = 1e-4
@@ -196,16 +197,16 @@ def run_arch(arch: str, args: argparse.Namespace, data: dict) -> dict[str, Any]:
     )  # fmt: skip
     n = len(junctions)
     strategies = {
-        "greedy": lambda: search.greedy(budget, refit=True),
-        "sequential, network order, equal shares": lambda: search.sequential(budget),
-        "sequential, reverse order, equal shares": lambda: search.sequential(
-            budget, order=[j.layer for j in reversed(junctions)]
+        "greedy": lambda: greedy(search, budget, refit=True),
+        "sequential, network order, equal shares": lambda: sequential(search, budget),
+        "sequential, reverse order, equal shares": lambda: sequential(
+            search, budget, order=[j.layer for j in reversed(junctions)]
         ),
-        "sequential, network order, front-loaded shares": lambda: search.sequential(
-            budget, shares=[2.0 ** (n - i) for i in range(n)]
+        "sequential, network order, front-loaded shares": lambda: sequential(
+            search, budget, shares=[2.0 ** (n - i) for i in range(n)]
         ),
-        "greedy, compensating refits of its path": lambda: search.greedy(
-            budget, refit=False, compensate=True, slack=budget / 2
+        "greedy, compensating refits of its path": lambda: greedy(
+            search, budget, refit=False, compensate=True, slack=budget / 2
         ),
     }
     strategies = {k: v for i, (k, v) in enumerate(strategies.items()) if str(i) in args.strategies}

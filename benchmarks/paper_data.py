@@ -135,7 +135,7 @@ class ArchResult:
 
 def numerical_rank(stats: Any) -> int:
     """rank(X) by the package's rule, at least 1 (as ``sweep_junction`` starts its grid)."""
-    from lightning_neuronprune.selection import numerical_rank as rank
+    from lightning_neuronprune.core.selection import numerical_rank as rank
 
     return max(1, rank(stats))
 

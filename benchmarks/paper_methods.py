@@ -27,7 +27,7 @@ def compare_methods(
     from torchmetrics.classification import MulticlassAccuracy
 
     from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
-    from lightning_neuronprune.sweep import CachedEvaluator, sweep_junction
+    from lightning_neuronprune.search.sweep import CachedEvaluator, sweep_junction
 
     rows = [r for r in PAPER_ROWS if args.rows is None or r.name in args.rows]
     x_train, y_train = data["train"]

@@ -86,7 +86,7 @@ def part_grid(args: argparse.Namespace, device: torch.device, report: Report) ->
     """
     from torchmetrics.classification import MulticlassAccuracy
 
-    from lightning_neuronprune.selection import spectrum
+    from lightning_neuronprune.core.selection import spectrum
 
     if scipy_linalg is None:
         report.add("(part grid skipped: scipy missing)")
@@ -141,7 +141,7 @@ def part_grid(args: argparse.Namespace, device: torch.device, report: Report) ->
 
 def part_qr(args: argparse.Namespace, device: torch.device, report: Report) -> None:
     """``pivoted_qr`` on the device vs geqp3 on the host, for ``A = U_pᵀ`` (p = n / 2 rows)."""
-    from lightning_neuronprune.linalg import pivoted_qr
+    from lightning_neuronprune.core.linalg import pivoted_qr
 
     rows = []
 
@@ -233,11 +233,11 @@ def part_memory(args: argparse.Namespace, device: torch.device, report: Report) 
        against n·K·8 bytes.
     """
     from lightning_neuronprune import JunctionStatistics
-    from lightning_neuronprune.reconstruction import (
+    from lightning_neuronprune.core.reconstruction import (
         least_squares_transform,
         reconstruct_consumer,
     )
-    from lightning_neuronprune.selection import nested_order, select_neurons, spectrum
+    from lightning_neuronprune.core.selection import nested_order, select_neurons, spectrum
 
     n = 256 if args.tiny else args.memory_n
     nn_bytes = 8 * n * n

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_neuronprune.cholesky import pivoted_cholesky
-from lightning_neuronprune.linalg import pivoted_qr
+from lightning_neuronprune.core.cholesky import pivoted_cholesky
+from lightning_neuronprune.core.linalg import pivoted_qr
 
 
 def _timed(device: torch.device, fn: Callable[[], object], repeat: int = 3) -> float:

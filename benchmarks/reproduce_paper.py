@@ -61,7 +61,7 @@ from report import machine_description, write_section  # noqa: E402
 
 def energy_share(stats: Any, shares: Sequence[float] = (0.9, 0.99, 0.999)) -> dict[float, int]:
     """The number of leading singular values of X holding each share of ``Σ σ²``."""
-    from lightning_neuronprune.selection import spectrum
+    from lightning_neuronprune.core.selection import spectrum
 
     sigma2 = spectrum(stats)[0].clamp_min(0)
     cum = torch.cumsum(sigma2, 0) / sigma2.sum()
@@ -146,8 +146,8 @@ def run_row(
     from torchmetrics.classification import MulticlassAccuracy
 
     from lightning_neuronprune import EnergyModel, eliminate_neurons, find_junction
-    from lightning_neuronprune.evaluation import CachedEvaluator
-    from lightning_neuronprune.sweep import sweep_junction
+    from lightning_neuronprune.search.evaluation import CachedEvaluator
+    from lightning_neuronprune.search.sweep import sweep_junction
 
     started = time.perf_counter()
     junction = find_junction(model, row.target)

@@ -56,8 +56,8 @@ def project_sweep(
     energy model of every grid point together.
     """
     from lightning_neuronprune import EnergyModel, collect_statistics, find_junction
-    from lightning_neuronprune.fitting import FitOptions, JunctionFitter
-    from lightning_neuronprune.sweep import CachedEvaluator, rank_grid, sweep_junction
+    from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
+    from lightning_neuronprune.search.sweep import CachedEvaluator, rank_grid, sweep_junction
 
     junction = find_junction(model, target)
     consumer = model.get_submodule(junction.consumer)
@@ -120,7 +120,7 @@ def straightforward_sweep(
     else is numpy/scipy and plain torch modules.
     """
     from lightning_neuronprune import EnergyModel, find_junction
-    from lightning_neuronprune.sweep import rank_grid
+    from lightning_neuronprune.search.sweep import rank_grid
 
     junction = find_junction(model, target)
     consumer = model.get_submodule(junction.consumer)

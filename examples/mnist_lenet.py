@@ -41,13 +41,13 @@ from _common import KeepUnreduced, default_data_dir
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_reduced
-from lightning_neuronprune.datasets import MNISTDataModule, has_mnist
-from lightning_neuronprune.joint import JointPoint
-from lightning_neuronprune.joint_strategies import STRATEGIES
-from lightning_neuronprune.models import LitClassifier
-from lightning_neuronprune.pareto import choose
-from lightning_neuronprune.selection import METHODS
-from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.core.selection import METHODS
+from lightning_neuronprune.search.joint import JointPoint
+from lightning_neuronprune.search.pareto import choose
+from lightning_neuronprune.search.strategies import STRATEGIES
+from lightning_neuronprune.search.sweep import SweepPoint
+from lightning_neuronprune.testing.datasets import MNISTDataModule, has_mnist
+from lightning_neuronprune.testing.models import LitClassifier
 
 DEFAULT_TARGETS = {
     "lenet300100": ["net.fc1", "net.fc2", "net.fc1:in"],

@@ -1,6 +1,6 @@
 """Train a small transformer on MNIST patches, then remove redundant FFN neurons without retraining.
 
-The model (:class:`~lightning_neuronprune.models.PatchTransformer`) reads each image as 49 tokens
+The model (:class:`~lightning_neuronprune.testing.models.PatchTransformer`) reads each image as 49 tokens
 of 4×4 pixels. Its batches are Hugging Face-style dicts (``pixel_values``, ``attention_mask``,
 ``labels``), and blank patches are padding: the ``attention_mask`` removes them from attention and
 pooling, and the callback's statistics count only the real tokens.
@@ -32,9 +32,9 @@ from _common import KeepUnreduced, default_data_dir
 from torch.utils.data import DataLoader
 
 from lightning_neuronprune import NeuronEliminationCallback
-from lightning_neuronprune.datasets import MNISTDataModule, has_mnist
-from lightning_neuronprune.joint_strategies import STRATEGIES
-from lightning_neuronprune.models import LitPatchTransformer, patch_mask
+from lightning_neuronprune.search.strategies import STRATEGIES
+from lightning_neuronprune.testing.datasets import MNISTDataModule, has_mnist
+from lightning_neuronprune.testing.models import LitPatchTransformer, patch_mask
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -9,14 +9,15 @@ confirmation without a Trainer, and :class:`NeuronEliminationCallback` is the Li
 around it.
 """
 
-from lightning_neuronprune.callback import NeuronEliminationCallback
-from lightning_neuronprune.elimination import (
-    Elimination,
-    EliminationRecord,
-    eliminate_neurons,
-    reduce_junction,
+from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
+from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.core.selection import nested_order, select_neurons
+from lightning_neuronprune.core.statistics import (
+    JunctionStatistics,
+    batch_input,
+    collect_statistics,
 )
-from lightning_neuronprune.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import (
     CheckpointMismatchError,
     JunctionError,
@@ -25,9 +26,22 @@ from lightning_neuronprune.errors import (
     StatisticsError,
     UnsupportedLayerError,
 )
-from lightning_neuronprune.junctions import Junction, find_junction
-from lightning_neuronprune.linalg import pivoted_cholesky, pivoted_qr
-from lightning_neuronprune.persistence import (
+from lightning_neuronprune.lightning.callback import NeuronEliminationCallback
+from lightning_neuronprune.search.elimination import (
+    Elimination,
+    EliminationRecord,
+    eliminate_neurons,
+    reduce_junction,
+)
+from lightning_neuronprune.search.pipeline import (
+    ConfirmSettings,
+    ModelIO,
+    ReductionSearch,
+    SearchResult,
+    SearchSettings,
+)
+from lightning_neuronprune.structure.discovery import Junction, find_junction
+from lightning_neuronprune.structure.persistence import (
     ReducedCheckpointMixin,
     install_plan_hook,
     load_reduced,
@@ -37,17 +51,7 @@ from lightning_neuronprune.persistence import (
     rebuild_shapes,
     save_reduced,
 )
-from lightning_neuronprune.pipeline import (
-    ConfirmSettings,
-    ModelIO,
-    ReductionSearch,
-    SearchResult,
-    SearchSettings,
-)
-from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import nested_order, select_neurons
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
-from lightning_neuronprune.surgery import GatheredLinear
+from lightning_neuronprune.structure.surgery import GatheredLinear
 
 __all__ = [
     "CheckpointMismatchError",

@@ -32,7 +32,7 @@ class JunctionError(NeuronEliminationError, ValueError):
 class UndecidedJunctionError(JunctionError):
     """Tracing could not decide the junction (the model cannot be traced, or the path holds a
     module or an op that no list marks as elementwise); a behavioural probe
-    (:class:`~lightning_neuronprune.probe.JunctionProbe`) may still find it."""
+    (:class:`~lightning_neuronprune.structure.probe.JunctionProbe`) may still find it."""
 
 
 class StatisticsError(NeuronEliminationError):

@@ -58,7 +58,7 @@ def mnist_dir() -> Path:
 def pivots_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with pivots read on the host (the CPU path) and kept on the device (the
     synchronisation-free GPU path, forced on the CPU)."""
-    import lightning_neuronprune.cholesky as cholesky
+    import lightning_neuronprune.core.cholesky as cholesky
 
     monkeypatch.setattr(cholesky, "_FORCE_DEVICE_PIVOTS", request.param == "device")
     return request.param

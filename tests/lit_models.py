@@ -18,8 +18,8 @@ from lightning_neuronprune import (
     collect_statistics,
     find_junction,
 )
-from lightning_neuronprune.joint import JointPoint, JointSearch
-from lightning_neuronprune.statistics import JunctionStatistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.search.joint import JointPoint, JointSearch
 
 
 def tiny_trainer(

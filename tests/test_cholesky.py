@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.cholesky`: the greedy diagonal-pivoted Cholesky of a Gram
+"""Tests of :mod:`lightning_neuronprune.core.cholesky`: the greedy diagonal-pivoted Cholesky of a Gram
 matrix ``G = X Xᵀ``, whose pivots are those of the QR with column pivoting of ``Xᵀ`` (LAPACK
 ``geqp3`` through ``scipy.linalg.qr``). Input validation shared with :func:`pivoted_qr` is tested in
 ``test_linalg.py``.
@@ -14,8 +14,8 @@ import scipy.linalg
 import torch
 from lapack_reference import DTYPES, assert_same_pivots, low_rank, machine_eps, orthonormal_basis
 
-from lightning_neuronprune.cholesky import PivotedCholesky, pivoted_cholesky
-from lightning_neuronprune.linalg import pivoted_qr
+from lightning_neuronprune.core.cholesky import PivotedCholesky, pivoted_cholesky
+from lightning_neuronprune.core.linalg import pivoted_qr
 
 # Every test runs twice: pivots read on the host (the CPU path) and kept on the device (the
 # synchronisation-free GPU path), forced on the CPU.
@@ -126,7 +126,7 @@ def test_cuda_graph_pivots_across_panels_and_rank_stop(rng: np.random.Generator)
     perm_ref = scipy.linalg.qr(A_np, mode="economic", pivoting=True)[2]
     Q, R, perm = pivoted_qr(torch.from_numpy(A_np).cuda(), k=200)
     assert_same_pivots(A_np, perm.cpu().numpy(), perm_ref, 200, near_tie=1e-9)
-    from lightning_neuronprune.selection import prefix_qr_pivots
+    from lightning_neuronprune.core.selection import prefix_qr_pivots
 
     U = orthonormal_basis(rng, 200)
     ps = [199, 150, 60, 3]

@@ -10,14 +10,15 @@ from lit_models import trained_joint_search, val_accuracy
 from torch import nn
 
 from lightning_neuronprune import collect_statistics, find_junction
-from lightning_neuronprune.compensation import (
+from lightning_neuronprune.core.selection import output_order
+from lightning_neuronprune.errors import StatisticsError
+from lightning_neuronprune.search.compensation import (
     collect_cross_statistics,
     compensate_junction,
     compensated_order,
 )
-from lightning_neuronprune.elimination import reduce_junction
-from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.selection import output_order
+from lightning_neuronprune.search.elimination import reduce_junction
+from lightning_neuronprune.search.strategies import greedy
 
 
 def _chain(generator: torch.Generator) -> nn.Sequential:
@@ -91,7 +92,7 @@ def test_cross_statistics_refuse_mismatched_consumers(generator: torch.Generator
 @pytest.mark.parametrize("method", ["output", "svd_qr"])
 def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None:
     model, search, junctions = trained_joint_search(seed, epochs=3, method=method)
-    points = search.greedy(0.02, compensate=True, slack=0.05)
+    points = greedy(search, 0.02, compensate=True, slack=0.05)
     compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
     assert compensated and all(search._fitted[id(pt)][2] for pt in compensated)
     for pt in compensated[:2]:
@@ -101,4 +102,4 @@ def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None
         if method != "output":
             assert pt.kept == search.evaluate(pt.config).kept
     with pytest.raises(ValueError, match="`slack` must be non-negative"):
-        search.greedy(0.02, compensate=True, slack=-1)
+        greedy(search, 0.02, compensate=True, slack=-1)

@@ -17,7 +17,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neuronprune import NeuronEliminationCallback
-from lightning_neuronprune.confirmation import (
+from lightning_neuronprune.errors import NeuronEliminationError
+from lightning_neuronprune.search.confirmation import (
     _uniform,
     chunk_batches,
     confirm_front,
@@ -26,7 +27,6 @@ from lightning_neuronprune.confirmation import (
     paired_stderr,
     split_batches,
 )
-from lightning_neuronprune.errors import NeuronEliminationError
 
 
 def _loader(n: int, batch_size: int) -> DataLoader:

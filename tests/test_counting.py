@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.counting` called directly (``test_energy.py`` covers the
+"""Tests of :mod:`lightning_neuronprune.cost.counting` called directly (``test_energy.py`` covers the
 rules through :meth:`EnergyModel.estimate`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.counting import (
+from lightning_neuronprune.cost.counting import (
     LayerCount,
     count_conv,
     count_inference,

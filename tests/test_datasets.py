@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.datasets`: the IDX reader on tiny synthetic files written
+"""Tests of :mod:`lightning_neuronprune.testing.datasets`: the IDX reader on tiny synthetic files written
 here (gzipped or not, every IDX dtype), its errors on bad and truncated files, and MNIST from a
 local directory without touching the network. One test reads the real test split when the files
 are present (``mnist_dir`` fixture, skipped otherwise).
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_neuronprune import datasets
-from lightning_neuronprune.datasets import (
+from lightning_neuronprune.testing import datasets
+from lightning_neuronprune.testing.datasets import (
     MNIST_FILES,
     MNIST_MEAN,
     MNIST_STD,

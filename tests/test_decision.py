@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.decision import Decision, apply_decision, decide
-from lightning_neuronprune.energy import EnergyModel
+from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.joint import JointPoint
-from lightning_neuronprune.junctions import find_junction
-from lightning_neuronprune.statistics import collect_statistics
-from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.search.decision import Decision, apply_decision, decide
+from lightning_neuronprune.search.joint import JointPoint
+from lightning_neuronprune.search.sweep import SweepPoint
+from lightning_neuronprune.structure.discovery import find_junction
 
 
 def _model() -> nn.Sequential:

@@ -15,8 +15,8 @@ from lightning_neuronprune import (
     eliminate_neurons,
     rebuild_shapes,
 )
-from lightning_neuronprune.models import LeNet300100
-from lightning_neuronprune.persistence import read_plan, write_plan
+from lightning_neuronprune.structure.persistence import read_plan, write_plan
+from lightning_neuronprune.testing.models import LeNet300100
 
 
 def _redundant_mlp(generator: torch.Generator, hidden: int = 8, rank: int = 5) -> nn.Sequential:
@@ -151,7 +151,7 @@ def test_refusals_leave_model_untouched(kwargs: dict, error: type, message: str)
 
 @pytest.mark.slow
 def test_mnist_lenet300100_fc1_to_60_neurons(mnist_dir: Path) -> None:
-    from lightning_neuronprune.datasets import load_mnist
+    from lightning_neuronprune.testing.datasets import load_mnist
 
     torch.manual_seed(0)
     x, y = load_mnist(mnist_dir, "train")

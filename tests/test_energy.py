@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.energy` against the paper's "Original" energy rows."""
+"""Tests of :mod:`lightning_neuronprune.cost.energy` against the paper's "Original" energy rows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.counting import LayerCount, count_linear, count_nothing
-from lightning_neuronprune.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.cost.counting import LayerCount, count_linear, count_nothing
+from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError, UnsupportedLayerError
-from lightning_neuronprune.models import LeNet5, LeNet300100, caffenet
+from lightning_neuronprune.testing.models import LeNet5, LeNet300100, caffenet
 
 MICRO, NANO, MILLI = 1e6, 1e9, 1e3
 

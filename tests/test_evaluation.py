@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_neuronprune import evaluation
 from lightning_neuronprune.errors import NeuronEliminationError
-from lightning_neuronprune.evaluation import CachedEvaluator, batch_target, model_output
-from lightning_neuronprune.surgery import linear_from
+from lightning_neuronprune.search import evaluation
+from lightning_neuronprune.search.evaluation import CachedEvaluator, batch_target, model_output
+from lightning_neuronprune.structure.surgery import linear_from
 
 
 class _Skip(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_neuronprune import load_reduced, read_plan
-from lightning_neuronprune.models import LitClassifier
+from lightning_neuronprune.testing.models import LitClassifier
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet.py"
 

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.fitting`: the one fit step (select → least squares)."""
+"""Tests of :mod:`lightning_neuronprune.core.fitting`: the one fit step (select → least squares)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from lightning_neuronprune.fitting import FitOptions, JunctionFitter, fit_junction
-from lightning_neuronprune.reconstruction import least_squares_transform, reconstruct_consumer
-from lightning_neuronprune.selection import select_neurons, spectrum
-from lightning_neuronprune.statistics import JunctionStatistics
-from lightning_neuronprune.sweep import rank_grid
+from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter, fit_junction
+from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.core.selection import select_neurons, spectrum
+from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.search.sweep import rank_grid
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_fitter_rejects_bad_p(stats, consumer) -> None:
 
 
 def test_cpu_per_p_selection_equals_the_batched_one(stats, consumer, monkeypatch) -> None:
-    import lightning_neuronprune.fitting as fitting
+    import lightning_neuronprune.core.fitting as fitting
 
     grid = rank_grid(48, 5, start=40)
     batched = JunctionFitter(stats, *consumer)

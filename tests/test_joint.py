@@ -24,8 +24,8 @@ from lightning_neuronprune import (
     load_reduced,
     read_plan,
 )
-from lightning_neuronprune.joint import JointSearch
-from lightning_neuronprune.pareto import pareto_front
+from lightning_neuronprune.search.joint import JointSearch
+from lightning_neuronprune.search.pareto import pareto_front
 
 
 def _duplicate_rows(layer: nn.Linear, rank: int) -> None:

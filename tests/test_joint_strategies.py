@@ -8,14 +8,15 @@ import pytest
 from lit_models import holds_statistics, trained_joint_search, val_accuracy
 
 from lightning_neuronprune import read_plan
-from lightning_neuronprune.pareto import pareto_front
+from lightning_neuronprune.search.pareto import pareto_front
+from lightning_neuronprune.search.strategies import greedy, sequential
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sequential"])
 def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> None:
     model, search, junctions = trained_joint_search()
     budget = 0.03
-    points = search.greedy(budget) if strategy == "greedy" else search.sequential(budget)
+    points = greedy(search, budget) if strategy == "greedy" else sequential(search, budget)
     assert points and {pt.strategy for pt in points} <= {"greedy", "greedy+refit", "sequential"}
     within = [pt for pt in points if pt.accuracy_drop <= budget]
     best = min(within, key=lambda pt: pt.energy.total)
@@ -33,7 +34,7 @@ def test_strategies_respect_the_budget_on_the_evaluation_set(strategy: str) -> N
 
 def test_pareto_front_is_not_dominated() -> None:
     _, search, _ = trained_joint_search()
-    points = search.greedy(0.05)
+    points = greedy(search, 0.05)
     front = pareto_front(points)
     for f in front:
         for q in points:
@@ -50,6 +51,6 @@ def test_pareto_front_is_not_dominated() -> None:
 def test_sequential_rejects_bad_order_and_shares() -> None:
     _, search, _ = trained_joint_search()
     with pytest.raises(ValueError, match="`order` must be a permutation"):
-        search.sequential(0.02, order=["net.0"])
+        sequential(search, 0.02, order=["net.0"])
     with pytest.raises(ValueError, match="`shares` must be 3 non-negative numbers"):
-        search.sequential(0.02, shares=[1.0, -1.0, 1.0])
+        sequential(search, 0.02, shares=[1.0, -1.0, 1.0])

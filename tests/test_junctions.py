@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError
-from lightning_neuronprune.junctions import find_junction
-from lightning_neuronprune.models import LeNet5, LeNet300100
+from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.testing.models import LeNet5, LeNet300100
 
 
 class Functional(nn.Module):

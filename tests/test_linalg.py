@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.linalg` against LAPACK (``scipy.linalg.qr``, ``geqp3``).
+"""Tests of :mod:`lightning_neuronprune.core.linalg` against LAPACK (``scipy.linalg.qr``, ``geqp3``).
 
 Tolerances. Householder QR is normwise backward stable: ``||A P - Q R|| <= c(m, n) ε ||A||`` with
 ``c`` of order ``m n`` in the worst case (Higham, *Accuracy and Stability*, Thm 19.4) and of order
@@ -28,7 +28,7 @@ from lapack_reference import (
     partial_norms,
 )
 
-from lightning_neuronprune.linalg import PivotedQR, pivoted_cholesky, pivoted_qr
+from lightning_neuronprune.core.linalg import PivotedQR, pivoted_cholesky, pivoted_qr
 
 # Every test runs twice: pivots read on the host (the CPU path) and kept on the device (the
 # synchronisation-free GPU path: device-side swaps, Gram-based QR pivots), forced on the CPU.

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.models`: the paper's reference networks as built (layer
+"""Tests of :mod:`lightning_neuronprune.testing.models`: the paper's reference networks as built (layer
 names, output and intermediate shapes, parameter counts checked against the arithmetic of the
 architectures by hand) and the small patch transformer of the transformer example.
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.models import (
+from lightning_neuronprune.testing.models import (
     ARCHITECTURES,
     LeNet5,
     LeNet300100,

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.pareto`: the lowest-energy point within the budget and the
+"""Tests of :mod:`lightning_neuronprune.search.pareto`: the lowest-energy point within the budget and the
 accuracy-versus-energy Pareto front, for single-layer and joint points alike (the ``Point``
 protocol), against brute-force references written independently here.
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from lightning_neuronprune.counting import LayerCount
-from lightning_neuronprune.energy import EnergyModel, EnergyReport
-from lightning_neuronprune.joint import JointPoint
-from lightning_neuronprune.pareto import Point, choose, pareto_front
-from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.cost.counting import LayerCount
+from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
+from lightning_neuronprune.search.joint import JointPoint
+from lightning_neuronprune.search.pareto import Point, choose, pareto_front
+from lightning_neuronprune.search.sweep import SweepPoint
 
 MODEL = EnergyModel()
 BASELINE = 0.9

@@ -26,7 +26,7 @@ from lightning_neuronprune import (
     read_plan,
     rebind_optimizer,
 )
-from lightning_neuronprune.persistence import write_plan
+from lightning_neuronprune.structure.persistence import write_plan
 
 # ------------------------------------------------------------------ functional core
 

@@ -21,10 +21,10 @@ from lightning_neuronprune import (
     collect_statistics,
     find_junction,
 )
-from lightning_neuronprune.decision import Decision, decision_for
+from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.fitting import FitOptions
-from lightning_neuronprune.joint import JointPoint
+from lightning_neuronprune.search.decision import Decision, decision_for
+from lightning_neuronprune.search.joint import JointPoint
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pytorch_lightning.plugins.precision import HalfPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import lightning_neuronprune.callback as callback_module
+import lightning_neuronprune.lightning.callback as callback_module
 from lightning_neuronprune import (
     NeuronEliminationCallback,
     StatisticsError,

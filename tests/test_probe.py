@@ -18,10 +18,10 @@ from transformer_blocks import (
     Wrapper,
 )
 
-from lightning_neuronprune.elimination import eliminate_neurons
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.junctions import auto_junctions, find_junction
-from lightning_neuronprune.probe import JunctionProbe
+from lightning_neuronprune.search.elimination import eliminate_neurons
+from lightning_neuronprune.structure.discovery import auto_junctions, find_junction
+from lightning_neuronprune.structure.probe import JunctionProbe
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

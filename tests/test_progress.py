@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neuronprune import NeuronEliminationCallback
-from lightning_neuronprune.progress import ProgressBar, sample_count
+from lightning_neuronprune.lightning.progress import ProgressBar, sample_count
 
 
 def _fit(tmp_path: Path, **kwargs) -> NeuronEliminationCallback:

@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_neuronprune.reconstruction import (
+from lightning_neuronprune.core.reconstruction import (
     least_squares_transform,
     reconstruct_consumer,
     solve_psd,
 )
-from lightning_neuronprune.statistics import JunctionStatistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -77,7 +77,7 @@ def test_ridge_shrinks_and_rejects_negative(generator: torch.Generator) -> None:
 
 
 def test_cholesky_solve_flags_singular_normal_matrices_without_synchronising() -> None:
-    from lightning_neuronprune.reconstruction import solve_psd_cholesky, solve_psd_pinv
+    from lightning_neuronprune.core.reconstruction import solve_psd_cholesky, solve_psd_pinv
 
     X = torch.randn(4, 50, dtype=torch.float64)
     A = X @ X.T

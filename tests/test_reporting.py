@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.joint import JointPoint
-from lightning_neuronprune.reporting import (
+from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.lightning.reporting import (
     PREFIX,
     log_joint_scalars,
     log_scalars,
@@ -18,7 +17,8 @@ from lightning_neuronprune.reporting import (
     point_metrics,
     write_report,
 )
-from lightning_neuronprune.sweep import SweepPoint
+from lightning_neuronprune.search.joint import JointPoint
+from lightning_neuronprune.search.sweep import SweepPoint
 
 MEMORY_KEYS = {"memory_params_bits", "memory_total_bits"}
 

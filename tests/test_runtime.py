@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune._runtime`: eval mode with every submodule's own mode
+"""Tests of :mod:`lightning_neuronprune.core.runtime`: eval mode with every submodule's own mode
 restored (also after an error), a model's device, and moving nested batches."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune._runtime import evaluating, model_device, to_device
+from lightning_neuronprune.core.runtime import evaluating, model_device, to_device
 
 
 def _modes(model: nn.Module) -> dict[str, bool]:

@@ -6,15 +6,15 @@ import scipy.linalg
 import torch
 from lapack_reference import assert_same_pivots, orthonormal_basis
 
-from lightning_neuronprune.linalg import pivoted_qr
-from lightning_neuronprune.selection import (
+from lightning_neuronprune.core.linalg import pivoted_qr
+from lightning_neuronprune.core.selection import (
     nested_order,
     numerical_rank,
     prefix_qr_pivots,
     select_neurons,
     spectrum,
 )
-from lightning_neuronprune.statistics import JunctionStatistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 
 
 def _stats(generator: torch.Generator, n: int = 10, rank: int | None = None) -> JunctionStatistics:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_neuronprune.selection import (
+from lightning_neuronprune.core.selection import (
     METHODS,
     explained_output_energy,
     output_order,
     select_neurons,
 )
-from lightning_neuronprune.statistics import JunctionStatistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_output_method_errors() -> None:
 
 
 def test_junction_fitter_output_method_matches_select_neurons(rng: np.random.Generator) -> None:
-    from lightning_neuronprune.fitting import FitOptions, JunctionFitter
+    from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
 
     X = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12))
     W = torch.as_tensor(rng.standard_normal((4, 12)))

@@ -4,8 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_neuronprune.core.statistics import (
+    JunctionStatistics,
+    batch_input,
+    collect_statistics,
+)
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input, collect_statistics
 
 
 def _mlp() -> nn.Sequential:

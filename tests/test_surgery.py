@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_neuronprune.junctions import Junction
-from lightning_neuronprune.surgery import GatheredLinear, apply_reduction, linear_from
+from lightning_neuronprune.structure.discovery import Junction
+from lightning_neuronprune.structure.surgery import GatheredLinear, apply_reduction, linear_from
 
 
 def test_apply_reduction_shapes_dtype_device() -> None:

@@ -8,17 +8,17 @@ from torch import nn
 from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.evaluation import (
+from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.search.evaluation import (
     CachedEvaluator,
     batch_target,
     degradation,
     model_output,
 )
-from lightning_neuronprune.junctions import find_junction
-from lightning_neuronprune.pareto import choose
-from lightning_neuronprune.statistics import collect_statistics
-from lightning_neuronprune.sweep import rank_grid, sweep_junction
+from lightning_neuronprune.search.pareto import choose
+from lightning_neuronprune.search.sweep import rank_grid, sweep_junction
+from lightning_neuronprune.structure.discovery import find_junction
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from torch import nn
 from transformer_blocks import FFN, QuickGELU
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.targets import resolve_targets, traced_targets
-from lightning_neuronprune.validation import check_against_targets
+from lightning_neuronprune.search.validation import check_against_targets
+from lightning_neuronprune.structure.targets import resolve_targets, traced_targets
 
 
 def test_auto_without_example_lists_undecided_layers_and_the_probe_decides(seed: int) -> None:

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.surgery import GatheredLinear
-from lightning_neuronprune.tracing import _Tracer, traced_consumer, traced_producer
+from lightning_neuronprune.structure.surgery import GatheredLinear
+from lightning_neuronprune.structure.tracing import _Tracer, traced_consumer, traced_producer
 
 
 class Inner(nn.Module):

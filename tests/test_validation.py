@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_neuronprune.validation`: every refused value raises ``ValueError`` whose
+"""Tests of :mod:`lightning_neuronprune.search.validation`: every refused value raises ``ValueError`` whose
 message names the argument in backticks and the bad value; accepted values pass and return what
 the docstrings say. (The callback's conversion to ``MisconfigurationException`` is tested in
 ``test_callback.py``.)
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from torch import nn
 
-from lightning_neuronprune.energy import EnergyModel
-from lightning_neuronprune.junctions import find_junction
-from lightning_neuronprune.targets import Targets
-from lightning_neuronprune.validation import (
+from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.search.validation import (
     check_against_targets,
     check_arguments,
     check_choice,
     check_confirmation,
 )
+from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.structure.targets import Targets
 
 VALID: dict[str, Any] = {
     "targets": ["fc1", "fc2"],

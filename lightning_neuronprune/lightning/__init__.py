@@ -1,0 +1,1 @@
+"""The Lightning shell: the callback, its Trainer glue, progress bars and reporting to loggers."""

@@ -1,0 +1,439 @@
+"""The search after the statistics, without a Trainer: sweeps, joint search, the decision, its
+held-out confirmation, and applying it.
+
+This is the functional core's whole pipeline for junctions whose statistics are collected
+(:func:`~lightning_neuronprune.core.statistics.collect_statistics`)::
+
+    search = ReductionSearch(model, junctions, stats, EnergyModel(), SearchSettings())
+    result = search.run(eval_batches, metric, example, train_data=train_batches)  # decides
+    search.apply(model, result.decision)                                         # acts
+
+:meth:`ReductionSearch.run` only measures and decides: every configuration is evaluated on a
+temporarily swapped layer or a copy, so the model leaves it as it came in.
+:meth:`ReductionSearch.apply` only acts. The two are apart, as in Lightning's ``EarlyStopping``,
+so that a caller can report the decision before the model changes. The Lightning callback
+(:class:`~lightning_neuronprune.lightning.callback.NeuronEliminationCallback`) is a shell around this
+class. It finds the loaders, the device and the precision plugin's hooks, draws progress bars
+in the Trainer's style, and writes the reports and checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.errors import StatisticsError
+from lightning_neuronprune.lightning.progress import Bar, no_progress
+from lightning_neuronprune.lightning.reporting import point_label
+from lightning_neuronprune.search.confirmation import (
+    Confirmation,
+    chunk_batches,
+    confirm_front,
+    front_within,
+    split_batches,
+)
+from lightning_neuronprune.search.decision import Decision, apply_decision, decide, decision_for
+from lightning_neuronprune.search.elimination import Elimination
+from lightning_neuronprune.search.evaluation import CachedEvaluator, metric_direction
+from lightning_neuronprune.search.joint import JointPoint, JointSearch
+from lightning_neuronprune.search.strategies import greedy, sequential
+from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid, sweep_junction
+from lightning_neuronprune.search.validation import check_arguments, check_confirmation
+from lightning_neuronprune.structure.discovery import Junction
+
+__all__ = ["ConfirmSettings", "ModelIO", "ReductionSearch", "SearchResult", "SearchSettings"]
+
+
+@dataclass(frozen=True)
+class ConfirmSettings:
+    """The held-out confirmation of the choice (see :mod:`~lightning_neuronprune.search.confirmation`).
+
+    Attributes:
+        fraction: the share of the evaluation samples held out, in [0, 1); 0 confirms nothing.
+        margin: ask for a held-out drop of at most ``max_accuracy_drop - margin``.
+        confidence: ask for the Bonferroni-corrected upper confidence bound of the held-out drop
+            at this level to be within the budget (``None``: the drop itself).
+        chunk: held-out samples per chunk of the paired standard error.
+        max_tries: re-measure at most this many candidates.
+    """
+
+    fraction: float
+    margin: float = 0.0
+    confidence: float | None = None
+    chunk: int = 100
+    max_tries: int = 20
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What to search and how to choose: the callback's arguments of the same names.
+
+    Attributes:
+        ranks: the grid of p of every junction (see :func:`~lightning_neuronprune.search.sweep.rank_grid`).
+        max_accuracy_drop: the budget ε, as a fraction.
+        options: the selection and least-squares options.
+        apply: ``"max_energy_saving"``, ``None`` or ``{layer: p}`` (see
+            :func:`~lightning_neuronprune.search.decision.decide`).
+        joint: ``"greedy"``, ``"sequential"`` or ``None`` (single layers only).
+        joint_order: the sequential strategy's layer order, canonical layer names.
+        joint_shares: the sequential strategy's budget shares.
+        joint_compensate: the greedy strategy also tries compensating refits.
+        max_samples: samples for statistics that the joint search re-collects.
+        confirm: the held-out confirmation, or ``None``.
+
+    Raises:
+        ValueError: naming the bad setting and its value.
+    """
+
+    ranks: Ranks = "auto"
+    max_accuracy_drop: float = 0.02
+    options: FitOptions = field(default_factory=FitOptions)
+    apply: str | Mapping[str, int] | None = "max_energy_saving"
+    joint: str | None = "greedy"
+    joint_order: Sequence[str] | None = None
+    joint_shares: Sequence[float] | None = None
+    joint_compensate: bool = False
+    max_samples: int | None = 60_000
+    confirm: ConfirmSettings | None = None
+
+    def __post_init__(self) -> None:
+        check_arguments(
+            targets="auto", ranks=self.ranks, max_accuracy_drop=self.max_accuracy_drop,
+            options={}, top_k=1, energy_model=None, apply=self.apply,
+            max_samples=self.max_samples, joint=self.joint, joint_order=self.joint_order,
+            joint_shares=self.joint_shares,
+        )  # fmt: skip
+        if not isinstance(self.options, FitOptions):
+            raise ValueError(f"`options` must be a FitOptions, got {self.options!r}")
+        if self.confirm is not None:
+            check_confirmation(
+                confirm_fraction=self.confirm.fraction, confirm_margin=self.confirm.margin,
+                confirm_confidence=self.confirm.confidence, confirm_chunk=self.confirm.chunk,
+                confirm_max_tries=self.confirm.max_tries,
+                max_accuracy_drop=self.max_accuracy_drop,
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """How batches reach the model and the metric, and how the search talks to the user.
+
+    Attributes:
+        device: where evaluation runs.
+        transfer: maps a batch to the device (the Trainer's ``batch_to_device``).
+        forward_context: what forward passes run under (the precision plugin's).
+        input_fn, target_fn, output_fn, mask_fn: the batch adapters (see
+            :class:`~lightning_neuronprune.search.evaluation.CachedEvaluator` and
+            :func:`~lightning_neuronprune.core.statistics.collect_statistics`).
+        info: takes a line of progress text (silent by default).
+        warn: takes a warning (default :func:`warnings.warn`).
+        progress: ``(description, total, unit) -> context manager of a bar`` with ``update``
+            and ``advance`` (no bar by default).
+    """
+
+    device: torch.device | str = "cpu"
+    transfer: Callable[[Any], Any] | None = None
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None
+    input_fn: Callable[[Any], Any] | None = None
+    target_fn: Callable[[Any], Any] | None = None
+    output_fn: Callable[[Any], Any] | None = None
+    mask_fn: Callable[[Any], Any] | None = None
+    info: Callable[[str], None] = lambda message: None
+    warn: Callable[[str], None] = warnings.warn
+    progress: Callable[[str, int | None, str], AbstractContextManager[Bar]] = no_progress
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """``transfer`` and ``forward_context``."""
+        return {"transfer": self.transfer, "forward_context": self.forward_context}
+
+    def eval_fns(self) -> dict[str, Any]:
+        """The adapters of an evaluation."""
+        return {"input_fn": self.input_fn, "target_fn": self.target_fn, "output_fn": self.output_fn}
+
+    def evaluator(
+        self, model: nn.Module, consumer: str, data: Iterable[Any], metric: Any, **kwargs: Any
+    ) -> CachedEvaluator:
+        """A :class:`~lightning_neuronprune.search.evaluation.CachedEvaluator` run this way."""
+        return CachedEvaluator(
+            model, consumer, data, metric, device=self.device, **self.forward_kwargs(),
+            **self.eval_fns(), **kwargs,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Everything :meth:`ReductionSearch.run` measured and decided: numbers, no statistics.
+
+    Attributes:
+        points: ``{layer: [SweepPoint, ...]}``, each sweep from its baseline down.
+        joint_points: the joint search's points, in the order evaluated.
+        decision: what to apply (after the confirmation, when there is one).
+        confirmations: the candidates re-measured on the held-out part, in the order tried.
+    """
+
+    points: Mapping[str, list[SweepPoint]]
+    joint_points: list[JointPoint]
+    decision: Decision
+    confirmations: list[Confirmation[Any]] = field(default_factory=list)
+
+    @property
+    def every(self) -> list[SweepPoint]:
+        """Every single-layer point, layer by layer."""
+        return [pt for pts in self.points.values() for pt in pts]
+
+
+class ReductionSearch:
+    """Sweeps, joint search, decision and confirmation for the junctions of one model.
+
+    Args:
+        model: the trained network; :meth:`run` leaves it unchanged.
+        junctions: the targets, in network order.
+        stats: ``{consumer: statistics}`` of every junction.
+        energy_model: prices each configuration.
+        settings: what to search and how to choose.
+        io: how batches reach the model, and where progress goes.
+
+    Raises:
+        ValueError: no junctions, or ``settings`` is not a :class:`SearchSettings`.
+        StatisticsError: a junction's consumer has no statistics in ``stats``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        junctions: Sequence[Junction],
+        stats: Mapping[str, JunctionStatistics],
+        energy_model: EnergyModel,
+        settings: SearchSettings,
+        io: ModelIO | None = None,
+    ) -> None:
+        if not junctions:
+            raise ValueError("`junctions` is empty: nothing to search")
+        if not isinstance(settings, SearchSettings):
+            raise ValueError(f"`settings` must be a SearchSettings, got {settings!r}")
+        missing = [j.consumer for j in junctions if j.consumer not in stats]
+        if missing:
+            raise StatisticsError(
+                f"no statistics for the consumers {missing}; `stats` has {sorted(stats)}"
+            )
+        self.model = model
+        self.junctions = list(junctions)
+        self.stats = stats
+        self.energy_model = energy_model
+        self.settings = settings
+        self.io = io or ModelIO()
+        self._joint: JointSearch | None = None
+
+    def run(
+        self,
+        eval_data: Iterable[Any],
+        metric: Any,
+        example: Any,
+        *,
+        train_data: Iterable[Any] | None = None,
+    ) -> SearchResult:
+        """Measure every configuration and decide.
+
+        Args:
+            eval_data: evaluation batches. With a confirmation, they are split by
+                :func:`~lightning_neuronprune.search.confirmation.split_batches` into a search part and
+                a held-out part.
+            metric: a ``torchmetrics.Metric`` over ``(predictions, target)``.
+            example: one input for the energy model.
+            train_data: batches for statistics that the joint search re-collects.
+
+        Returns:
+            The :class:`SearchResult`. The joint search is kept until :meth:`apply`, which
+            applies a joint point exactly as it was fitted.
+        """
+        s, say = self.settings, self.io.info
+        held_out = None
+        if s.confirm is not None and s.confirm.fraction:
+            eval_data, held_out = split_batches(eval_data, s.confirm.fraction)
+            say(
+                f"neuron elimination: {1 - s.confirm.fraction:.0%} of the evaluation samples "
+                f"for the search, {s.confirm.fraction:.0%} held out to confirm the choice"
+            )
+        fitters = {
+            j.layer: JunctionFitter(
+                self.stats[j.consumer], *self._consumer_weights(j), s.options
+            )
+            for j in self.junctions
+        }  # fmt: skip
+        try:
+            points = self._sweep(fitters, eval_data, metric, example)
+            joint_points = self._joint_search(
+                fitters, points, eval_data, train_data, metric, example
+            )
+        finally:
+            fitters.clear()  # n × n matrices per junction; the joint search keeps what it needs
+        every = [pt for pts in points.values() for pt in pts]
+        decision = decide(every, joint_points, self.junctions, s.apply, s.max_accuracy_drop)
+        if s.apply is not None and not isinstance(s.apply, Mapping) and not decision.plan:
+            self.io.warn(
+                f"neuron elimination: no configuration keeps the accuracy drop within "
+                f"{s.max_accuracy_drop}; the model is left unchanged"
+            )
+        confirmations: list[Confirmation[Any]] = []
+        if held_out is not None and s.apply == "max_energy_saving":
+            decision, confirmations = self._confirm(every, joint_points, held_out, metric)
+        return SearchResult(points, joint_points, decision, confirmations)
+
+    def apply(self, model: nn.Module, decision: Decision) -> Elimination:
+        """Apply ``decision`` to ``model`` in place, exactly as it was evaluated, and release
+        the joint search."""
+        try:
+            return self._apply(model, decision)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the joint search (its reduced copies and fitted statistics)."""
+        self._joint = None
+
+    # ------------------------------------------------------------------ steps
+
+    def _consumer_weights(self, j: Junction) -> tuple[torch.Tensor, torch.Tensor | None]:
+        consumer = self.model.get_submodule(j.consumer)
+        return consumer.weight, consumer.bias
+
+    def _sweep(
+        self, fitters: Mapping[str, JunctionFitter], data: Iterable[Any], metric: Any,
+        example: Any,
+    ) -> dict[str, list[SweepPoint]]:  # fmt: skip
+        s, say = self.settings, self.io.info
+        grids = {
+            j.layer: rank_grid(j.num_features, s.ranks, start=fitters[j.layer].rank)
+            for j in self.junctions
+        }
+        # one point for the baseline of each layer, then its grid below n
+        sizes = [1 + sum(p != j.num_features for p in grids[j.layer]) for j in self.junctions]
+        points: dict[str, list[SweepPoint]] = {}
+        baseline = None
+        with self.io.progress("Neuron elimination: sweep", sum(sizes), "points") as bar:
+            for i, j in enumerate(self.junctions, 1):
+                evaluator = self.io.evaluator(self.model, j.consumer, data, metric)
+                if baseline is None:
+                    baseline = (evaluator(), self.energy_model.estimate(self.model, example))
+                    say(
+                        f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
+                        f"{baseline[1].total * 1e6:.3f} µJ"
+                    )
+
+                def progress(pt: SweepPoint, i: int = i) -> None:
+                    bar.advance()
+                    say(
+                        f"neuron elimination [{i}/{len(self.junctions)}] {pt.layer}: "
+                        f"p={pt.p}/{pt.n} accuracy {pt.accuracy:.4f} (drop "
+                        f"{pt.accuracy_drop:+.4f}), energy {pt.energy_ratio:.2f}× lower"
+                    )
+
+                points[j.layer] = sweep_junction(
+                    self.model, j, self.stats[j.consumer], evaluator, self.energy_model,
+                    example, ranks=s.ranks, options=s.options, fitter=fitters[j.layer],
+                    max_accuracy_drop=s.max_accuracy_drop, baseline=baseline, on_point=progress,
+                )  # fmt: skip
+                bar.update(sum(sizes[:i]))  # the points after an early stop are skipped
+        return points
+
+    def _joint_search(
+        self, fitters: Mapping[str, JunctionFitter], points: Mapping[str, list[SweepPoint]],
+        data: Iterable[Any], train_data: Iterable[Any] | None, metric: Any, example: Any,
+    ) -> list[JointPoint]:  # fmt: skip
+        """Run the joint strategy; keep its :class:`~lightning_neuronprune.search.joint.JointSearch`
+        for :meth:`apply`."""
+        s, o, say = self.settings, self.settings.options, self.io.info
+        self._joint = None
+        if s.joint is None or len(self.junctions) < 2:
+            return []
+        layers = [j.layer for j in self.junctions]
+        say(f"neuron elimination: joint search ({s.joint}) over {layers}")
+        bar = self.io.progress(f"Neuron elimination: joint search ({s.joint})", None, "points")
+        with bar as b:
+
+            def progress(pt: JointPoint) -> None:
+                b.advance()
+                say(
+                    f"neuron elimination [joint {s.joint}] {pt.label}: accuracy "
+                    f"{pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
+                    f"{pt.energy_ratio:.2f}× lower"
+                )
+
+            first = points[self.junctions[0].layer][0]  # the unreduced baseline
+            self._joint = JointSearch(
+                self.model, self.junctions, self.stats, data, metric, self.energy_model, example,
+                train_data=train_data, method=o.method, affine=o.affine, ridge=o.ridge,
+                ranks=s.ranks, max_samples=s.max_samples, on_point=progress,
+                baseline=(first.accuracy, first.energy), fitters=fitters,
+                **self.io.forward_kwargs(),
+                data_fns={**self.io.eval_fns(), "mask_fn": self.io.mask_fn},
+            )  # fmt: skip
+            if s.joint == "greedy":
+                return greedy(
+                    self._joint, s.max_accuracy_drop, compensate=s.joint_compensate,
+                    slack=s.max_accuracy_drop / 2,
+                )  # fmt: skip
+            return sequential(
+                self._joint, s.max_accuracy_drop, order=s.joint_order, shares=s.joint_shares
+            )
+
+    def _confirm(
+        self, every: list[SweepPoint], joint_points: list[JointPoint], held_out: list[Any],
+        metric: Any,
+    ) -> tuple[Decision, list[Confirmation[Any]]]:  # fmt: skip
+        """Re-measure the candidates on the held-out part, from the lowest energy up, and keep
+        the first whose drop there stays within the budget (minus the margin)."""
+        s, c = self.settings, self.settings.confirm
+        assert c is not None  # run() confirms only with settings
+        candidates: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
+        candidates += [pt for pt in joint_points if pt.strategy != "baseline"]
+        first = self.junctions[0].consumer
+        chunks = chunk_batches(held_out, c.chunk) if c.confidence else []
+
+        def evaluate(module: nn.Module) -> Any:
+            value = self.io.evaluator(module, first, held_out, metric, cache=False)()
+            if not c.confidence:
+                return value
+            per_chunk = [self.io.evaluator(module, first, b, metric, cache=False)() for b in chunks]
+            return value, per_chunk
+
+        def measure(pt: SweepPoint | JointPoint) -> Any:
+            reduced = copy.deepcopy(self.model)
+            self._apply(reduced, decision_for(pt, self.junctions))
+            return evaluate(reduced)
+
+        chosen, tried = confirm_front(
+            front_within(candidates, s.max_accuracy_drop), measure, evaluate(self.model),
+            s.max_accuracy_drop, higher_is_better=metric_direction(metric), margin=c.margin,
+            confidence=c.confidence, max_tries=c.max_tries,
+        )  # fmt: skip
+        for t in tried:
+            bound = "" if t.upper_bound is None else f" (upper bound {t.upper_bound:+.4f})"
+            self.io.info(
+                f"neuron elimination [confirm] {point_label(t.point)}: drop "
+                f"{t.search_drop:+.4f} on the search part, {t.confirmed_drop:+.4f} held out{bound}"
+                " -> " + ("kept" if t.held else "rejected")
+            )
+        if chosen is None:
+            self.io.warn(
+                f"neuron elimination: no configuration within the budget "
+                f"{s.max_accuracy_drop} on the search part kept it on the held-out part "
+                f"({len(tried)} tried); the model is left unchanged"
+            )
+            return Decision(), tried
+        return decision_for(chosen, self.junctions), tried
+
+    def _apply(self, model: nn.Module, decision: Decision) -> Elimination:
+        if isinstance(decision.chosen, JointPoint) and self._joint is not None:
+            return self._joint.apply(model, decision.chosen)
+        return apply_decision(model, self.junctions, decision, self.stats, self.settings.options)
