@@ -1,6 +1,7 @@
 """Sweep time of a 6-layer transformer encoder's FFN blocks on CPU, with same-run baselines.
 
-The model is :class:`~lightning_neuronprune.testing.models.PatchTransformer` (MNIST 4×4 patches as 49
+The model is :class:`~lightning_neuronprune.testing.models.PatchTransformer` (MNIST 4×4 patches as
+49
 tokens, blank patches as padding) with 6 blocks, dim 64 and FFN width 256, randomly initialised
 (the timings do not depend on training). Batches are dicts with ``pixel_values``,
 ``attention_mask`` and ``labels``; the FFN activations are (batch × tokens × features).

@@ -1,6 +1,7 @@
 """Train a small transformer on MNIST patches, then remove redundant FFN neurons without retraining.
 
-The model (:class:`~lightning_neuronprune.testing.models.PatchTransformer`) reads each image as 49 tokens
+The model (:class:`~lightning_neuronprune.testing.models.PatchTransformer`) reads each image as 49
+tokens
 of 4×4 pixels. Its batches are Hugging Face-style dicts (``pixel_values``, ``attention_mask``,
 ``labels``), and blank patches are padding: the ``attention_mask`` removes them from attention and
 pooling, and the callback's statistics count only the real tokens.

@@ -40,7 +40,9 @@ from lightning_neuronprune.search.pipeline import (
     SearchResult,
     SearchSettings,
 )
-from lightning_neuronprune.structure.discovery import Junction, find_junction
+from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.structure.junction import Junction
+from lightning_neuronprune.structure.modules import GatheredLinear
 from lightning_neuronprune.structure.persistence import (
     ReducedCheckpointMixin,
     install_plan_hook,
@@ -51,7 +53,6 @@ from lightning_neuronprune.structure.persistence import (
     rebuild_shapes,
     save_reduced,
 )
-from lightning_neuronprune.structure.surgery import GatheredLinear
 
 __all__ = [
     "CheckpointMismatchError",

@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.core.cholesky`: the greedy diagonal-pivoted Cholesky of a Gram
+"""Tests of :mod:`lightning_neuronprune.core.cholesky`: the greedy diagonal-pivoted Cholesky of a
+Gram
 matrix ``G = X Xᵀ``, whose pivots are those of the QR with column pivoting of ``Xᵀ`` (LAPACK
 ``geqp3`` through ``scipy.linalg.qr``). Input validation shared with :func:`pivoted_qr` is tested in
 ``test_linalg.py``.

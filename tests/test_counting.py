@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.cost.counting` called directly (``test_energy.py`` covers the
+"""Tests of :mod:`lightning_neuronprune.cost.counting` called directly (``test_energy.py`` covers
+the
 rules through :meth:`EnergyModel.estimate`)."""
 
 from __future__ import annotations

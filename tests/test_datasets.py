@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.testing.datasets`: the IDX reader on tiny synthetic files written
+"""Tests of :mod:`lightning_neuronprune.testing.datasets`: the IDX reader on tiny synthetic files
+written
 here (gzipped or not, every IDX dtype), its errors on bad and truncated files, and MNIST from a
 local directory without touching the network. One test reads the real test split when the files
 are present (``mnist_dir`` fixture, skipped otherwise).

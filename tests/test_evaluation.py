@@ -8,7 +8,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search import evaluation
 from lightning_neuronprune.search.evaluation import CachedEvaluator, batch_target, model_output
-from lightning_neuronprune.structure.surgery import linear_from
+from lightning_neuronprune.structure.modules import linear_from
 
 
 class _Skip(nn.Module):

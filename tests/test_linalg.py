@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.core.linalg` against LAPACK (``scipy.linalg.qr``, ``geqp3``).
+"""Tests of :mod:`lightning_neuronprune.core.linalg` against LAPACK (``scipy.linalg.qr``,
+``geqp3``).
 
 Tolerances. Householder QR is normwise backward stable: ``||A P - Q R|| <= c(m, n) ε ||A||`` with
 ``c`` of order ``m n`` in the worst case (Higham, *Accuracy and Stability*, Thm 19.4) and of order

@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.testing.models`: the paper's reference networks as built (layer
+"""Tests of :mod:`lightning_neuronprune.testing.models`: the paper's reference networks as built
+(layer
 names, output and intermediate shapes, parameter counts checked against the arithmetic of the
 architectures by hand) and the small patch transformer of the transformer example.
 

@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.search.pareto`: the lowest-energy point within the budget and the
+"""Tests of :mod:`lightning_neuronprune.search.pareto`: the lowest-energy point within the budget
+and the
 accuracy-versus-energy Pareto front, for single-layer and joint points alike (the ``Point``
 protocol), against brute-force references written independently here.
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_neuronprune.structure.discovery import Junction
-from lightning_neuronprune.structure.surgery import GatheredLinear, apply_reduction, linear_from
+from lightning_neuronprune.structure.junction import Junction
+from lightning_neuronprune.structure.modules import GatheredLinear, linear_from
+from lightning_neuronprune.structure.surgery import apply_reduction
 
 
 def test_apply_reduction_shapes_dtype_device() -> None:

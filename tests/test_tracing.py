@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.structure.surgery import GatheredLinear
-from lightning_neuronprune.structure.tracing import _Tracer, traced_consumer, traced_producer
+from lightning_neuronprune.structure.modules import GatheredLinear
+from lightning_neuronprune.structure.tracing import LeafTracer, traced_consumer, traced_producer
 
 
 class Inner(nn.Module):
@@ -70,6 +70,6 @@ def test_gathered_linear_is_a_leaf() -> None:
     model = nn.Sequential(
         GatheredLinear(torch.tensor([0, 2]), 3, source_features=4), nn.Linear(3, 1)
     )
-    graph = _Tracer().trace(model)
+    graph = LeafTracer().trace(model)
     assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
     assert traced_consumer(model, "0")[0] == "1"

@@ -1,4 +1,5 @@
-"""Tests of :mod:`lightning_neuronprune.search.validation`: every refused value raises ``ValueError`` whose
+"""Tests of :mod:`lightning_neuronprune.search.validation`: every refused value raises
+``ValueError`` whose
 message names the argument in backticks and the bad value; accepted values pass and return what
 the docstrings say. (The callback's conversion to ``MisconfigurationException`` is tested in
 ``test_callback.py``.)

@@ -18,7 +18,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PivotedCholesky", "pivoted_cholesky"]
+__all__ = [
+    "PivotedCholesky",
+    "check_matrix",
+    "check_steps",
+    "host_pivots",
+    "pivoted_cholesky",
+    "swap_views",
+]
 
 _CHOLESKY_BLOCK = 128
 """Panel width of the blocked pivoted Cholesky."""
@@ -40,7 +47,7 @@ class PivotedCholesky(NamedTuple):
     rank: int
 
 
-def _check_matrix(A: Tensor, name: str) -> float:
+def check_matrix(A: Tensor, name: str) -> float:
     """Validate a 2-D, finite, float32/float64 tensor and return ``max |A|`` (0 when empty).
 
     Raises:
@@ -68,7 +75,7 @@ def _check_matrix(A: Tensor, name: str) -> float:
     return amax
 
 
-def _check_steps(k: int | None, name: str, limit: int) -> int:
+def check_steps(k: int | None, name: str, limit: int) -> int:
     """Return the number of steps ``min(k, limit)`` (``limit`` when ``k`` is None).
 
     Raises:
@@ -139,17 +146,17 @@ def pivoted_cholesky(
         >>> rank
         10
     """
-    amax = _check_matrix(G, "G")
+    amax = check_matrix(G, "G")
     n = G.shape[0]
     if G.shape[1] != n:
         raise ValueError(f"`G` must be square, got shape {tuple(G.shape)}")
-    steps = _check_steps(k, "k", n)
+    steps = check_steps(k, "k", n)
     if rtol is None:
         rtol = n * torch.finfo(G.dtype).eps
     elif isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0.0:
         raise ValueError(f"`rtol` must be a non-negative float or None, got {rtol!r}")
     W = _symmetrized(G, amax)  # the trailing block W[i:, i:] is the Schur complement
-    if not _host_pivots(G.device):
+    if not host_pivots(G.device):
         return _pivoted_cholesky_device(W, steps, rtol)
     device = G.device
 
@@ -180,11 +187,11 @@ def pivoted_cholesky(
             p = i + int(torch.where(ds == best, orig[i:], float(n)).argmin().item())
             if p != i:
                 # symmetric swap of i and p in the upper triangle of W (LAPACK xPSTRF)
-                _swap(W[i, p + 1 :], W[p, p + 1 :])
-                _swap(W[i, i + 1 : p], W[i + 1 : p, p])
-                _swap(P[:, i], P[:, p])
+                swap_views(W[i, p + 1 :], W[p, p + 1 :])
+                swap_views(W[i, i + 1 : p], W[i + 1 : p, p])
+                swap_views(P[:, i], P[:, p])
                 if c0:
-                    _swap(L[i, :c0], L[p, :c0])
+                    swap_views(L[i, :c0], L[p, :c0])
             j = i - c0
             root = math.sqrt(dmax)
             lj = P[j, i:]
@@ -295,7 +302,7 @@ _CUDA_GRAPHS = True
 """Replay the pivot step of :func:`_pivoted_cholesky_device` as a CUDA graph (on CUDA)."""
 
 
-def _host_pivots(device: torch.device) -> bool:
+def host_pivots(device: torch.device) -> bool:
     """Whether pivots are read on the host: on the CPU a read costs nothing and slicing with a
     Python int is cheapest; elsewhere every read is a round trip.
     ``_FORCE_DEVICE_PIVOTS`` (tests) runs the device-side path on the CPU."""
@@ -319,7 +326,7 @@ def _update_upper(W: Tensor, Lt: Tensor, i: int, tile: int = 512) -> None:
         W[a:b, a:].addmm_(Lt[:, a:b].T, Lt[:, a:], alpha=-1.0)
 
 
-def _swap(a: Tensor, b: Tensor) -> None:
+def swap_views(a: Tensor, b: Tensor) -> None:
     """Exchange the contents of two equally shaped, non-overlapping views."""
     tmp = a.clone()
     a.copy_(b)

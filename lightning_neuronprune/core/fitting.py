@@ -30,7 +30,7 @@ from lightning_neuronprune.core.reconstruction import least_squares_transform, r
 from lightning_neuronprune.core.selection import (
     METHODS,
     Method,
-    _check_p,
+    check_p,
     nested_order,
     numerical_rank,
     output_order,
@@ -152,13 +152,14 @@ class JunctionFitter:
         """Select the kept sets of many p at once.
 
         ``svd_qr`` selects the whole grid in one batched loop
-        (:func:`~lightning_neuronprune.core.selection.prefix_qr_pivots`), except on the CPU for layers
+        (:func:`~lightning_neuronprune.core.selection.prefix_qr_pivots`), except on the CPU for
+        layers
         wider than :data:`CPU_BATCHED_MAX_FEATURES`, where one blocked pivoted QR per p moves
         less memory (measured in docs/RESULTS.md); both give LAPACK's pivots.
         """
         todo = sorted({p for p in ps if p not in self._kept}, reverse=True)
         for p in todo:
-            _check_p(p, self.num_features)
+            check_p(p, self.num_features)
         if self.options.method == "svd_qr" and self._basis is None and todo:
             self._sigma2, self._basis = spectrum(
                 self.stats, centered=self.options.affine, moment=self.moment

@@ -25,11 +25,11 @@ from torch import Tensor
 
 from lightning_neuronprune.core.cholesky import (
     PivotedCholesky,
-    _check_matrix,
-    _check_steps,
-    _host_pivots,
-    _swap,
+    check_matrix,
+    check_steps,
+    host_pivots,
     pivoted_cholesky,
+    swap_views,
 )
 
 __all__ = ["PivotedCholesky", "PivotedQR", "pivoted_cholesky", "pivoted_qr"]
@@ -123,17 +123,17 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
         >>> torch.allclose(A[:, perm], Q @ R)
         True
     """
-    amax = _check_matrix(A, "A")
+    amax = check_matrix(A, "A")
     m, n = A.shape
     r = min(m, n)
-    steps = _check_steps(k, "k", r)
+    steps = check_steps(k, "k", r)
     dtype, device = A.dtype, A.device
     if steps == 0:
         perm = torch.arange(n, dtype=torch.long, device=device)
         return PivotedQR(A.new_zeros((m, 0)), A.new_zeros((0, n)), perm)
 
     scale = _power_of_two_scale(amax, dtype)
-    if not _host_pivots(device):
+    if not host_pivots(device):
         return _pivoted_qr_gram(A, steps, scale, compute_q)
     nb = _QR_BLOCK
     # One buffer, one row per column of A, so that a single row swap moves everything that
@@ -161,7 +161,7 @@ def pivoted_qr(A: Tensor, k: int | None = None, *, compute_q: bool = True) -> Pi
         while i < stop:
             Bi = B[i]
             if pvt != i:
-                _swap(Bi, B[pvt])
+                swap_views(Bi, B[pvt])
                 perm[i], perm[pvt] = perm[pvt], perm[i]
             kk = i - j0
             x = Bi[i:m]  # pivot column A[i:, i]

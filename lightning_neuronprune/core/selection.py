@@ -23,16 +23,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_neuronprune.core.cholesky import _check_matrix
+from lightning_neuronprune.core.cholesky import check_matrix
 from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.core.statistics import JunctionStatistics
 
 __all__ = [
     "METHODS",
     "Method",
+    "check_p",
     "explained_output_energy",
+    "greedy_output",
     "nested_order",
     "numerical_rank",
+    "output_factor",
     "output_order",
     "prefix_qr_pivots",
     "select_neurons",
@@ -50,7 +53,8 @@ def _check_method(method: str) -> None:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
 
 
-def _check_p(p: int, n: int) -> None:
+def check_p(p: int, n: int) -> None:
+    """Refuse a ``p`` that is not an integer in ``[1, n]`` (a ``ValueError`` naming both)."""
     if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= n:
         raise ValueError(
             f"`p` must be an integer in [1, {n}] (the layer has n={n} features), got {p!r}"
@@ -149,7 +153,7 @@ def select_neurons(
     """
     _check_method(method)
     n = stats.num_features
-    _check_p(p, n)
+    check_p(p, n)
     if method == "qr":
         if order is None:
             order = nested_order(stats, centered=centered)
@@ -169,7 +173,7 @@ def select_neurons(
     return torch.sort(kept).values
 
 
-def _output_factor(weight: Tensor, n: int, like: Tensor) -> Tensor:
+def output_factor(weight: Tensor, n: int, like: Tensor) -> Tensor:
     """A factor ``F`` with ``Fᵀ F = Wᵀ W`` and at most n rows (``W`` itself when m ≤ n)."""
     if weight.dim() != 2 or weight.shape[1] != n:
         raise ValueError(
@@ -227,11 +231,11 @@ def output_order(
     n = M.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
     rtol = n * torch.finfo(torch.float32).eps if rtol is None else rtol
-    F = _output_factor(weight, n, M)
-    return _greedy_output(M, F @ M, steps, rtol)
+    F = output_factor(weight, n, M)
+    return greedy_output(M, F @ M, steps, rtol)
 
 
-def _greedy_output(G: Tensor, V: Tensor, steps: int, rtol: float) -> Tensor:
+def greedy_output(G: Tensor, V: Tensor, steps: int, rtol: float) -> Tensor:
     """The greedy recursion of :func:`output_order` from ``R = G`` and a given ``V`` (m × n).
 
     ``V = F G`` gives the output-aware selection; ``V = F C`` with a cross moment ``C`` gives the
@@ -331,7 +335,7 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
         >>> torch.equal(piv[1], pivoted_qr(U[:, :3].T, k=3, compute_q=False).perm[:3])
         True
     """
-    _check_matrix(U, "U")
+    check_matrix(U, "U")
     n, r = U.shape
     ranks = []
     for p in ps:

@@ -106,7 +106,8 @@ def count_linear(module: nn.Module, input: Tensor, output: Any) -> LayerCount:
     ``M = R · in_features · out_features``, ``N_w = weight.numel()`` and
     ``N_a = R · in_features``. For a plain ``nn.Linear`` ``n = in_features``; a subclass that
     gathers ``in_features`` of its ``n`` input features before the product (such as
-    :class:`~lightning_neuronprune.structure.surgery.GatheredLinear`) is charged for the gathered features
+    :class:`~lightning_neuronprune.structure.modules.GatheredLinear`) is charged for the gathered
+    features
     only.
 
     Args:

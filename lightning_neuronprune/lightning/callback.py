@@ -53,7 +53,7 @@ from lightning_neuronprune.search.validation import (
     check_arguments,
     check_choice,
 )
-from lightning_neuronprune.structure.discovery import Junction
+from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import install_plan_hook
 from lightning_neuronprune.structure.targets import Targets, resolve_targets, traced_targets
 
@@ -106,7 +106,8 @@ class NeuronEliminationCallback(pl.Callback):
             features (the paper's "FC1" row of LeNet-300-100). A mapping ``{target: consumer}``
             names the consumers too (checked by the probe). Junctions are found by a probe on
             ``probe_samples`` samples of the first training batch (see
-            :mod:`~lightning_neuronprune.structure.probe`), cross-checked by :mod:`torch.fx` where the
+            :mod:`~lightning_neuronprune.structure.probe`), cross-checked by :mod:`torch.fx` where
+            the
             model traces: ``"auto"`` finds the FFN pairs of transformer blocks (BERT's
             ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1``
             → ``fc2``) through custom activation modules and untraceable ``forward``\ s.
@@ -165,7 +166,8 @@ class NeuronEliminationCallback(pl.Callback):
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
             without ``monitor`` its "best" is its latest checkpoint).
         input_fn: maps a batch to the model input; the default
-            (:func:`~lightning_neuronprune.core.statistics.batch_input`) takes ``x`` of ``(x, y)``, and
+            (:func:`~lightning_neuronprune.core.statistics.batch_input`) takes ``x`` of ``(x, y)``,
+            and
             for a Hugging Face-style dict (``input_ids``...) the dict less its ``labels``. The
             model is called as ``model(**input)`` when its ``forward`` takes the dict's keys,
             else ``model(input)`` (a LightningModule whose ``forward`` takes the batch).
@@ -180,7 +182,8 @@ class NeuronEliminationCallback(pl.Callback):
 
     Attributes:
         settings: the search's :class:`~lightning_neuronprune.search.pipeline.SearchSettings`, made
-            from the arguments (the core runs the search: :mod:`~lightning_neuronprune.search.pipeline`).
+            from the arguments (the core runs the search:
+            :mod:`~lightning_neuronprune.search.pipeline`).
         results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
         points: ``{layer: [SweepPoint, ...]}``.
         chosen: the applied :class:`SweepPoint` or :class:`JointPoint`, or ``None``.

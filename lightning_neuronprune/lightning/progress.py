@@ -9,33 +9,11 @@ the Trainer's progress bar is disabled, nor on ranks other than zero.
 from __future__ import annotations
 
 import sys
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["Bar", "ProgressBar", "no_progress", "sample_count"]
-
-
-class Bar(Protocol):
-    """What the core asks of a progress bar (:class:`ProgressBar` has it)."""
-
-    def update(self, done: int) -> None: ...
-
-    def advance(self, steps: int = 1) -> None: ...
-
-
-class _NoBar:
-    def update(self, done: int) -> None:
-        pass
-
-    def advance(self, steps: int = 1) -> None:
-        pass
-
-
-def no_progress(description: str, total: int | None, unit: str) -> AbstractContextManager[Bar]:
-    """The core's default progress: no bar."""
-    return nullcontext(_NoBar())
+__all__ = ["ProgressBar", "sample_count"]
 
 
 class ProgressBar:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_neuronprune.search.pareto import pareto_front
+from lightning_neuronprune.search.pareto import pareto_front, point_label
 from lightning_neuronprune.search.sweep import SweepPoint
 
 __all__ = [
@@ -178,7 +178,8 @@ def tradeoff_figure(
         points_by_layer: ``{layer: points}``.
         chosen: a point to highlight.
         extra: more curves, ``{label: [(energy_joules, accuracy), ...]}``.
-        joint: joint configurations (:class:`~lightning_neuronprune.search.joint.JointPoint`), drawn as
+        joint: joint configurations (:class:`~lightning_neuronprune.search.joint.JointPoint`),
+        drawn as
             points with their own Pareto front.
 
     Returns:
@@ -243,7 +244,8 @@ def tradeoff_figure(
 def mark_confirmations(fig: Any, confirmations: Sequence[Any], search_baseline: float) -> Any:
     """Mark the held-out confirmations on a :func:`tradeoff_figure`.
 
-    Each re-measured candidate (a :class:`~lightning_neuronprune.search.confirmation.Confirmation`) is
+    Each re-measured candidate (a :class:`~lightning_neuronprune.search.confirmation.Confirmation`)
+    is
     drawn at its search accuracy (open marker) and at ``search_baseline - confirmed_drop``, the
     accuracy its confirmed drop stands for on the search scale (filled: green star if the budget
     held there, red cross if not), joined by a vertical line: the gap is the selection bias.
@@ -315,12 +317,6 @@ def amend_report(path: str | os.PathLike[str], **keys: Any) -> None:
     doc = json.loads(path.read_text())
     doc.update(keys)
     path.write_text(json.dumps(doc, indent=2))
-
-
-def point_label(point: Any) -> str:
-    """``"fc1=40"`` for a single-layer point, ``"fc1=40, fc2=20"`` for a joint one."""
-    label = getattr(point, "label", None)
-    return label if label else f"{point.layer}={point.p}"
 
 
 def log_confirmations(

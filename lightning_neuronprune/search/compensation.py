@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.core.reconstruction import solve_psd
-from lightning_neuronprune.core.selection import _greedy_output, _output_factor
+from lightning_neuronprune.core.selection import greedy_output, output_factor
 from lightning_neuronprune.core.statistics import JunctionStatistics, batch_input, model_device
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.structure.discovery import Junction
+from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = [
@@ -147,8 +147,8 @@ def compensated_order(cs: CrossStatistics, weight: Tensor, *, steps: int | None 
     G = cs.reduced.gram
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
-    F = _output_factor(weight, n, G)
-    return _greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
+    F = output_factor(weight, n, G)
+    return greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
 
 
 def compensate_junction(

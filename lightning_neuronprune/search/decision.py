@@ -19,7 +19,7 @@ from lightning_neuronprune.search.elimination import Elimination, eliminate_neur
 from lightning_neuronprune.search.joint import JointPoint
 from lightning_neuronprune.search.pareto import choose
 from lightning_neuronprune.search.sweep import SweepPoint
-from lightning_neuronprune.structure.discovery import Junction
+from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.targets import Targets
 
 __all__ = ["APPLY_MODES", "Decision", "apply_decision", "decide", "decision_for"]
@@ -126,7 +126,8 @@ def apply_decision(
         options: the fit options of the sweep.
 
     Returns:
-        The :class:`~lightning_neuronprune.search.elimination.Elimination` (no records for an empty plan).
+        The :class:`~lightning_neuronprune.search.elimination.Elimination` (no records for an empty
+        plan).
     """
     if not decision.plan:
         return Elimination(model, [])

@@ -18,7 +18,8 @@ from lightning_neuronprune.core.reconstruction import least_squares_transform, r
 from lightning_neuronprune.core.selection import Method
 from lightning_neuronprune.core.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
-from lightning_neuronprune.structure.discovery import Junction, find_junction
+from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan
 from lightning_neuronprune.structure.surgery import apply_reduction
 
@@ -225,7 +226,8 @@ def eliminate_neurons(
         mask_fn: maps a batch to its padding mask (see
             :func:`~lightning_neuronprune.core.statistics.batch_mask`).
         example: one model input (a few samples) to find the junctions by probing
-            (:class:`~lightning_neuronprune.structure.probe.JunctionProbe`) rather than by tracing only;
+            (:class:`~lightning_neuronprune.structure.probe.JunctionProbe`) rather than by tracing
+            only;
             needed for models that :mod:`torch.fx` cannot trace.
         junctions: junctions already resolved (by :func:`~lightning_neuronprune.structure.discovery.
             find_junction`), matched to the targets by their ``target``; the others are resolved

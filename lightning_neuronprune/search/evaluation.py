@@ -23,8 +23,8 @@ from lightning_neuronprune.core.runtime import evaluating, model_device, to_devi
 from lightning_neuronprune.core.statistics import TARGET_KEYS, batch_input, call_model
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.confirmation import metric_drop
-from lightning_neuronprune.structure.surgery import _set
-from lightning_neuronprune.structure.tracing import _Tracer
+from lightning_neuronprune.structure.modules import replace_module
+from lightning_neuronprune.structure.tracing import LeafTracer
 
 __all__ = [
     "CachedEvaluator",
@@ -121,7 +121,7 @@ def metric_direction(metric: Any) -> bool:
 def _split(model: nn.Module, consumer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """Split ``model`` at ``consumer`` into a prefix that returns the boundary values and a suffix
     that takes them and runs the consumer and everything after it."""
-    graph = _Tracer().trace(model)
+    graph = LeafTracer().trace(model)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == consumer]
     if len(calls) != 1:
         raise NeuronEliminationError(f"{consumer!r} is called {len(calls)} times")
@@ -261,7 +261,7 @@ class CachedEvaluator:
         originals = {name: root.get_submodule(name) for name in swaps}
         try:
             for name, module in swaps.items():
-                _set(root, name, module)
+                replace_module(root, name, module)
             with evaluating(self.model), evaluating(root), self._context():
                 for k, (x, y) in enumerate(self._batches):
                     out = (
@@ -274,7 +274,7 @@ class CachedEvaluator:
             return float(value) if sync else value
         finally:
             for name, module in originals.items():
-                _set(root, name, module)
+                replace_module(root, name, module)
 
     def degradation(self, baseline: float, value: float) -> float:
         """The drop of the metric from ``baseline`` to ``value`` (see :func:`degradation`)."""

@@ -7,7 +7,8 @@ layers". A :class:`JointSearch` fits, builds, scores and applies joint configura
 which choose the configurations to try, are in :mod:`lightning_neuronprune.search.strategies`.
 
 Every evaluated joint configuration is kept as a :class:`JointPoint`; :func:`pareto_front`
-(from :mod:`~lightning_neuronprune.search.pareto`) applies to them too, and :meth:`JointSearch.apply` swaps
+(from :mod:`~lightning_neuronprune.search.pareto`) applies to them too, and
+:meth:`JointSearch.apply` swaps
 the chosen one into a model exactly as it was evaluated.
 """
 
@@ -30,8 +31,9 @@ from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.elimination import Elimination, eliminate_neurons
 from lightning_neuronprune.search.evaluation import CachedEvaluator
 from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid
-from lightning_neuronprune.structure.discovery import Junction
-from lightning_neuronprune.structure.surgery import GatheredLinear, apply_reduction, linear_from
+from lightning_neuronprune.structure.junction import Junction
+from lightning_neuronprune.structure.modules import GatheredLinear, linear_from
+from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = ["JointPoint", "JointSearch"]
 
@@ -96,7 +98,8 @@ class JointSearch:
 
     Args:
         model: the trained network (never modified; reduced copies are built).
-        junctions: the targets, from :func:`~lightning_neuronprune.structure.discovery.find_junction`.
+        junctions: the targets, from
+        :func:`~lightning_neuronprune.structure.discovery.find_junction`.
         stats: ``{consumer: statistics}`` on the original network, for every junction.
         eval_data: evaluation batches.
         metric: a ``torchmetrics.Metric``.
@@ -252,7 +255,12 @@ class JointSearch:
             acc = self.evaluator(modules=swaps)
         else:
             acc = CachedEvaluator(
-                reduced, first.consumer, self.eval_data, self.metric, cache=False, **self.eval_options
+                reduced,
+                first.consumer,
+                self.eval_data,
+                self.metric,
+                cache=False,
+                **self.eval_options,
             )()
         energy = self.energy_model.estimate(reduced, self.example_input)
         base = self.baseline
@@ -342,4 +350,3 @@ class JointSearch:
         return collect_statistics(
             model, [consumer], self.train_data, max_samples=self.max_samples, **self._stat
         )[consumer]
-

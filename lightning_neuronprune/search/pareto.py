@@ -8,11 +8,11 @@ Both functions take any evaluated configuration, single-layer
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from lightning_neuronprune.cost.energy import EnergyReport
 
-__all__ = ["Point", "choose", "pareto_front"]
+__all__ = ["Point", "choose", "pareto_front", "point_label"]
 
 
 @runtime_checkable
@@ -57,3 +57,9 @@ def pareto_front(points: Iterable[P]) -> list[P]:
         if not front or pt.accuracy_drop < front[-1].accuracy_drop:
             front.append(pt)
     return front
+
+
+def point_label(point: Any) -> str:
+    """``"fc1=40"`` for a single-layer point, ``"fc1=40, fc2=20"`` for a joint one."""
+    label = getattr(point, "label", None)
+    return label if label else f"{point.layer}={point.p}"

@@ -12,7 +12,8 @@ This is the functional core's whole pipeline for junctions whose statistics are 
 temporarily swapped layer or a copy, so the model leaves it as it came in.
 :meth:`ReductionSearch.apply` only acts. The two are apart, as in Lightning's ``EarlyStopping``,
 so that a caller can report the decision before the model changes. The Lightning callback
-(:class:`~lightning_neuronprune.lightning.callback.NeuronEliminationCallback`) is a shell around this
+(:class:`~lightning_neuronprune.lightning.callback.NeuronEliminationCallback`) is a shell around
+this
 class. It finds the loaders, the device and the precision plugin's hooks, draws progress bars
 in the Trainer's style, and writes the reports and checkpoints.
 """
@@ -33,8 +34,6 @@ from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.errors import StatisticsError
-from lightning_neuronprune.lightning.progress import Bar, no_progress
-from lightning_neuronprune.lightning.reporting import point_label
 from lightning_neuronprune.search.confirmation import (
     Confirmation,
     chunk_batches,
@@ -46,17 +45,20 @@ from lightning_neuronprune.search.decision import Decision, apply_decision, deci
 from lightning_neuronprune.search.elimination import Elimination
 from lightning_neuronprune.search.evaluation import CachedEvaluator, metric_direction
 from lightning_neuronprune.search.joint import JointPoint, JointSearch
+from lightning_neuronprune.search.pareto import point_label
+from lightning_neuronprune.search.progress import Bar, no_progress
 from lightning_neuronprune.search.strategies import greedy, sequential
 from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.search.validation import check_arguments, check_confirmation
-from lightning_neuronprune.structure.discovery import Junction
+from lightning_neuronprune.structure.junction import Junction
 
 __all__ = ["ConfirmSettings", "ModelIO", "ReductionSearch", "SearchResult", "SearchSettings"]
 
 
 @dataclass(frozen=True)
 class ConfirmSettings:
-    """The held-out confirmation of the choice (see :mod:`~lightning_neuronprune.search.confirmation`).
+    """The held-out confirmation of the choice (see
+    :mod:`~lightning_neuronprune.search.confirmation`).
 
     Attributes:
         fraction: the share of the evaluation samples held out, in [0, 1); 0 confirms nothing.
@@ -79,7 +81,8 @@ class SearchSettings:
     """What to search and how to choose: the callback's arguments of the same names.
 
     Attributes:
-        ranks: the grid of p of every junction (see :func:`~lightning_neuronprune.search.sweep.rank_grid`).
+        ranks: the grid of p of every junction (see
+        :func:`~lightning_neuronprune.search.sweep.rank_grid`).
         max_accuracy_drop: the budget ε, as a fraction.
         options: the selection and least-squares options.
         apply: ``"max_energy_saving"``, ``None`` or ``{layer: p}`` (see
@@ -246,7 +249,8 @@ class ReductionSearch:
 
         Args:
             eval_data: evaluation batches. With a confirmation, they are split by
-                :func:`~lightning_neuronprune.search.confirmation.split_batches` into a search part and
+                :func:`~lightning_neuronprune.search.confirmation.split_batches` into a search part
+                and
                 a held-out part.
             metric: a ``torchmetrics.Metric`` over ``(predictions, target)``.
             example: one input for the energy model.

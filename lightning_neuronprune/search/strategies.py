@@ -1,7 +1,8 @@
 """The strategies of :class:`~lightning_neuronprune.search.joint.JointSearch`: which joint
 configurations ``{layer: p}`` to evaluate, under one accuracy budget.
 
-:mod:`lightning_neuronprune.search.joint` holds the search's building blocks (fitting, building, scoring
+:mod:`lightning_neuronprune.search.joint` holds the search's building blocks (fitting, building,
+scoring
 and applying one configuration, and the points it keeps); the functions here decide which
 configurations to try, calling those blocks (``evaluate``, ``score``, ``statistics`` and
 ``from_sweep``, which record each point for ``JointSearch.apply``) on the ``search`` they are
@@ -14,7 +15,8 @@ given. Every strategy is a function ``strategy(search, budget, **options) -> lis
   original network's statistics. The chosen configuration is finally re-fitted sequentially on
   data (:func:`sequential_refit`), which is recorded as one more point.
   With ``compensate``, the greedy path is also re-fitted by *compensating* fits
-  (:func:`compensated_refit`, :mod:`~lightning_neuronprune.search.compensation`): junction by junction,
+  (:func:`compensated_refit`, :mod:`~lightning_neuronprune.search.compensation`): junction by
+  junction,
   the consumer of the reduced network is fitted to reproduce the original network's consumer
   output from the kept features (cross statistics of both networks on the same training data), so
   each fit absorbs the errors of the junctions before it. The path is explored up to
@@ -53,8 +55,9 @@ class Strategy(Protocol):
     """A joint strategy: evaluates configurations of ``search`` within ``budget`` and returns
     every point it evaluated (the search keeps them for :meth:`JointSearch.apply`)."""
 
-    def __call__(self, search: JointSearch, budget: float, /, **options: Any) -> list[JointPoint]:
-        ...
+    def __call__(
+        self, search: JointSearch, budget: float, /, **options: Any
+    ) -> list[JointPoint]: ...
 
 
 def greedy(

@@ -32,13 +32,9 @@ from lightning_neuronprune.search.evaluation import (
     model_output,
 )
 from lightning_neuronprune.search.pareto import choose, pareto_front
-from lightning_neuronprune.structure.discovery import Junction
-from lightning_neuronprune.structure.surgery import (
-    GatheredLinear,
-    _set,
-    apply_reduction,
-    linear_from,
-)
+from lightning_neuronprune.structure.junction import Junction
+from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
+from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = [
     "CachedEvaluator",
@@ -123,7 +119,7 @@ def _temporarily_reduced(
         yield model
     finally:
         for n, m in originals.items():
-            _set(model, n, m)
+            replace_module(model, n, m)
 
 
 @dataclass(frozen=True)

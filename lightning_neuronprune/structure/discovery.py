@@ -9,8 +9,9 @@ modules only (ReLU, GELU, Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten..
 * the consumer gets the re-fitted weight ``W_p`` (m × p).
 
 When there is no producer row to delete (the consumer reads the network input or a flattened conv
-output), the consumer is replaced by a :class:`~lightning_neuronprune.structure.surgery.GatheredLinear` that
-selects the kept input features itself (``kind="gather"``).
+output), the consumer is replaced by a
+:class:`~lightning_neuronprune.structure.modules.GatheredLinear` that selects the kept input
+features itself (``kind="gather"``).
 
 Targets are named like this:
 
@@ -22,94 +23,39 @@ Targets are named like this:
 
 :func:`find_junction` checks the names (the layers exist, are ``nn.Linear`` and are not shared
 or tied) and finds the consumer by tracing the model with :mod:`torch.fx`
-(:mod:`lightning_neuronprune.structure.tracing`), starting from the innermost module that holds the target
-and moving outwards; or, given an example batch, by its behaviour on it
-(:mod:`lightning_neuronprune.structure.probe`), which also reaches untraceable models (Hugging Face
-transformers) and custom activation modules. A found :class:`Junction` is what
-:mod:`lightning_neuronprune.structure.surgery` reduces; :mod:`lightning_neuronprune.structure.targets` resolves the
-user's target names with :func:`find_junction` and :func:`auto_junctions`.
-
-This module and :mod:`lightning_neuronprune.structure.tracing` were split out of
-:mod:`lightning_neuronprune.structure.surgery`, which the design notes describe as "finding junctions and
-building and swapping the reduced modules": finding junctions lives here (the torch.fx walk in
-:mod:`~lightning_neuronprune.structure.tracing`), building and swapping the modules stays in surgery.
+(:mod:`~lightning_neuronprune.structure.tracing`), starting from the innermost module that holds
+the target and moving outwards; or, given an example batch, by its behaviour on it
+(:mod:`~lightning_neuronprune.structure.probe`), which also reaches untraceable models (Hugging
+Face transformers) and custom activation modules. A found
+:class:`~lightning_neuronprune.structure.junction.Junction` is what
+:mod:`~lightning_neuronprune.structure.surgery` reduces;
+:mod:`~lightning_neuronprune.structure.targets`
+resolves the user's target names with :func:`find_junction` and :func:`auto_junctions`.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.structure.surgery import GatheredLinear
+from lightning_neuronprune.structure.junction import (
+    INPUT_SUFFIX,
+    Junction,
+    Kind,
+    get_linear,
+    linear_layer_names,
+)
+from lightning_neuronprune.structure.modules import GatheredLinear
+from lightning_neuronprune.structure.probe import JunctionProbe
 from lightning_neuronprune.structure.tracing import traced_consumer, traced_producer
-
-if TYPE_CHECKING:
-    from lightning_neuronprune.structure.probe import JunctionProbe
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Junction",
-    "auto_junctions",
-    "find_junction",
-    "linear_layer_names",
-]
-
-INPUT_SUFFIX = ":in"
-
-Kind = Literal["producer", "gather"]
-
-
-@dataclass(frozen=True)
-class Junction:
-    """Where p of n features are kept.
-
-    Attributes:
-        target: the name the user gave.
-        kind: ``"producer"`` (rows of ``producer`` are deleted) or ``"gather"``.
-        producer: qualified name of the producer ``nn.Linear``, or ``None`` for a gather junction.
-        consumer: qualified name of the consumer ``nn.Linear``.
-        batchnorm: qualified name of a ``BatchNorm1d`` between the two, or ``None``.
-        num_features: n.
-        path: what lies between producer and consumer, for messages.
-    """
-
-    target: str
-    kind: Kind
-    producer: str | None
-    consumer: str
-    batchnorm: str | None
-    num_features: int
-    path: tuple[str, ...] = ()
-
-    @property
-    def layer(self) -> str:
-        """The canonical name: the producer, or ``"<consumer>:in"``."""
-        return self.producer if self.producer is not None else self.consumer + INPUT_SUFFIX
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` in ``model``."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def _unknown(model: nn.Module, name: str) -> JunctionError:
-    valid = linear_layer_names(model)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return JunctionError(
-        f"the model has no nn.Linear named {name!r}.{hint} Valid names: {valid} (append "
-        f"{INPUT_SUFFIX!r} to target a layer's input features)"
-    )
+__all__ = ["auto_junctions", "find_junction"]
 
 
 def _check_not_shared(model: nn.Module, name: str) -> None:
@@ -130,19 +76,6 @@ def _check_not_shared(model: nn.Module, name: str) -> None:
             )
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise _unknown(model, name)
-    module = modules[name]
-    if not isinstance(module, nn.Linear):
-        raise JunctionError(
-            f"layer {name!r} is a {type(module).__name__}, not an nn.Linear; only the neurons of "
-            f"nn.Linear layers can be eliminated. Valid names: {linear_layer_names(model)}"
-        )
-    return module
-
-
 def _producer_junction(
     model: nn.Module,
     target: str,
@@ -150,7 +83,7 @@ def _producer_junction(
     consumer: str | None,
     probe: JunctionProbe | None = None,
 ) -> Junction:
-    prod = _linear(model, producer)
+    prod = get_linear(model, producer)
     _check_not_shared(model, producer)
     if probe is not None:
         return _probed_junction(model, target, producer, consumer, probe)
@@ -168,7 +101,7 @@ def _producer_junction(
             "torch.fx. Give an example batch (`example=`) to find it by probing, or pass "
             "`consumer=` explicitly"
         )
-    cons = _linear(model, consumer)
+    cons = get_linear(model, consumer)
     if cons.in_features != prod.out_features:
         raise JunctionError(
             f"consumer {consumer!r} reads {cons.in_features} features but {producer!r} produces "
@@ -219,7 +152,7 @@ def _finish(
     n: int,
     path: tuple[str, ...],
 ) -> Junction:
-    cons = _linear(model, consumer)
+    cons = get_linear(model, consumer)
     _check_not_shared(model, consumer)
     if kind == "producer" and isinstance(cons, GatheredLinear):
         raise JunctionError(
@@ -267,12 +200,10 @@ def find_junction(
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
     if probe is None and example is not None and not target.endswith(INPUT_SUFFIX):
-        from lightning_neuronprune.structure.probe import JunctionProbe
-
         probe = JunctionProbe(model, example)
     if target.endswith(INPUT_SUFFIX):
         cons_name = target[: -len(INPUT_SUFFIX)]
-        cons = _linear(model, cons_name)
+        cons = get_linear(model, cons_name)
         producer = traced_producer(model, cons_name)
         if producer is not None:
             try:
@@ -289,7 +220,8 @@ def auto_junctions(
     """Every ``nn.Linear`` of ``model`` whose output neurons have a consumer, in module order.
 
     Each layer is resolved by :func:`find_junction`; with an ``example`` (or a ready ``probe``),
-    one shared :class:`~lightning_neuronprune.structure.probe.JunctionProbe` decides (one baseline pass,
+    one shared :class:`~lightning_neuronprune.structure.probe.JunctionProbe` decides (one baseline
+    pass,
     then a few passes per layer, most refusals after one or two). Layers that are refused are
     skipped and logged at debug level. In a transformer block this keeps the FFN pairs (BERT's
     ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1`` →
@@ -297,8 +229,6 @@ def auto_junctions(
     sum and LayerNorm, and gated MLPs.
     """
     if probe is None and example is not None:
-        from lightning_neuronprune.structure.probe import JunctionProbe
-
         probe = JunctionProbe(model, example)
     junctions = []
     for name in linear_layer_names(model):

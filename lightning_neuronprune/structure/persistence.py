@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import CheckpointMismatchError
-from lightning_neuronprune.structure.discovery import Junction, _linear
-from lightning_neuronprune.structure.surgery import _set, apply_reduction
+from lightning_neuronprune.structure.junction import Junction, get_linear
+from lightning_neuronprune.structure.modules import replace_module
+from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = [
     "PLAN_BUFFER",
@@ -251,7 +252,8 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
 
     Args:
         model: a fresh instance of the unreduced architecture.
-        plan: the records of :func:`~lightning_neuronprune.search.elimination.eliminate_neurons`, as plain
+        plan: the records of :func:`~lightning_neuronprune.search.elimination.eliminate_neurons`,
+        as plain
             dicts (``model.neuron_elimination_plan``), applied in order.
     """
     for rec in plan:
@@ -264,7 +266,7 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
             num_features=rec["n"],
         )
         kept = torch.as_tensor(rec["kept"], dtype=torch.long)
-        cons = _linear(model, junction.consumer)
+        cons = get_linear(model, junction.consumer)
         W_p = cons.weight.detach()[:, : kept.numel()]
         b_p = cons.bias.detach() if cons.bias is not None else None
         if rec.get("consumer_bias", b_p is not None) and b_p is None:
@@ -283,7 +285,7 @@ def _replay(owner: nn.Module, rel: str, records: list[dict[str, Any]]) -> None:
         rebuild_shapes(owner, records)
     except Exception as err:
         for name, module in originals.items():
-            _set(owner, name, module)
+            replace_module(owner, name, module)
         where = type(owner).__name__ + (f" (submodule {rel!r})" if rel else "")
         raise CheckpointMismatchError(
             f"cannot replay the saved neuron elimination plan ({_describe(records)}) on {where}: "

@@ -46,6 +46,9 @@ from torch import Tensor, nn
 from lightning_neuronprune.core.runtime import evaluating
 from lightning_neuronprune.core.statistics import call_model
 from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.structure.junction import Junction
+from lightning_neuronprune.structure.modules import replace_module
+from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = ["JunctionProbe", "ProbeResult"]
 
@@ -360,9 +363,6 @@ class JunctionProbe:
         """Run the network with feature ``n // 2`` removed; the consumer must read the rest."""
         if n < 2:
             return
-        from lightning_neuronprune.structure.discovery import Junction
-        from lightning_neuronprune.structure.surgery import _set, apply_reduction
-
         dropped = n // 2
         kept = torch.tensor([j for j in range(n) if j != dropped])
         cons = self.model.get_submodule(consumer)
@@ -387,7 +387,7 @@ class JunctionProbe:
                 handle.remove()
         finally:
             for x, m in originals.items():
-                _set(self.model, x, m)
+                replace_module(self.model, x, m)
         self.passes += 1
         hint = (
             "the features are reshaped (into attention heads, say) or combined with another "

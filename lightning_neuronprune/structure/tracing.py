@@ -7,7 +7,8 @@ the consumer ``nn.Linear``; :func:`traced_producer` walks back from a consumer. 
 the path (a feature mix, several users, a secondary argument) refuses the junction. The
 behavioural half is :mod:`lightning_neuronprune.structure.probe`, and
 :mod:`lightning_neuronprune.structure.discovery` combines the two into a
-:class:`~lightning_neuronprune.structure.discovery.Junction`. :class:`_Tracer` is also the tracer of the
+:class:`~lightning_neuronprune.structure.junction.Junction`. :class:`LeafTracer` is also the
+tracer of the
 cached evaluator (:mod:`lightning_neuronprune.search.evaluation`).
 """
 
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
-from lightning_neuronprune.structure.surgery import GatheredLinear
+from lightning_neuronprune.structure.modules import GatheredLinear
 
 __all__ = [
     "ELEMENTWISE_FUNCTIONS",
     "ELEMENTWISE_METHODS",
     "ELEMENTWISE_MODULES",
+    "LeafTracer",
     "traced_consumer",
     "traced_producer",
 ]
@@ -47,8 +49,9 @@ ELEMENTWISE_METHODS: frozenset[str] = frozenset(
 )
 
 
-class _Tracer(torch.fx.Tracer):
-    """The default tracer, with :class:`~lightning_neuronprune.structure.surgery.GatheredLinear` kept as a
+class LeafTracer(torch.fx.Tracer):
+    """The default tracer, with :class:`~lightning_neuronprune.structure.modules.GatheredLinear`
+    kept as a
     leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -90,7 +93,7 @@ def _traced_scopes(
     for scope in _scopes(name):
         root = model.get_submodule(scope) if scope else model
         try:
-            graph = _Tracer().trace(root)
+            graph = LeafTracer().trace(root)
         except Exception:  # any tracing failure means "try the enclosing scope"
             continue
         yield scope, graph, dict(root.named_modules()), name[len(scope) + 1 :] if scope else name
