@@ -1,14 +1,24 @@
 """Remove redundant neurons of trained networks without retraining, from inside PyTorch Lightning.
 
 The functional core follows Zhang, Davoodi & Hu, *Exploring Energy and Accuracy Tradeoff in
-Structure Simplification of Trained Deep Neural Networks* (IEEE JETCAS 2018):
-statistics (:mod:`.statistics`) → selection (:mod:`.selection`, :mod:`.linalg`) →
-reconstruction (:mod:`.reconstruction`) → surgery (:mod:`.junctions`, :mod:`.surgery`) →
-energy (:mod:`.energy`); :mod:`.pipeline` runs the sweeps, the joint search, the decision and its
-confirmation without a Trainer, and :class:`NeuronEliminationCallback` is the Lightning shell
-around it.
+Structure Simplification of Trained Deep Neural Networks* (IEEE JETCAS 2018). Its sub-packages
+are the stages data flows through, each importing only from those before it:
+
+* :mod:`~lightning_neuronprune.core`: statistics, pivoted factorisations, selection, the
+  least-squares refit (Eq. 6) and the fit step;
+* :mod:`~lightning_neuronprune.structure`: junctions (found by tracing or probing), module
+  surgery and the persistence of reduction plans;
+* :mod:`~lightning_neuronprune.cost`: counting rules and the 45 nm energy model;
+* :mod:`~lightning_neuronprune.search`: sweeps, joint strategies, the decision, its held-out
+  confirmation and the Trainer-free pipeline, with their settings;
+* :mod:`~lightning_neuronprune.lightning`: :class:`NeuronEliminationCallback` and its Trainer
+  glue, progress bars and reports.
+
+:mod:`~lightning_neuronprune.testing` holds the reference models and the MNIST reader used by the
+examples, benchmarks and tests.
 """
 
+from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.core.selection import nested_order, select_neurons
@@ -33,11 +43,11 @@ from lightning_neuronprune.search.elimination import (
     eliminate_neurons,
     reduce_junction,
 )
-from lightning_neuronprune.search.pipeline import (
+from lightning_neuronprune.search.pipeline import ModelIO, ReductionSearch, SearchResult
+from lightning_neuronprune.search.settings import (
     ConfirmSettings,
-    ModelIO,
-    ReductionSearch,
-    SearchResult,
+    DataOptions,
+    JointSettings,
     SearchSettings,
 )
 from lightning_neuronprune.structure.discovery import find_junction
@@ -57,11 +67,14 @@ from lightning_neuronprune.structure.persistence import (
 __all__ = [
     "CheckpointMismatchError",
     "ConfirmSettings",
+    "DataOptions",
     "Elimination",
     "EliminationRecord",
     "EnergyModel",
     "EnergyReport",
+    "FitOptions",
     "GatheredLinear",
+    "JointSettings",
     "Junction",
     "JunctionError",
     "JunctionStatistics",

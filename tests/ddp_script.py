@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lit_models import BlobsData, LitMLP
+from lit_models import BlobsData, LitMLP, applied, results
 
 from lightning_neuronprune import NeuronEliminationCallback, read_plan
 
@@ -22,7 +22,7 @@ from lightning_neuronprune import NeuronEliminationCallback, read_plan
 def main(out: Path) -> None:
     pl.seed_everything(0, workers=True)
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks="all", max_accuracy_drop=0.02, weights="best"
+        targets=["net.0", "net.2"], ranks="all", max_degradation=0.02, weights="best"
     )
     checkpoint = ModelCheckpoint(dirpath=out / "ckpt", monitor="val_loss")
     model = LitMLP()
@@ -41,8 +41,8 @@ def main(out: Path) -> None:
         "world_size": trainer.world_size,
         "state_sha256": digest.hexdigest(),
         "plan": read_plan(model),
-        "applied": callback.applied,
-        "results": callback.results,
+        "applied": applied(callback),
+        "results": results(callback),
         "report_paths": [str(p) for p in callback.report_paths],
         "source_checkpoint": callback.source_checkpoint_path,
         "reduced_checkpoint": callback.reduced_checkpoint_path,

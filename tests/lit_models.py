@@ -197,3 +197,15 @@ def holds_statistics(point: JointPoint) -> bool:
         elif isinstance(value, (list, tuple)):
             stack.extend(value)
     return False
+
+
+def applied(callback: Any) -> dict[str, int]:
+    """``{layer: p}`` that the callback's last run applied (``{}`` when none)."""
+    r = callback.result
+    return dict(r.decision.plan) if r is not None and r.applied else {}
+
+
+def results(callback: Any) -> list[dict[str, Any]]:
+    """One dict per single-layer point of the callback's last run."""
+    r = callback.result
+    return [pt.as_dict() for pt in r.every] if r is not None else []

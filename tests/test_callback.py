@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, tiny_trainer
+from lit_models import BlobsData, LitMLP, applied, results, tiny_trainer
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,10 +43,9 @@ def fitted(tmp_path: Path, seed: int) -> tuple[LitMLP, NeuronEliminationCallback
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2", "net.0:in"],
         ranks="all",
-        max_accuracy_drop=0.02,
+        max_degradation=0.02,
         joint=None,
-        confirm_fraction=None,  # the choice is measured on the whole validation set
-        verbose=False,
+        confirm=None,  # the choice is measured on the whole validation set
     )
     model = LitMLP()
     logger = CSVLogger(tmp_path, name="csv")
@@ -58,7 +57,7 @@ def test_logs_every_evaluated_p(fitted: tuple[LitMLP, NeuronEliminationCallback,
     _, callback, log_dir = fitted
     with open(log_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    for layer, points in callback.points.items():
+    for layer, points in callback.result.points.items():
         steps = {int(r["step"]) for r in rows if r.get(f"neuron_elimination/{layer}/accuracy")}
         assert steps == {pt.p for pt in points}
     keys = set(rows[0])
@@ -70,14 +69,16 @@ def test_logs_every_evaluated_p(fitted: tuple[LitMLP, NeuronEliminationCallback,
         assert f"neuron_elimination/net.0/{name}" in keys
         assert f"neuron_elimination/baseline/{name}" in keys
     report = json.loads((log_dir / "neuron_elimination.json").read_text())
-    assert len(report["points"]) == len(callback.results)
-    assert report["chosen"]["p"] == callback.chosen.p
-    assert (log_dir / "neuron_elimination.csv").read_text().count("\n") == len(callback.results) + 1
+    assert len(report["points"]) == len(results(callback))
+    assert report["chosen"]["p"] == callback.result.decision.chosen.p
+    assert (log_dir / "neuron_elimination.csv").read_text().count("\n") == len(
+        results(callback)
+    ) + 1
 
 
 def test_sweep_stops_at_threshold(fitted: tuple[LitMLP, NeuronEliminationCallback, Path]) -> None:
     _, callback, _ = fitted
-    for points in callback.points.values():
+    for points in callback.result.points.values():
         assert points[0].p == points[0].n and points[0].accuracy_drop == 0
         within = [pt.accuracy_drop <= 0.02 for pt in points]
         # Every point but possibly the last is within the threshold; the sweep stops right after
@@ -90,10 +91,10 @@ def test_sweep_stops_at_threshold(fitted: tuple[LitMLP, NeuronEliminationCallbac
 
 def test_apply_max_energy_saving(fitted: tuple[LitMLP, NeuronEliminationCallback, Path]) -> None:
     model, callback, _ = fitted
-    chosen = callback.chosen
-    candidates = [r for r in callback.results if r["accuracy_drop"] <= 0.02 and r["p"] < r["n"]]
+    chosen = callback.result.decision.chosen
+    candidates = [r for r in results(callback) if r["accuracy_drop"] <= 0.02 and r["p"] < r["n"]]
     assert chosen.energy.total == min(r["energy_total"] for r in candidates)
-    assert callback.applied == {chosen.layer: chosen.p}
+    assert applied(callback) == {chosen.layer: chosen.p}
     (record,) = read_plan(model)
     assert record["p"] == chosen.p and tuple(record["kept"]) == chosen.kept
     # The applied model really scores what the sweep measured.
@@ -114,7 +115,7 @@ def test_apply_none_leaves_model_unchanged(tmp_path: Path, seed: int) -> None:
     model = LitMLP()
     trainer = _trainer(tmp_path, callback)
     trainer.fit(model, datamodule=BlobsData())
-    assert callback.results and callback.chosen is None and callback.applied == {}
+    assert results(callback) and callback.result.decision.chosen is None and applied(callback) == {}
     assert model.net[0].out_features == 24 and read_plan(model) == []
 
 
@@ -129,7 +130,7 @@ def test_apply_explicit_then_test_and_reload(tmp_path: Path, seed: int) -> None:
     model = LitMLP()
     trainer = _trainer(tmp_path, callback)
     trainer.fit(model, datamodule=BlobsData())
-    assert callback.applied == {"net.2": 7}
+    assert applied(callback) == {"net.2": 7}
     assert model.net[2].out_features == 7 and model.net[4].in_features == 7
     (result,) = trainer.test(model, datamodule=BlobsData(), verbose=False)
     assert result["test_acc"] > 0.8
@@ -158,9 +159,9 @@ def test_custom_metric_and_eval_dataloader(tmp_path: Path, seed: int) -> None:
         eval_dataloader=loader, apply=None, verbose=False,
     )  # fmt: skip
     _trainer(tmp_path, callback).fit(LitMLP(), datamodule=dm)
-    assert set(callback.points) == {"net.0", "net.2"}
-    assert {pt.p for pt in callback.points["net.0"]} <= {24, 12, 6}
-    assert all(pt.accuracy >= 0.9 for pt in callback.points["net.0"][:1])
+    assert set(callback.result.points) == {"net.0", "net.2"}
+    assert {pt.p for pt in callback.result.points["net.0"]} <= {24, 12, 6}
+    assert all(pt.accuracy >= 0.9 for pt in callback.result.points["net.0"][:1])
 
 
 @pytest.mark.parametrize(
@@ -171,28 +172,32 @@ def test_custom_metric_and_eval_dataloader(tmp_path: Path, seed: int) -> None:
         ({"ranks": 0}, "`ranks` as a step must be a positive integer, got 0"),
         ({"ranks": [1.5]}, "fractions must lie in \\(0, 1\\], got 1.5"),
         ({"ranks": "some"}, "`ranks` must be 'auto', 'all'"),
-        ({"max_accuracy_drop": -0.1}, "`max_accuracy_drop` must be a fraction in \\[0, 1\\]"),
-        ({"max_accuracy_drop": 5}, "got 5"),
-        ({"method": "lu"}, "`method` must be one of \\['svd_qr', 'qr', 'output'\\], got 'lu'"),
-        ({"ridge": -1.0}, "`ridge` must be a finite number >= 0, got -1.0"),
+        ({"max_degradation": -0.1}, "`max_degradation` must be a non-negative number"),
+        ({"max_degradation": "5 percent"}, "`max_degradation` as a string must be a percentage"),
+        (
+            {"fit": {"method": "lu"}},
+            "`method` must be one of \\['svd_qr', 'qr', 'output'\\], got 'lu'",
+        ),
+        ({"fit": {"ridge": -1.0}}, "`ridge` must be a finite number >= 0, got -1.0"),
+        ({"fit": {"rigde": 1.0}}, "`fit` has an unknown field"),
+        ({"fit": "qr"}, "`fit` must be a FitOptions, a mapping of its fields or None, got 'qr'"),
         ({"metric": "accuracy"}, "`metric` must be a torchmetrics.Metric, got str"),
-        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
         ({"apply": "best"}, "`apply` must be one of \\['max_energy_saving'\\]"),
         ({"apply": {"fc1": 0}}, "`apply` as a mapping must be a non-empty"),
         ({"max_samples": 0}, "`max_samples` must be a positive integer or None, got 0"),
         ({"energy_model": 3}, "`energy_model` must be an EnergyModel, got int"),
         ({"verbose": "yes"}, "`verbose` must be a bool, got 'yes'"),
-        ({"joint": "sequential", "joint_shares": [0, 0]}, "`joint_shares` must be non-negative"),
-        ({"joint_order": ["net.0", "net.2"]}, "apply to `joint='sequential'`, got joint='greedy'"),
+        ({"weights": "first"}, "`weights` must be one of \\['last', 'best'\\], got 'first'"),
+        ({"data": {"probe_samples": 0}}, "`probe_samples` must be a positive integer, got 0"),
+        ({"data": {"mask_fn": "attention_mask"}}, "`mask_fn` must be callable"),
+        ({"confirm": {"fraction": 1.0}}, "`fraction` must be a fraction in \\[0, 1\\), got 1.0"),
+        ({"confirm": {"margin": 0.5}}, "`margin` must not exceed the budget"),
+        ({"joint": {"strategy": "sequential", "shares": [0, 0]}}, "`shares` must be non-negative"),
+        ({"joint": {"order": ["net.0", "net.2"]}}, "apply to the 'sequential' strategy"),
         (
-            {"targets": ["net.0", "net.2"], "joint": "sequential", "joint_shares": [1.0]},
-            "one share per target \\(2\\), got 1",
+            {"joint": {"strategy": "sequential", "order": ["net.0", "net.0"]}},
+            "`order` must be a non-empty list of distinct layer names",
         ),
-        (
-            {"targets": ["net.0", "net.2"], "joint": "sequential", "joint_order": ["net.0"]},
-            "`joint_order` must list each of the 2 targets once",
-        ),
-        ({"joint": "sequential", "joint_order": ["net.0", "net.0"]}, "`joint_order` has dup"),
     ],
 )
 def test_constructor_validates(kwargs: dict[str, Any], message: str) -> None:
@@ -218,9 +223,10 @@ class EmptyVal(BlobsData):
          "p=99 in 'net.0', which has only 24 features"),
         ({"targets": ["net.0"]}, NoVal, MisconfigurationException, "needs evaluation data"),
         ({"targets": ["net.0"]}, EmptyVal, MisconfigurationException, "dataloader is empty"),
-        ({"targets": "auto", "joint": "sequential", "joint_order": ["net.2", "net.9"]}, BlobsData,
+        ({"targets": "auto", "joint": {"strategy": "sequential", "order": ["net.2", "net.9"]}},
+         BlobsData,
          MisconfigurationException, "`joint_order` names \\['net.9'\\], which are not among"),
-        ({"targets": "auto", "joint": "sequential", "joint_shares": [1.0]}, BlobsData,
+        ({"targets": "auto", "joint": {"strategy": "sequential", "shares": [1.0]}}, BlobsData,
          MisconfigurationException, "one share per target \\(2: \\['net.0', 'net.2'\\]\\)"),
     ],
 )  # fmt: skip
@@ -250,7 +256,7 @@ def test_failed_fit_is_not_simplified(tmp_path: Path) -> None:
     trainer.callbacks.append(Boom())
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(model, datamodule=BlobsData())
-    assert callback.results == [] and model.net[0].out_features == 24
+    assert callback.result is None and model.net[0].out_features == 24
 
 
 class FailingMetric(MulticlassAccuracy):
@@ -299,10 +305,9 @@ trainer:
       init_args:
         targets: [net.0]
         ranks: [12, 6]
-        max_accuracy_drop: 0.05
-        method: qr
+        max_degradation: 0.05
+        fit: {{method: qr}}
         apply: {{net.0: 12}}
-        verbose: false
 """
     )
     cli = LightningCLI(
@@ -310,7 +315,7 @@ trainer:
     )
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, NeuronEliminationCallback)]
     assert callback.settings.options.method == "qr" and callback.settings.ranks == [12, 6]
-    assert callback.applied == {"net.0": 12}
+    assert applied(callback) == {"net.0": 12}
     assert cli.model.net[0].out_features == 12
 
 
@@ -332,9 +337,9 @@ def test_report_and_applied_agree_for_user_keys(tmp_path: Path, seed: int) -> No
     model = LitMLP()
     _trainer(tmp_path, callback).fit(model, datamodule=BlobsData())
     report = json.loads(Path(callback.report_paths[0]).read_text())
-    assert callback.applied == {"net.2": 7}
-    assert report["applied"] == callback.applied
-    assert callback.result.plan == callback.applied
+    assert applied(callback) == {"net.2": 7}
+    assert report["applied"] == applied(callback)
+    assert callback.result.decision.plan == applied(callback)
     assert model.net[2].out_features == 7
 
 
@@ -359,17 +364,20 @@ class CrossEntropy(Metric):
 
 def test_loss_metric_increase_is_the_degradation(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0"], ranks="all", metric=CrossEntropy(), max_accuracy_drop=0.05, joint=None,
+        targets=["net.0"], ranks="all", metric=CrossEntropy(), max_degradation=0.05, joint=None,
         verbose=False,
     )  # fmt: skip
     model = LitMLP()
     _trainer(tmp_path, callback, max_epochs=2).fit(model, datamodule=BlobsData())
-    points = callback.points["net.0"]
+    points = callback.result.points["net.0"]
     base = points[0].accuracy
     assert all(pt.accuracy_drop == pytest.approx(pt.accuracy - base) for pt in points)
     assert points[-1].accuracy_drop > 0.05  # the sweep stopped on a loss increase
-    assert callback.chosen is not None and callback.chosen.accuracy - base <= 0.05
-    assert model.net[0].out_features == callback.chosen.p
+    assert (
+        callback.result.decision.chosen is not None
+        and callback.result.decision.chosen.accuracy - base <= 0.05
+    )
+    assert model.net[0].out_features == callback.result.decision.chosen.p
 
 
 def test_hf_dict_batches_padding_and_auto_targets(tmp_path: Path, seed: int) -> None:
@@ -377,21 +385,21 @@ def test_hf_dict_batches_padding_and_auto_targets(tmp_path: Path, seed: int) -> 
     from lit_models import LitTinyBert, TokenData
 
     callback = NeuronEliminationCallback(
-        targets="auto", ranks=[0.75, 0.5, 0.25], max_accuracy_drop=0.05, verbose=False
+        targets="auto", ranks=[0.75, 0.5, 0.25], max_degradation=0.05
     )
     model, data = LitTinyBert(), TokenData()
     _trainer(tmp_path, callback, max_epochs=3).fit(model, datamodule=data)
     ffn = [f"bert.bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
     # the FFN pairs through GELUActivation, and the pooler (dense → tanh → classifier); not
     # the attention projections, nor the layers before a residual sum and LayerNorm
-    assert sorted(callback.points) == [*ffn, "bert.bert.pooler.dense"]
-    assert callback.joint_points  # the joint search ran on the dict batches too
-    assert callback.applied
+    assert sorted(callback.result.points) == [*ffn, "bert.bert.pooler.dense"]
+    assert callback.result.joint_points  # the joint search ran on the dict batches too
+    assert applied(callback)
     batch = next(iter(data.val_dataloader()))
     model.eval()
     with torch.no_grad():
         assert model(batch).logits.shape == (batch["input_ids"].shape[0], 2)
-    for layer, p in callback.applied.items():
+    for layer, p in applied(callback).items():
         assert model.get_submodule(layer).out_features == p
 
 
@@ -400,16 +408,16 @@ def test_explicit_target_consumer_pairs(tmp_path: Path, seed: int) -> None:
         targets={"net.0": "net.2"}, ranks=[0.5], apply=None, verbose=False
     )
     _trainer(tmp_path, callback, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
-    assert set(callback.points) == {"net.0"}
+    assert set(callback.result.points) == {"net.0"}
     wrong = NeuronEliminationCallback(targets={"net.0": "net.4"}, verbose=False)
     with pytest.raises(JunctionError, match="not the given consumer 'net.4'"):
         _trainer(tmp_path, wrong, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
     with pytest.raises(MisconfigurationException, match="`targets` as a mapping"):
         NeuronEliminationCallback(targets={"net.0": ""})
-    with pytest.raises(MisconfigurationException, match="`probe_samples` must be a positive"):
-        NeuronEliminationCallback(probe_samples=0)
-    with pytest.raises(MisconfigurationException, match="`mask_fn` must be callable"):
-        NeuronEliminationCallback(mask_fn="attention_mask")
+    with pytest.raises(MisconfigurationException, match="`data` must be a DataOptions"):
+        NeuronEliminationCallback(data={"probe_samples": 0})  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="`max_degradation` must be a non-neg"):
+        NeuronEliminationCallback(max_degradation=-0.01)
 
 
 def test_every_rank_reduces_rank_zeros_junctions(
@@ -432,4 +440,4 @@ def test_every_rank_reduces_rank_zeros_junctions(
     monkeypatch.setattr(trainer.strategy, "broadcast", rank_zero_found_one)
     trainer.fit(LitMLP(), datamodule=BlobsData())
     assert sent == [["net.0", "net.2"]]
-    assert set(callback.points) == {"net.0"}
+    assert set(callback.result.points) == {"net.0"}

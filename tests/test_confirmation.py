@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_neuronprune import NeuronEliminationCallback
+from lightning_neuronprune import ConfirmSettings, FitOptions, NeuronEliminationCallback
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.confirmation import (
     _uniform,
@@ -140,8 +140,8 @@ class _HardHeldOut(BlobsData):
 
 def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks="all", max_accuracy_drop=0.01, joint="greedy",
-        method="svd_qr", verbose=False,
+        targets=["net.0", "net.2"], ranks="all", max_degradation=0.01, joint="greedy",
+        fit=FitOptions(method="svd_qr"), confirm=ConfirmSettings(confidence=None),
     )  # fmt: skip
     model = LitMLP()
     data = _HardHeldOut(n_val=512)
@@ -155,11 +155,11 @@ def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed:
 
     trainer.callbacks.insert(0, Keep())
     trainer.fit(model, datamodule=data)
-    tried = callback.confirmations
+    tried = callback.result.confirmations
     assert tried, "the held-out confirmation did not run"
     assert not tried[0].held, "the test needs a search choice that fails on held-out data"
     assert [t.held for t in tried[:-1]] == [False] * (len(tried) - 1)
-    assert tried[-1].held and callback.chosen is tried[-1].point
+    assert tried[-1].held and callback.result.decision.chosen is tried[-1].point
     assert all(t.search_drop <= 0.01 for t in tried)
     # The applied model is the confirmed one, and its held-out drop is what was recorded.
     _, held_out = split_batches(data.val_dataloader(), 0.5)
@@ -192,24 +192,23 @@ def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed:
 
 
 def test_callback_without_confirmation_uses_all_eval_data(tmp_path: Path, seed: int) -> None:
-    callback = NeuronEliminationCallback(
-        targets=["net.0"], ranks="all", joint=None, confirm_fraction=None, verbose=False
-    )
+    callback = NeuronEliminationCallback(targets=["net.0"], ranks="all", joint=None, confirm=None)
     trainer = tiny_trainer(tmp_path, callback, max_epochs=2)
     trainer.fit(LitMLP(), datamodule=BlobsData())
-    assert callback.confirmations == []
+    assert callback.result.confirmations == []
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"confirm_fraction": 1.0}, "`confirm_fraction` must be None or a fraction"),
-        ({"confirm_fraction": "half"}, "`confirm_fraction` must be None or a fraction"),
-        ({"confirm_margin": -0.01}, "`confirm_margin` must be a number in"),
-        ({"confirm_margin": 0.5}, "`confirm_margin` must be a number in"),
-        ({"confirm_confidence": 1.0}, "`confirm_confidence` must be None or a level"),
-        ({"confirm_chunk": 0}, "`confirm_chunk` must be a positive integer"),
-        ({"confirm_max_tries": True}, "`confirm_max_tries` must be a positive integer"),
+        ({"confirm": {"fraction": 1.0}}, "`fraction` must be a fraction in"),
+        ({"confirm": {"fraction": "half"}}, "`fraction` must be a fraction in"),
+        ({"confirm": {"margin": -0.01}}, "`margin` must be a non-negative number"),
+        ({"confirm": {"margin": 0.5}}, "`margin` must not exceed the budget"),
+        ({"confirm": {"confidence": 1.0}}, "`confidence` must be None or a level"),
+        ({"confirm": {"chunk": 0}}, "`chunk` must be a positive integer"),
+        ({"confirm": {"max_tries": True}}, "`max_tries` must be a positive integer"),
+        ({"confirm": 0.5}, "`confirm` must be a ConfirmSettings, a mapping of its fields"),
     ],
 )
 def test_confirmation_arguments_are_validated(kwargs: dict, message: str) -> None:
@@ -267,12 +266,12 @@ def test_confidence_bound_rejects_a_noisy_pass() -> None:
 
 def test_callback_confidence_bound_is_reported(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0"], ranks="all", joint=None, confirm_confidence=0.9, confirm_chunk=32,
-        verbose=False,
+        targets=["net.0"], ranks="all", joint=None,
+        confirm=ConfirmSettings(confidence=0.9, chunk=32),
     )  # fmt: skip
     trainer = tiny_trainer(tmp_path, callback, max_epochs=2)
     trainer.fit(LitMLP(), datamodule=BlobsData())
-    assert callback.confirmations
-    for c in callback.confirmations:
+    assert callback.result.confirmations
+    for c in callback.result.confirmations:
         assert c.upper_bound is not None and c.upper_bound >= c.confirmed_drop - 1e-12
         assert c.held == (c.upper_bound <= 0.02)

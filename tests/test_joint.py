@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, holds_statistics, tiny_trainer, val_accuracy
+from lit_models import BlobsData, LitMLP, applied, holds_statistics, tiny_trainer, val_accuracy
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import (
     EnergyModel,
+    JointSettings,
     JunctionError,
     NeuronEliminationCallback,
     collect_statistics,
@@ -112,23 +113,22 @@ def test_callback_joint_search_applies_from_the_joint_front(tmp_path: Path, seed
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"],
         ranks=4,
-        max_accuracy_drop=0.03,
+        max_degradation=0.03,
         joint="greedy",
-        verbose=False,
-        confirm_fraction=None,  # the choice is measured on the whole validation set
+        confirm=None,  # the choice is measured on the whole validation set
     )
     model = LitMLP()
     _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
-    assert callback.joint_points
-    everything = callback.joint_points + [
-        pt for pts in callback.points.values() for pt in pts if pt.p < pt.n
+    assert callback.result.joint_points
+    everything = callback.result.joint_points + [
+        pt for pts in callback.result.points.values() for pt in pts if pt.p < pt.n
     ]
     within = [pt for pt in everything if pt.accuracy_drop <= 0.03]
-    assert callback.chosen.energy.total == min(pt.energy.total for pt in within)
-    assert callback.chosen in pareto_front(everything)
-    assert val_accuracy(model) == pytest.approx(callback.chosen.accuracy, abs=1e-6)
+    assert callback.result.decision.chosen.energy.total == min(pt.energy.total for pt in within)
+    assert callback.result.decision.chosen in pareto_front(everything)
+    assert val_accuracy(model) == pytest.approx(callback.result.decision.chosen.accuracy, abs=1e-6)
     report = json.loads(Path(callback.report_paths[0]).read_text())
-    assert len(report["joint"]) == len(callback.joint_points) and report["joint_front"]
+    assert len(report["joint"]) == len(callback.result.joint_points) and report["joint_front"]
 
 
 def test_unreachable_budget_warns_and_leaves_model_untouched(tmp_path: Path, seed: int) -> None:
@@ -140,7 +140,7 @@ def test_unreachable_budget_warns_and_leaves_model_untouched(tmp_path: Path, see
             return torch.tensor(1.0 if FirstIsBest.calls == 1 else 0.5)
 
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks=8, metric=FirstIsBest(4), max_accuracy_drop=0.1,
+        targets=["net.0", "net.2"], ranks=8, metric=FirstIsBest(4), max_degradation=0.1,
         verbose=False,
     )  # fmt: skip
     model = LitMLP()
@@ -152,30 +152,28 @@ def test_unreachable_budget_warns_and_leaves_model_untouched(tmp_path: Path, see
     snap = Snapshot()
     with pytest.warns(UserWarning, match="no configuration keeps the accuracy drop within 0.1"):
         _trainer(tmp_path, [snap, callback]).fit(model, datamodule=BlobsData())
-    assert callback.chosen is None and callback.applied == {}
+    assert callback.result.decision.chosen is None and applied(callback) == {}
     state = model.state_dict()
     assert state.keys() == snap.state.keys()
     assert all(torch.equal(state[k], snap.state[k]) for k in state)
 
 
 def test_duplicate_targets_and_bad_joint_options_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(MisconfigurationException, match="`joint` must be one of"):
+    with pytest.raises(MisconfigurationException, match="`strategy` must be one of"):
         NeuronEliminationCallback(joint="random")
-    with pytest.raises(MisconfigurationException, match="`joint_shares` must be non-negative"):
-        NeuronEliminationCallback(joint="sequential", joint_shares=[-1.0])
+    with pytest.raises(MisconfigurationException, match="`shares` must be non-negative"):
+        NeuronEliminationCallback(joint=JointSettings("sequential", shares=[-1.0]))
     callback = NeuronEliminationCallback(targets=["net.0", "net.2:in"], verbose=False)
     with pytest.raises(JunctionError, match="'net.0' and 'net.2:in' name the same junction"):
         _trainer(tmp_path, [callback], max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
 
 
 def test_fine_tune_then_checkpoint_and_reload(tmp_path: Path, seed: int) -> None:
-    callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.05, verbose=False
-    )
+    callback = NeuronEliminationCallback(targets=["net.0", "net.2"], ranks=4, max_degradation=0.05)
     model = LitMLP()
     _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    assert callback.applied
+    assert applied(callback)
     before = val_accuracy(model)
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -194,16 +192,16 @@ def test_fine_tune_then_checkpoint_and_reload(tmp_path: Path, seed: int) -> None
 
 def test_joint_report_lists_only_changed_layers(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
-        targets=["net.0", "net.2"], ranks=4, max_accuracy_drop=0.03, joint="greedy", verbose=False
+        targets=["net.0", "net.2"], ranks=4, max_degradation=0.03, joint="greedy"
     )
     model = LitMLP()
     _trainer(tmp_path, [callback]).fit(model, datamodule=BlobsData())
     report = json.loads(Path(callback.report_paths[0]).read_text())
     sizes = {"net.0": 24, "net.2": 16}
-    assert callback.applied and all(p < sizes[k] for k, p in callback.applied.items())
-    assert report["applied"] == callback.applied
-    assert model.net[0].out_features == callback.applied.get("net.0", 24)
-    assert model.net[2].out_features == callback.applied.get("net.2", 16)
+    assert applied(callback) and all(p < sizes[k] for k, p in applied(callback).items())
+    assert report["applied"] == applied(callback)
+    assert model.net[0].out_features == applied(callback).get("net.0", 24)
+    assert model.net[2].out_features == applied(callback).get("net.2", 16)
 
 
 def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> None:
@@ -211,5 +209,5 @@ def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> 
         targets=["net.0", "net.2"], ranks=4, joint="sequential", verbose=False
     )
     _trainer(tmp_path, [callback]).fit(LitMLP(), datamodule=BlobsData())
-    assert callback.joint_points
-    assert not any(holds_statistics(pt) for pt in callback.joint_points)
+    assert callback.result.joint_points
+    assert not any(holds_statistics(pt) for pt in callback.result.joint_points)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_models import BlobsData, LitMLP, ReducibleLitMLP, tiny_trainer
+from lit_models import BlobsData, LitMLP, ReducibleLitMLP, applied, tiny_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -322,7 +322,7 @@ def test_no_checkpoint_written_without_model_checkpoint(tmp_path: Path, seed: in
     _trainer(tmp_path, [callback], enable_checkpointing=False, max_epochs=2).fit(
         model, datamodule=BlobsData()
     )
-    assert callback.applied and callback.reduced_checkpoint_path is None
+    assert applied(callback) and callback.reduced_checkpoint_path is None
     assert not list(tmp_path.rglob("*.ckpt"))
     with pytest.raises(CheckpointMismatchError, match="in memory only.*without `ckpt_path`"):
         model.load_state_dict(LitMLP().state_dict())

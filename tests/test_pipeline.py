@@ -25,6 +25,7 @@ from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.search.decision import Decision, decision_for
 from lightning_neuronprune.search.joint import JointPoint
+from lightning_neuronprune.search.settings import DataOptions, JointSettings, parse_budget
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_run_decides_without_touching_the_model_and_apply_reproduces_the_choice(
     model, batches, eval_batches = trained
     model = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_accuracy_drop=0.02, joint=None)
+    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_degradation=0.02, joint=None)
     search = _search(model, batches, settings)
     result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
 
@@ -93,7 +94,7 @@ def test_joint_point_is_applied_as_it_was_evaluated(
 ) -> None:
     model, batches, eval_batches = trained
     model = copy.deepcopy(model)
-    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_accuracy_drop=0.05, joint="greedy")
+    settings = SearchSettings(ranks=[16, 12, 8, 6, 4], max_degradation=0.05, joint="greedy")
     search = _search(model, batches, settings)
     result = search.run(
         eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1], train_data=batches
@@ -113,7 +114,7 @@ def test_confirmation_keeps_only_a_point_that_held_on_the_held_out_part(
     model, batches, eval_batches = trained
     warned: list[str] = []
     settings = SearchSettings(
-        ranks="all", max_accuracy_drop=0.01, joint=None, confirm=ConfirmSettings(0.5)
+        ranks="all", max_degradation=0.01, joint=None, confirm=ConfirmSettings(0.5)
     )
     search = _search(model, batches, settings, warn=warned.append)
     result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
@@ -149,7 +150,7 @@ def test_progress_and_info_reach_the_callables(
         bars[description] = []
         yield Bar(description)
 
-    settings = SearchSettings(ranks=[8, 4], max_accuracy_drop=1.0, joint="greedy")
+    settings = SearchSettings(ranks=[8, 4], max_degradation=1.0, joint="greedy")
     search = _search(model, batches, settings, info=lines.append, progress=progress)
     result = search.run(
         eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1], train_data=batches
@@ -158,21 +159,52 @@ def test_progress_and_info_reach_the_callables(
     assert totals[sweep] == len(result.every) == 6 and bars[sweep][-1] == 6
     joint = "Neuron elimination: joint search (greedy)"
     assert totals[joint] is None and len(bars[joint]) == len(result.joint_points)
-    assert any("baseline accuracy" in line for line in lines)
+    assert any("baseline metric" in line for line in lines)
 
 
 def test_settings_refuse_bad_values_naming_them() -> None:
-    with pytest.raises(ValueError, match="`joint` must be one of"):
+    with pytest.raises(ValueError, match="`strategy` must be one of .*'exhaustive'"):
         SearchSettings(joint="exhaustive")
-    with pytest.raises(ValueError, match="`max_accuracy_drop`"):
-        SearchSettings(max_accuracy_drop=2.0)
+    with pytest.raises(ValueError, match="`max_degradation` must be a non-negative number"):
+        SearchSettings(max_degradation=-0.1)
+    with pytest.raises(ValueError, match="`max_degradation` as a string must be a percentage"):
+        SearchSettings(max_degradation="five")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`options` must be a FitOptions"):
         SearchSettings(options={"method": "qr"})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`confirm_margin`"):
-        SearchSettings(max_accuracy_drop=0.01, confirm=ConfirmSettings(0.5, margin=0.02))
-    with pytest.raises(ValueError, match="`joint_order` and `joint_shares`"):
-        SearchSettings(joint="greedy", joint_shares=[0.5, 0.5])
+    with pytest.raises(ValueError, match="`margin` must not exceed the budget"):
+        SearchSettings(max_degradation=0.01, confirm=ConfirmSettings(0.5, margin=0.02))
+    with pytest.raises(ValueError, match="`order` and `shares` apply to the 'sequential'"):
+        SearchSettings(joint=JointSettings("greedy", shares=[0.5, 0.5]))
+    with pytest.raises(ValueError, match="`fraction` must be a fraction in"):
+        ConfirmSettings(1.5)
+    with pytest.raises(ValueError, match="`confidence` must be None or a level"):
+        ConfirmSettings(confidence=1.0)
+    with pytest.raises(ValueError, match="`probe_samples` must be a positive integer, got 0"):
+        DataOptions(probe_samples=0)
+    with pytest.raises(ValueError, match="`input_fn` must be callable, got 3"):
+        DataOptions(input_fn=3)  # type: ignore[arg-type]
     assert SearchSettings(options=FitOptions(method="qr")).options.method == "qr"
+    # perplexity-sized budgets in the metric's own units, and relative ones
+    assert SearchSettings(max_degradation=2.5).max_degradation == 2.5
+    assert SearchSettings(joint="sequential").joint == JointSettings("sequential")
+
+
+def test_parse_budget() -> None:
+    assert parse_budget(0.02) == (0.02, False)
+    assert parse_budget(3) == (3.0, False)
+    assert parse_budget("5%") == (0.05, True)
+    assert parse_budget(" 0.5 %") == (0.005, True)
+    for bad in ("5", "%", "-5%", float("nan"), -1, True, None):
+        with pytest.raises(ValueError, match="`max_degradation`"):
+            parse_budget(bad)
+
+
+def test_relative_budget_is_scaled_by_the_baseline() -> None:
+    s = SearchSettings(max_degradation=0.05, relative=True, confirm=ConfirmSettings(margin=0.01))
+    a = s.absolute(20.0)
+    assert a.relative is False and a.max_degradation == pytest.approx(1.0)
+    assert a.confirm is not None and a.confirm.margin == pytest.approx(0.2)
+    assert SearchSettings(max_degradation=0.05).absolute(20.0).max_degradation == 0.05
 
 
 def test_empty_decision_applies_nothing(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from lit_models import BlobsData, LitMLP, blobs, tiny_trainer
+from lit_models import BlobsData, LitMLP, applied, blobs, tiny_trainer
 from pytorch_lightning.plugins.precision import HalfPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -47,16 +47,16 @@ def test_every_cpu_precision(
     monkeypatch.setattr(callback_module, "collect_statistics", spy)
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"], ranks=[16, 10, 7], apply={"net.2": 7}, joint="greedy",
-        max_accuracy_drop=0.05, verbose=False,
+        max_degradation=0.05,
     )  # fmt: skip
     model = LitMLP()
     trainer = _trainer(tmp_path, callback, precision=precision)
     trainer.fit(model, datamodule=BlobsData())
 
     assert grams and all(g.dtype == torch.float64 for g in grams)
-    assert callback.points["net.0"][0].accuracy > 0.8  # evaluation ran on converted batches
-    assert callback.joint_points  # the joint search ran its passes the same way
-    assert callback.applied == {"net.2": 7} and model.net[2].out_features == 7
+    assert callback.result.points["net.0"][0].accuracy > 0.8  # evaluation ran on converted batches
+    assert callback.result.joint_points  # the joint search ran its passes the same way
+    assert applied(callback) == {"net.2": 7} and model.net[2].out_features == 7
     dtype = DTYPES[precision]
     assert {p.dtype for p in model.parameters()} == {dtype}
     (result,) = trainer.test(model, datamodule=BlobsData(), verbose=False)
@@ -109,8 +109,8 @@ def test_batches_go_through_the_modules_transfer_hooks(tmp_path: Path, seed: int
         targets=["net.0"], ranks=[12], apply={"net.0": 12}, verbose=False
     )
     _trainer(tmp_path, callback, precision="bf16-true").fit(model)
-    assert callback.applied == {"net.0": 12} and model.net[0].weight.dtype == torch.bfloat16
-    assert callback.points["net.0"][0].accuracy > 0.8
+    assert applied(callback) == {"net.0": 12} and model.net[0].weight.dtype == torch.bfloat16
+    assert callback.result.points["net.0"][0].accuracy > 0.8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a CUDA device")
@@ -121,8 +121,8 @@ def test_16_mixed_on_cuda(tmp_path: Path, seed: int) -> None:
     model = LitMLP()
     trainer = _trainer(tmp_path, callback, precision="16-mixed", accelerator="gpu", devices=1)
     trainer.fit(model, datamodule=BlobsData())
-    assert callback.applied == {"net.2": 7} and model.net[2].weight.dtype == torch.float32
-    assert callback.points["net.0"][0].accuracy > 0.8
+    assert applied(callback) == {"net.2": 7} and model.net[2].weight.dtype == torch.float32
+    assert callback.result.points["net.0"][0].accuracy > 0.8
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -34,7 +34,7 @@ def test_tqdm_bars_with_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str
     callback = _fit(tmp_path, callbacks=[TQDMProgressBar()])
     out = capsys.readouterr().out.replace("\r", "\n")
     assert "Neuron elimination: statistics" in out and "512/512" in out
-    evaluated = sum(len(pts) for pts in callback.points.values())
+    evaluated = sum(len(pts) for pts in callback.result.points.values())
     sweep = [line for line in out.splitlines() if line.startswith("Neuron elimination: sweep")]
     # counts of the planned grid (baseline and every p), with an ETA; full when the sweep ends
     planned = int(re.search(r"\| 0/(\d+) \[", sweep[0]).group(1))

@@ -68,14 +68,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Served]:
     """Fit a tiny model with the callback, then serve its log dir with TensorBoard."""
     root = tmp_path_factory.mktemp("tensorboard_e2e")
     pl.seed_everything(0, workers=True)
-    callback = NeuronEliminationCallback(targets=TARGETS, max_accuracy_drop=0.05, verbose=False)
+    callback = NeuronEliminationCallback(targets=TARGETS, max_degradation=0.05)
     logger = TensorBoardLogger(root / "logs", name="blobs")
     trainer = pl.Trainer(
         max_epochs=3, default_root_dir=root, logger=logger, callbacks=[callback],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(LitMLP(), datamodule=BlobsData())
-    assert callback.points, "the callback evaluated no configuration"
+    assert callback.result.points, "the callback evaluated no configuration"
     run = Path(logger.log_dir).relative_to(root / "logs").as_posix()  # "blobs/version_0"
 
     port = _free_port()
@@ -147,7 +147,7 @@ def test_scalar_tags(served: _Served) -> None:
     series = served.json(
         "data/plugin/scalars/scalars", run=served.run, tag=f"{PREFIX}/{layer}/accuracy"
     )
-    measured = {pt.p: pt.accuracy for pt in served.callback.points[layer]}
+    measured = {pt.p: pt.accuracy for pt in served.callback.result.points[layer]}
     assert series
     for _wall_time, step, value in series:
         assert step in measured
@@ -156,7 +156,7 @@ def test_scalar_tags(served: _Served) -> None:
 
 @pytest.mark.slow
 def test_joint_scalars(served: _Served) -> None:
-    joint = served.callback.joint_points
+    joint = served.callback.result.joint_points
     if not joint:
         pytest.skip("the callback evaluated no joint configuration")
     tags = set(served.json("data/plugin/scalars/tags")[served.run])
@@ -174,7 +174,7 @@ def test_joint_scalars(served: _Served) -> None:
 
 @pytest.mark.slow
 def test_every_sweep_point_is_served(served: _Served) -> None:
-    for layer, points in served.callback.points.items():
+    for layer, points in served.callback.result.points.items():
         series = served.json(
             "data/plugin/scalars/scalars", run=served.run, tag=f"{PREFIX}/{layer}/energy_total"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +24,7 @@ from lightning_neuronprune.core.statistics import (
     first_input,
 )
 from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.lightning.deprecated import DeprecatedAttributes, deprecated_arguments
 from lightning_neuronprune.lightning.progress import sample_count
 from lightning_neuronprune.lightning.reporting import amend_report, report_result
 from lightning_neuronprune.lightning.trainer import (
@@ -36,22 +37,19 @@ from lightning_neuronprune.lightning.trainer import (
 )
 from lightning_neuronprune.lightning.trainer import eval_loader as get_eval_loader
 from lightning_neuronprune.lightning.trainer import train_loader as get_train_loader
-from lightning_neuronprune.search.confirmation import Confirmation
-from lightning_neuronprune.search.decision import Decision
 from lightning_neuronprune.search.evaluation import default_metric
-from lightning_neuronprune.search.joint import JointPoint
-from lightning_neuronprune.search.pipeline import (
+from lightning_neuronprune.search.pipeline import ModelIO, ReductionSearch, SearchResult
+from lightning_neuronprune.search.settings import (
     ConfirmSettings,
-    ModelIO,
-    ReductionSearch,
-    SearchResult,
+    DataOptions,
+    JointSettings,
     SearchSettings,
+    parse_budget,
 )
-from lightning_neuronprune.search.sweep import SweepPoint
 from lightning_neuronprune.search.validation import (
     check_against_targets,
-    check_arguments,
     check_choice,
+    check_targets,
 )
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import install_plan_hook
@@ -64,7 +62,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = ("last", "best")
 
 
-class NeuronEliminationCallback(pl.Callback):
+class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
     r"""Remove redundant neurons of ``nn.Linear`` layers when training ends, without retraining.
 
     When ``trainer.fit`` finishes normally, the callback
@@ -74,7 +72,7 @@ class NeuronEliminationCallback(pl.Callback):
     2. for every target and every p of the rank grid, selects p neurons, re-fits the consumer by
        least squares, and measures the metric on the evaluation data and the modelled energy
        (Algorithm 1 of Zhang, Davoodi & Hu 2018; the sweep of a layer stops once the accuracy
-       drop exceeds ``max_accuracy_drop``);
+       degradation exceeds ``max_degradation``);
     3. logs everything under ``neuron_elimination/<layer>/...`` with ``step = p``, plus a figure
        of accuracy versus energy and a text table for loggers that take them (TensorBoard), and
        writes ``neuron_elimination.json``/``.csv`` to the trainer's log dir;
@@ -104,94 +102,64 @@ class NeuronEliminationCallback(pl.Callback):
         targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons have a
             consumer. ``"fc1"`` removes fc1's output neurons; ``"fc1:in"`` removes fc1's input
             features (the paper's "FC1" row of LeNet-300-100). A mapping ``{target: consumer}``
-            names the consumers too (checked by the probe). Junctions are found by a probe on
-            ``probe_samples`` samples of the first training batch (see
-            :mod:`~lightning_neuronprune.structure.probe`), cross-checked by :mod:`torch.fx` where
-            the
-            model traces: ``"auto"`` finds the FFN pairs of transformer blocks (BERT's
-            ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1``
-            → ``fc2``) through custom activation modules and untraceable ``forward``\ s.
+            names the consumers too (checked by the probe). Junctions are found by a probe on a
+            few samples of the first training batch (see
+            :mod:`~lightning_neuronprune.structure.probe`), cross-checked by :mod:`torch.fx`
+            where the model traces: ``"auto"`` finds the FFN pairs of transformer blocks
+            (BERT's ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``,
+            ``fc1`` → ``fc2``) through custom activation modules and untraceable
+            ``forward``\ s.
+        max_degradation: the budget: how much worse the metric may get. A number is in the
+            metric's units (``0.02`` = 2 points of accuracy; for a loss or perplexity, whose
+            ``higher_is_better`` is ``False``, an increase); a string ``"N%"`` is relative to the
+            unreduced model's value (``"5%"``: perplexity may rise by 5 %).
         ranks: the grid of p per layer: ``"auto"`` (every p up to 64 features, else 48 points plus
             a dense tail), ``"all"`` (every p, Algorithm 1), an int step, a list of ints, or a list
             of fractions of n.
-        max_accuracy_drop: the degradation threshold ε, as a fraction (0.02 = 2 points).
-        method: ``"svd_qr"`` (the paper's Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or
-            ``"output"`` (output-aware greedy: the neurons that best explain the consumer's
-            output ``W X``; see :func:`~lightning_neuronprune.core.selection.output_order`). The
-            default is ``"output"``: it keeps fewer neurons than ``"svd_qr"`` at the paper's
-            drops in all five MNIST rows and reaches higher joint ratios (docs/RESULTS.md).
-        affine: fit an intercept in the least-squares update.
-        ridge: relative ridge parameter of the update.
+        apply: ``"max_energy_saving"`` (the lowest-energy configuration within the budget,
+            across all targets, confirmed on held-out data), ``None`` (report only), or
+            ``{layer: p}``.
+        fit: selection and least-squares options
+            (:class:`~lightning_neuronprune.core.fitting.FitOptions`); the default selects with
+            ``method="output"``, which keeps fewer neurons than the paper's ``"svd_qr"`` at the
+            paper's drops in all five MNIST rows (docs/RESULTS.md).
+        joint: with several targets, also search joint configurations of all of them under the
+            one budget (:class:`~lightning_neuronprune.search.settings.JointSettings`, or its
+            strategy name ``"greedy"``/``"sequential"``), or ``None`` for single layers only.
+        confirm: the held-out confirmation of the choice
+            (:class:`~lightning_neuronprune.search.settings.ConfirmSettings`). By default half of
+            the evaluation samples are held out and the chosen configuration must keep the
+            budget there with 90 % confidence (an upper confidence bound on its drop, corrected
+            for the candidates tried); ``None`` trusts the search part alone.
         metric: a ``torchmetrics.Metric`` over ``(predictions, target)``; the default is
-            multiclass top-``top_k`` accuracy, with the class count read from the model output.
-            Its ``higher_is_better`` sets the direction of ``max_accuracy_drop``: for a loss or
-            an MSE (``higher_is_better=False``) an increase is the degradation.
-        top_k: k of the default metric.
+            multiclass top-1 accuracy, with the class count read from the model output. Its
+            ``higher_is_better`` sets the direction of the budget.
         energy_model: the energy model (default: 45 nm constants).
-        apply: ``"max_energy_saving"`` (the lowest-energy configuration within the threshold,
-            across all targets), ``None`` (report only), or ``{layer: p}``.
         max_samples: samples (per process) used for the statistics.
         eval_dataloader: evaluate on this instead of the validation dataloader.
-        example_input: one input for the energy model; by default the first evaluation sample.
-        joint: with several targets, also search joint configurations of all of them under the
-            one budget: ``"greedy"`` (by marginal energy saved per accuracy lost, then re-fitted
-            on data), ``"sequential"`` (junction by junction, statistics re-collected on the
-            network reduced so far), or ``None`` (single layers only). See
-            :mod:`~lightning_neuronprune.search.joint`.
-        joint_order: the layer order of the sequential strategy (default: network order).
-        joint_shares: the budget shares of the sequential strategy (default: equal).
-        joint_compensate: with ``joint="greedy"``, also re-fit the greedy path with
-            compensating fits (each consumer fitted to the original network's output from the
-            reduced network's kept features, :mod:`~lightning_neuronprune.search.compensation`),
-            exploring up to 1.5 × the budget and trying the cheapest configurations first.
-        confirm_fraction: the share of the evaluation samples held out to confirm the choice
-            (``None`` or 0: no confirmation; the budget is then checked only on the data the
-            search compared configurations on). The evaluation data is split deterministically,
-            by a fixed hash of each sample's position (see
-            :mod:`~lightning_neuronprune.search.confirmation`); the sweeps
-            and the joint search use the search part; the lowest-energy configuration within
-            the budget there is re-measured on the held-out part and, if it breaks the budget
-            there, the next one up the front is tried, until one holds.
-        confirm_margin: ask for a confirmed drop of at most ``max_accuracy_drop -
-            confirm_margin`` (a fixed safety margin).
-        confirm_confidence: a statistical margin instead of (or besides) the fixed one: the
-            upper confidence bound of the held-out drop at this level, Bonferroni-corrected for
-            the candidates that may be tried, must be within the budget. The standard error
-            comes from paired drops over chunks of ``confirm_chunk`` held-out samples. ``None``
-            (default): the held-out drop itself is compared.
-        confirm_chunk: samples per chunk for ``confirm_confidence``.
-        confirm_max_tries: re-measure at most this many candidates.
-        verbose: print a line per evaluated configuration (rank zero).
+        example_input: one input for the energy model; by default the LightningModule's
+            ``example_input_array``, else the first evaluation sample of rank zero.
+        data: how batches are read
+            (:class:`~lightning_neuronprune.search.settings.DataOptions`: the input, target,
+            output and padding-mask adapters, and the probe's sample count).
         weights: ``"last"`` reduces the weights that training ended with; ``"best"`` those of the
             Trainer's ``ModelCheckpoint.best_model_path`` (a ``ModelCheckpoint`` is required;
             without ``monitor`` its "best" is its latest checkpoint).
-        input_fn: maps a batch to the model input; the default
-            (:func:`~lightning_neuronprune.core.statistics.batch_input`) takes ``x`` of ``(x, y)``,
-            and
-            for a Hugging Face-style dict (``input_ids``...) the dict less its ``labels``. The
-            model is called as ``model(**input)`` when its ``forward`` takes the dict's keys,
-            else ``model(input)`` (a LightningModule whose ``forward`` takes the batch).
-        target_fn: maps a batch to the metric's target; the default takes ``y`` of ``(x, y)``
-            or the ``labels`` (``y``, ``target``, ``label``...) of a dict.
-        output_fn: maps the model output to the metric's predictions; the default takes a
-            tensor, or the ``logits`` of a Hugging Face output, or the first element of a tuple.
-        mask_fn: maps a batch to its padding mask (B, T), non-zero for real tokens, so that the
-            statistics and the least-squares fit count real tokens only; the default takes a
-            dict's ``attention_mask`` (``None`` otherwise: every row counts).
-        probe_samples: samples of the first training batch used to find the junctions.
+        verbose: log a line per evaluated configuration (rank zero).
+
+    The names of the previous release (``max_accuracy_drop``, ``method``, ``affine``, ``ridge``,
+    ``top_k``, ``joint_order``, ``joint_shares``, ``joint_compensate``, ``confirm_*``,
+    ``input_fn``, ``target_fn``, ``output_fn``, ``mask_fn``, ``probe_samples``) are still
+    accepted as keywords, with a ``FutureWarning``; so are the attributes ``results``,
+    ``points``, ``joint_points``, ``chosen``, ``confirmations`` and ``applied``.
 
     Attributes:
-        settings: the search's :class:`~lightning_neuronprune.search.pipeline.SearchSettings`, made
-            from the arguments (the core runs the search:
+        settings: the search's :class:`~lightning_neuronprune.search.settings.SearchSettings`,
+            made from the arguments (the core runs the search:
             :mod:`~lightning_neuronprune.search.pipeline`).
-        results: one dict per evaluated point (see :meth:`SweepPoint.as_dict`).
-        points: ``{layer: [SweepPoint, ...]}``.
-        chosen: the applied :class:`SweepPoint` or :class:`JointPoint`, or ``None``.
-        result: the :class:`~lightning_neuronprune.search.decision.Decision`, made once; the report
-            and the reduced model both follow it.
-        confirmations: the candidates re-measured on the held-out part, in the order tried
-            (:class:`~lightning_neuronprune.search.confirmation.Confirmation`).
-        applied: ``{layer: p}`` that was applied (changed layers only, canonical names).
+        result: the :class:`~lightning_neuronprune.search.pipeline.SearchResult` of the last
+            run (every point, the decision, the confirmations, the budget in metric units and
+            whether it was applied), or ``None`` before a run or after a failed one.
         report_paths: the JSON and CSV files written (and, with a confirmation,
             ``neuron_elimination_confirmation.csv``).
         reduced_checkpoint_path: the Lightning checkpoint of the reduced model, or ``None`` (no
@@ -208,60 +176,53 @@ class NeuronEliminationCallback(pl.Callback):
     def __init__(
         self,
         targets: str | list[str] | dict[str, str] = "auto",
+        max_degradation: float | str = 0.02,
         ranks: str | int | list[int] | list[float] = "auto",
-        max_accuracy_drop: float = 0.02,
-        method: str = "output",
-        affine: bool = False,
-        ridge: float = 0.0,
-        metric: Metric | None = None,
-        top_k: int = 1,
-        energy_model: EnergyModel | None = None,
         apply: str | dict[str, int] | None = "max_energy_saving",
+        fit: FitOptions | None = None,
+        joint: JointSettings | str | None = "greedy",
+        confirm: ConfirmSettings | None = ConfirmSettings(),  # noqa: B008 (frozen)
+        metric: Metric | None = None,
+        energy_model: EnergyModel | None = None,
         max_samples: int | None = 60_000,
         eval_dataloader: DataLoader | None = None,
         example_input: Tensor | None = None,
-        joint: str | None = "greedy",
-        joint_order: list[str] | None = None,
-        joint_shares: list[float] | None = None,
-        joint_compensate: bool = False,
-        confirm_fraction: float | None = 0.5,
-        confirm_margin: float = 0.0,
-        confirm_confidence: float | None = None,
-        confirm_chunk: int = 100,
-        confirm_max_tries: int = 20,
-        verbose: bool = True,
+        data: DataOptions | None = None,
         weights: str = "last",
-        input_fn: Callable[[Any], Any] | None = None,
-        target_fn: Callable[[Any], Tensor] | None = None,
-        output_fn: Callable[[Any], Tensor] | None = None,
-        mask_fn: Callable[[Any], Tensor | None] | None = None,
-        probe_samples: int = 8,
+        verbose: bool = False,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        adapters = {
-            "input_fn": input_fn, "target_fn": target_fn, "output_fn": output_fn,
-            "mask_fn": mask_fn,
-        }  # fmt: skip
         try:
-            targets = check_arguments(
-                targets=targets, ranks=ranks, max_accuracy_drop=max_accuracy_drop,
-                options={"method": method, "affine": affine, "ridge": ridge}, top_k=top_k,
-                energy_model=energy_model, apply=apply, max_samples=max_samples, joint=joint,
-                joint_order=joint_order, joint_shares=joint_shares, verbose=verbose,
-                adapters=adapters, probe_samples=probe_samples,
+            fit, confirm, data = (
+                _from_mapping(cls, value, name)
+                for cls, value, name in (
+                    (FitOptions, fit, "fit"), (ConfirmSettings, confirm, "confirm"),
+                    (DataOptions, data, "data"),
+                )
             )  # fmt: skip
-            check_choice("joint_compensate", joint_compensate, (True, False))
-            check_choice("weights", weights, WEIGHTS)
+            joint = _from_mapping(JointSettings, joint, "joint")
+            old = deprecated_arguments(deprecated, fit=fit, joint=joint, confirm=confirm, data=data)
+            max_degradation = old.pop("max_degradation", max_degradation)
+            fit, joint, confirm, data = old["fit"], old["joint"], old["confirm"], old["data"]
+            self.top_k: int = old["top_k"]
+            targets = check_targets(targets)
+            amount, relative = parse_budget(max_degradation)
+            if isinstance(joint, str):
+                joint = JointSettings(joint)
             self.settings = SearchSettings(
-                ranks=ranks, max_accuracy_drop=max_accuracy_drop,
-                options=FitOptions(method=method, affine=affine, ridge=ridge), apply=apply,
-                joint=joint, joint_order=joint_order, joint_shares=joint_shares,
-                joint_compensate=joint_compensate, max_samples=max_samples,
-                confirm=ConfirmSettings(
-                    confirm_fraction or 0.0, confirm_margin, confirm_confidence, confirm_chunk,
-                    confirm_max_tries,
-                ),
+                ranks=ranks, max_degradation=amount, relative=relative,
+                options=fit if fit is not None else FitOptions(method="output"), apply=apply,
+                joint=joint, max_samples=max_samples, confirm=confirm,
             )  # fmt: skip
+            self.data = data if data is not None else DataOptions()
+            check_choice("weights", weights, WEIGHTS)
+            check_choice("verbose", verbose, (True, False))
+            if energy_model is not None and not isinstance(energy_model, EnergyModel):
+                raise ValueError(
+                    f"`energy_model` must be an EnergyModel, got {type(energy_model).__name__} "
+                    f"{energy_model!r}"
+                )
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(str(err)) from err
         if metric is not None and not isinstance(metric, Metric):
@@ -270,25 +231,13 @@ class NeuronEliminationCallback(pl.Callback):
             )
         self.targets = targets
         self.metric = metric
-        self.top_k = top_k
         self.energy_model = energy_model or EnergyModel()
         self.eval_dataloader = eval_dataloader
         self.example_input = example_input
         self.verbose = verbose
         self.weights = weights
-        self.input_fn = input_fn
-        self.target_fn = target_fn
-        self.output_fn = output_fn
-        self.mask_fn = mask_fn
-        self.probe_samples = probe_samples
 
-        self.results: list[dict[str, Any]] = []
-        self.points: dict[str, list[SweepPoint]] = {}
-        self.joint_points: list[JointPoint] = []
-        self.chosen: SweepPoint | JointPoint | None = None
-        self.confirmations: list[Confirmation[Any]] = []
-        self.result = Decision()
-        self.applied: dict[str, int] = {}
+        self.result: SearchResult | None = None
         self.report_paths: tuple[Any, ...] = ()
         self.reduced_checkpoint_path: str | None = None
         self.source_checkpoint_path: str | None = None
@@ -307,6 +256,10 @@ class NeuronEliminationCallback(pl.Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._failed = False
+        # A new fit starts from a clean slate: nothing of an earlier fit's run is left to be
+        # mistaken for this one's if it fails.
+        self.result, self.report_paths = None, ()
+        self.reduced_checkpoint_path = self.source_checkpoint_path = None
         # Refuse bad targets and missing evaluation data before any training; what tracing
         # cannot decide waits for the probe on a real batch in `_run`.
         self._resolve_junctions(pl_module)
@@ -342,9 +295,8 @@ class NeuronEliminationCallback(pl.Callback):
             targets = traced_targets(pl_module, self.targets)
         try:
             s = self.settings
-            self._joint_layers = check_against_targets(
-                targets, s.apply, s.joint_order, s.joint_shares
-            )
+            order, shares = (s.joint.order, s.joint.shares) if s.joint else (None, None)
+            self._joint_layers = check_against_targets(targets, s.apply, order, shares)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         return targets
@@ -359,17 +311,13 @@ class NeuronEliminationCallback(pl.Callback):
         train_loader = get_train_loader(trainer)
         device = trainer.strategy.root_device
         pl_module.to(device)
-        io = trainer_io(
-            trainer, device, input_fn=self.input_fn, target_fn=self.target_fn,
-            output_fn=self.output_fn, mask_fn=self.mask_fn, info=self._info,
-        )  # fmt: skip
-        self.reduced_checkpoint_path = self.source_checkpoint_path = None
-        self.applied, self.report_paths = {}, ()
+        d = self.data
+        io = trainer_io(trainer, device, **d.adapters(), info=self._info)
         if self.weights == "best":
             self.source_checkpoint_path = load_best(trainer, pl_module)
             self._info(f"neuron elimination: reducing the weights of {self.source_checkpoint_path}")
-        adapt = {"input_fn": self.input_fn, "transfer": io.transfer}
-        example = first_input(train_loader, self.probe_samples, device, **adapt)
+        adapt = {"input_fn": d.input_fn, "transfer": io.transfer}
+        example = first_input(train_loader, d.probe_samples, device, **adapt)
         probed = resolve_targets(
             pl_module, self.targets, example=example, forward_context=io.forward_context
         )  # each rank probes its own batch: every rank reduces rank zero's junctions
@@ -377,28 +325,29 @@ class NeuronEliminationCallback(pl.Callback):
             pl_module, Targets(trainer.strategy.broadcast(list(probed)))
         )
         stats = self._collect(pl_module, junctions, train_loader, io)
-        if self.example_input is None:
-            example = first_input(eval_loader, 1, device, **adapt)
-        else:
-            example = trainer.precision_plugin.convert_input(to_device(self.example_input, device))
+        example = self._energy_example(trainer, pl_module, eval_loader, adapt)
         metric = self._metric(pl_module, example, io)
-        settings = dataclasses.replace(self.settings, joint_order=self._joint_layers)
+        settings = self.settings
+        if settings.joint is not None and self._joint_layers is not None:
+            joint = dataclasses.replace(settings.joint, order=tuple(self._joint_layers))
+            settings = dataclasses.replace(settings, joint=joint)
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
         try:
             result = search.run(eval_loader, metric, example, train_data=train_loader)
-            self.points, self.joint_points = dict(result.points), result.joint_points
-            self.results = [pt.as_dict() for pt in result.every]
-            self.result, self.chosen = result.decision, result.decision.chosen
-            self.confirmations = result.confirmations
+            # Every rank measured the same numbers (synced metric, same example); rank zero's
+            # decision is the one every rank applies.
+            decision = trainer.strategy.broadcast(result.decision)
+            result = dataclasses.replace(result, decision=decision)
+            self.result = result
             self._report(trainer, result)
             before = dict(pl_module.named_parameters())
-            if result.decision.plan:
-                search.apply(pl_module, result.decision)
-                self.applied = dict(result.decision.plan)
-                self._info(f"neuron elimination: applied {self.applied}")
+            if decision.plan:
+                search.apply(pl_module, decision)
+                self.result = result = dataclasses.replace(result, applied=True)
+                self._info(f"neuron elimination: applied {dict(decision.plan)}")
         finally:
             search.close()
-        if result.decision.plan:
+        if result.applied:
             source = self.source_checkpoint_path
             path = self.reduced_checkpoint_path = save_reduced_checkpoint(
                 trainer, pl_module, before, source
@@ -407,8 +356,23 @@ class NeuronEliminationCallback(pl.Callback):
                 amend_report(self.report_paths[0], reduced_checkpoint=path)
         self._info(
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
-            + (f"applied {self.applied}" if self.applied else "model unchanged")
+            + (f"applied {dict(decision.plan)}" if result.applied else "model unchanged")
         )
+
+    def _energy_example(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Iterable[Any],
+        adapt: dict[str, Any],
+    ) -> Any:  # fmt: skip
+        """One input for the energy model, the same on every rank: ``example_input``, else the
+        LightningModule's ``example_input_array``, else rank zero's first evaluation sample."""
+        device = trainer.strategy.root_device
+        given = self.example_input
+        if given is None:
+            given = getattr(pl_module, "example_input_array", None)
+        if given is not None:
+            return trainer.precision_plugin.convert_input(to_device(given, device))
+        example = first_input(loader, 1, device, **adapt)
+        return to_device(trainer.strategy.broadcast(example), device)
 
     def _collect(
         self, pl_module: pl.LightningModule, junctions: list[Junction], loader: Iterable[Any],
@@ -431,7 +395,7 @@ class NeuronEliminationCallback(pl.Callback):
             return self.metric.to(io.device)
         try:
             return default_metric(
-                pl_module, example, top_k=self.top_k, output_fn=self.output_fn,
+                pl_module, example, top_k=self.top_k, output_fn=self.data.output_fn,
                 forward_context=io.forward_context,
             )  # fmt: skip
         except ValueError as err:
@@ -442,7 +406,7 @@ class NeuronEliminationCallback(pl.Callback):
         directory = trainer.log_dir or trainer.default_root_dir
         self.report_paths = report_result(
             trainer.loggers, directory, result, write=trainer.is_global_zero,
-            confirm=self.settings.confirm, budget=self.settings.max_accuracy_drop,
+            confirm=self.settings.confirm, budget=result.budget,
             extra={
                 "weights": self.weights, "source_checkpoint": self.source_checkpoint_path,
                 "reduced_checkpoint": None,
@@ -450,3 +414,18 @@ class NeuronEliminationCallback(pl.Callback):
         )  # fmt: skip
         if self.report_paths:
             self._info(f"neuron elimination: report written to {self.report_paths[0]}")
+
+
+def _from_mapping(cls: type, value: Any, name: str) -> Any:
+    """``value`` as a ``cls`` settings object: ``None``, a string (a joint strategy) or an
+    instance pass through, a mapping gives its fields (``confirm={"fraction": 0.3}``)."""
+    if isinstance(value, Mapping):
+        try:
+            return cls(**value)
+        except TypeError as err:
+            raise ValueError(f"`{name}` has an unknown field: {err}") from err
+    if value is None or isinstance(value, cls) or (cls is JointSettings and isinstance(value, str)):
+        return value
+    raise ValueError(
+        f"`{name}` must be a {cls.__name__}, a mapping of its fields or None, got {value!r}"
+    )

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.core.fitting import JunctionFitter
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.errors import StatisticsError
@@ -47,84 +47,12 @@ from lightning_neuronprune.search.evaluation import CachedEvaluator, metric_dire
 from lightning_neuronprune.search.joint import JointPoint, JointSearch
 from lightning_neuronprune.search.pareto import point_label
 from lightning_neuronprune.search.progress import Bar, no_progress
+from lightning_neuronprune.search.settings import SearchSettings
 from lightning_neuronprune.search.strategies import greedy, sequential
-from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid, sweep_junction
-from lightning_neuronprune.search.validation import check_arguments, check_confirmation
+from lightning_neuronprune.search.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.structure.junction import Junction
 
-__all__ = ["ConfirmSettings", "ModelIO", "ReductionSearch", "SearchResult", "SearchSettings"]
-
-
-@dataclass(frozen=True)
-class ConfirmSettings:
-    """The held-out confirmation of the choice (see
-    :mod:`~lightning_neuronprune.search.confirmation`).
-
-    Attributes:
-        fraction: the share of the evaluation samples held out, in [0, 1); 0 confirms nothing.
-        margin: ask for a held-out drop of at most ``max_accuracy_drop - margin``.
-        confidence: ask for the Bonferroni-corrected upper confidence bound of the held-out drop
-            at this level to be within the budget (``None``: the drop itself).
-        chunk: held-out samples per chunk of the paired standard error.
-        max_tries: re-measure at most this many candidates.
-    """
-
-    fraction: float
-    margin: float = 0.0
-    confidence: float | None = None
-    chunk: int = 100
-    max_tries: int = 20
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """What to search and how to choose: the callback's arguments of the same names.
-
-    Attributes:
-        ranks: the grid of p of every junction (see
-        :func:`~lightning_neuronprune.search.sweep.rank_grid`).
-        max_accuracy_drop: the budget ε, as a fraction.
-        options: the selection and least-squares options.
-        apply: ``"max_energy_saving"``, ``None`` or ``{layer: p}`` (see
-            :func:`~lightning_neuronprune.search.decision.decide`).
-        joint: ``"greedy"``, ``"sequential"`` or ``None`` (single layers only).
-        joint_order: the sequential strategy's layer order, canonical layer names.
-        joint_shares: the sequential strategy's budget shares.
-        joint_compensate: the greedy strategy also tries compensating refits.
-        max_samples: samples for statistics that the joint search re-collects.
-        confirm: the held-out confirmation, or ``None``.
-
-    Raises:
-        ValueError: naming the bad setting and its value.
-    """
-
-    ranks: Ranks = "auto"
-    max_accuracy_drop: float = 0.02
-    options: FitOptions = field(default_factory=FitOptions)
-    apply: str | Mapping[str, int] | None = "max_energy_saving"
-    joint: str | None = "greedy"
-    joint_order: Sequence[str] | None = None
-    joint_shares: Sequence[float] | None = None
-    joint_compensate: bool = False
-    max_samples: int | None = 60_000
-    confirm: ConfirmSettings | None = None
-
-    def __post_init__(self) -> None:
-        check_arguments(
-            targets="auto", ranks=self.ranks, max_accuracy_drop=self.max_accuracy_drop,
-            options={}, top_k=1, energy_model=None, apply=self.apply,
-            max_samples=self.max_samples, joint=self.joint, joint_order=self.joint_order,
-            joint_shares=self.joint_shares,
-        )  # fmt: skip
-        if not isinstance(self.options, FitOptions):
-            raise ValueError(f"`options` must be a FitOptions, got {self.options!r}")
-        if self.confirm is not None:
-            check_confirmation(
-                confirm_fraction=self.confirm.fraction, confirm_margin=self.confirm.margin,
-                confirm_confidence=self.confirm.confidence, confirm_chunk=self.confirm.chunk,
-                confirm_max_tries=self.confirm.max_tries,
-                max_accuracy_drop=self.max_accuracy_drop,
-            )  # fmt: skip
+__all__ = ["ModelIO", "ReductionSearch", "SearchResult"]
 
 
 @dataclass(frozen=True)
@@ -182,12 +110,17 @@ class SearchResult:
         joint_points: the joint search's points, in the order evaluated.
         decision: what to apply (after the confirmation, when there is one).
         confirmations: the candidates re-measured on the held-out part, in the order tried.
+        budget: the budget that was applied, in the metric's units (a relative budget times the
+            unreduced model's metric on the search part).
+        applied: whether the decision was applied to the model (set by whoever applies it).
     """
 
     points: Mapping[str, list[SweepPoint]]
     joint_points: list[JointPoint]
     decision: Decision
     confirmations: list[Confirmation[Any]] = field(default_factory=list)
+    budget: float = 0.0
+    applied: bool = False
 
     @property
     def every(self) -> list[SweepPoint]:
@@ -262,7 +195,9 @@ class ReductionSearch:
         """
         s, say = self.settings, self.io.info
         held_out = None
-        if s.confirm is not None and s.confirm.fraction:
+        # Only the choice of "max_energy_saving" is confirmed: with a fixed {layer: p} or no
+        # application, every evaluation sample serves the search.
+        if s.confirm is not None and s.confirm.fraction and s.apply == "max_energy_saving":
             eval_data, held_out = split_batches(eval_data, s.confirm.fraction)
             say(
                 f"neuron elimination: {1 - s.confirm.fraction:.0%} of the evaluation samples "
@@ -281,17 +216,18 @@ class ReductionSearch:
             )
         finally:
             fitters.clear()  # n × n matrices per junction; the joint search keeps what it needs
+        s = self.settings  # the budget in the metric's units, from the sweep's baseline on
         every = [pt for pts in points.values() for pt in pts]
-        decision = decide(every, joint_points, self.junctions, s.apply, s.max_accuracy_drop)
+        decision = decide(every, joint_points, self.junctions, s.apply, s.max_degradation)
         if s.apply is not None and not isinstance(s.apply, Mapping) and not decision.plan:
             self.io.warn(
-                f"neuron elimination: no configuration keeps the accuracy drop within "
-                f"{s.max_accuracy_drop}; the model is left unchanged"
+                f"neuron elimination: no configuration keeps the metric's degradation within "
+                f"{s.max_degradation}; the model is left unchanged"
             )
         confirmations: list[Confirmation[Any]] = []
         if held_out is not None and s.apply == "max_energy_saving":
             decision, confirmations = self._confirm(every, joint_points, held_out, metric)
-        return SearchResult(points, joint_points, decision, confirmations)
+        return SearchResult(points, joint_points, decision, confirmations, budget=s.max_degradation)
 
     def apply(self, model: nn.Module, decision: Decision) -> Elimination:
         """Apply ``decision`` to ``model`` in place, exactly as it was evaluated, and release
@@ -330,9 +266,12 @@ class ReductionSearch:
                 if baseline is None:
                     baseline = (evaluator(), self.energy_model.estimate(self.model, example))
                     say(
-                        f"neuron elimination: baseline accuracy {baseline[0]:.4f}, energy "
+                        f"neuron elimination: baseline metric {baseline[0]:.4f}, energy "
                         f"{baseline[1].total * 1e6:.3f} µJ"
                     )
+                    if s.relative:
+                        s = self.settings = s.absolute(baseline[0])
+                        say(f"neuron elimination: budget {s.max_degradation:.4g} in metric units")
 
                 def progress(pt: SweepPoint, i: int = i) -> None:
                     bar.advance()
@@ -345,7 +284,7 @@ class ReductionSearch:
                 points[j.layer] = sweep_junction(
                     self.model, j, self.stats[j.consumer], evaluator, self.energy_model,
                     example, ranks=s.ranks, options=s.options, fitter=fitters[j.layer],
-                    max_accuracy_drop=s.max_accuracy_drop, baseline=baseline, on_point=progress,
+                    max_accuracy_drop=s.max_degradation, baseline=baseline, on_point=progress,
                 )  # fmt: skip
                 bar.update(sum(sizes[:i]))  # the points after an early stop are skipped
         return points
@@ -360,15 +299,15 @@ class ReductionSearch:
         self._joint = None
         if s.joint is None or len(self.junctions) < 2:
             return []
-        layers = [j.layer for j in self.junctions]
-        say(f"neuron elimination: joint search ({s.joint}) over {layers}")
-        bar = self.io.progress(f"Neuron elimination: joint search ({s.joint})", None, "points")
+        layers, name = [j.layer for j in self.junctions], s.joint.strategy
+        say(f"neuron elimination: joint search ({name}) over {layers}")
+        bar = self.io.progress(f"Neuron elimination: joint search ({name})", None, "points")
         with bar as b:
 
             def progress(pt: JointPoint) -> None:
                 b.advance()
                 say(
-                    f"neuron elimination [joint {s.joint}] {pt.label}: accuracy "
+                    f"neuron elimination [joint {name}] {pt.label}: metric "
                     f"{pt.accuracy:.4f} (drop {pt.accuracy_drop:+.4f}), energy "
                     f"{pt.energy_ratio:.2f}× lower"
                 )
@@ -382,13 +321,13 @@ class ReductionSearch:
                 **self.io.forward_kwargs(),
                 data_fns={**self.io.eval_fns(), "mask_fn": self.io.mask_fn},
             )  # fmt: skip
-            if s.joint == "greedy":
+            if name == "greedy":
                 return greedy(
-                    self._joint, s.max_accuracy_drop, compensate=s.joint_compensate,
-                    slack=s.max_accuracy_drop / 2,
+                    self._joint, s.max_degradation, compensate=s.joint.compensate,
+                    slack=s.max_degradation / 2,
                 )  # fmt: skip
             return sequential(
-                self._joint, s.max_accuracy_drop, order=s.joint_order, shares=s.joint_shares
+                self._joint, s.max_degradation, order=s.joint.order, shares=s.joint.shares
             )
 
     def _confirm(
@@ -417,8 +356,8 @@ class ReductionSearch:
             return evaluate(reduced)
 
         chosen, tried = confirm_front(
-            front_within(candidates, s.max_accuracy_drop), measure, evaluate(self.model),
-            s.max_accuracy_drop, higher_is_better=metric_direction(metric), margin=c.margin,
+            front_within(candidates, s.max_degradation), measure, evaluate(self.model),
+            s.max_degradation, higher_is_better=metric_direction(metric), margin=c.margin,
             confidence=c.confidence, max_tries=c.max_tries,
         )  # fmt: skip
         for t in tried:
@@ -431,7 +370,7 @@ class ReductionSearch:
         if chosen is None:
             self.io.warn(
                 f"neuron elimination: no configuration within the budget "
-                f"{s.max_accuracy_drop} on the search part kept it on the held-out part "
+                f"{s.max_degradation} on the search part kept it on the held-out part "
                 f"({len(tried)} tried); the model is left unchanged"
             )
             return Decision(), tried
