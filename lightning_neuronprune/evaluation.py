@@ -120,8 +120,14 @@ def metric_direction(metric: Any) -> bool:
 
 def _split(model: nn.Module, consumer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """Split ``model`` at ``consumer`` into a prefix that returns the boundary values and a suffix
-    that takes them and runs the consumer and everything after it."""
-    graph = _Tracer().trace(model)
+    that takes them and runs the consumer and everything after it.
+
+    The trace runs in eval mode (each module's mode is restored afterwards): fx bakes
+    ``self.training`` into the graph as a constant (``F.dropout(x, training=self.training)``,
+    ``if self.training:``), and the cached graph must be the network that is evaluated.
+    """
+    with evaluating(model):
+        graph = _Tracer().trace(model)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == consumer]
     if len(calls) != 1:
         raise NeuronEliminationError(f"{consumer!r} is called {len(calls)} times")

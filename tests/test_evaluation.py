@@ -154,3 +154,45 @@ def test_default_metric_reads_the_class_count_and_restores_modes() -> None:
     assert model.training and model[0].training and not model[1].training
     with pytest.raises(ValueError, match=r"needs class scores.*\(2, 1\).*`metric=`"):
         evaluation.default_metric(nn.Linear(6, 1), torch.zeros(2, 6))
+
+
+class _TrainingBranches(nn.Module):
+    """Functional dropout and an ``if self.training:`` branch, on both sides of the consumer:
+    fx bakes ``self.training`` into the graph as a constant at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(nn.functional.dropout(self.fc1(x), p=0.5, training=self.training))
+        h = torch.relu(self.fc2(h))
+        if self.training:
+            h = -h
+        return self.head(nn.functional.dropout(h, p=0.5, training=self.training))
+
+
+def test_cache_is_traced_in_eval_mode_from_a_model_in_train_mode(
+    generator: torch.Generator,
+) -> None:
+    """The callback builds the evaluator in ``on_train_end``, with the model in train mode; the
+    cached graph must still be the eval-mode network (no dropout, no training branch)."""
+    from torchmetrics.regression import MeanSquaredError
+
+    model = _TrainingBranches().train()
+    data = [
+        (torch.randn(16, 6, generator=generator), torch.randn(16, 4, generator=generator))
+        for _ in range(3)
+    ]
+    evaluator = CachedEvaluator(model, "fc2", data, MeanSquaredError())
+    assert evaluator.cached
+    assert model.training  # the mode is restored after tracing
+    model.eval()
+    with torch.no_grad():
+        outputs = torch.cat([model(x) for x, _ in data])
+        targets = torch.cat([y for _, y in data])
+        expected = float(((outputs - targets) ** 2).mean())
+    model.train()
+    for _ in range(2):  # deterministic: no dropout runs in the cached prefix or suffix
+        assert evaluator() == pytest.approx(expected, rel=1e-6)
+    assert model.training
