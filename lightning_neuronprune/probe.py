@@ -217,7 +217,9 @@ class JunctionProbe:
                     return _perturbed(output, features)  # type: ignore[arg-type]
                 old = self.baseline.outputs.get(name, [])
                 if k < len(old) and old[k].shape == output.shape:
-                    return old[k]
+                    # a copy: an in-place module after this layer (LeakyReLU(inplace=True))
+                    # would otherwise rewrite the stored baseline for every later pass
+                    return old[k].clone()
                 return None
 
             return hook

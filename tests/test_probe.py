@@ -286,3 +286,30 @@ def test_consumer_reached_through_functional_ops(seed: int) -> None:
     with pytest.raises(UndecidedJunctionError, match="feeds"):
         find_junction(Inline(), "fc1")
     assert find_junction(Inline(), "fc1", example=torch.randn(4, 6)).consumer == "fc2"
+
+
+@pytest.mark.parametrize(
+    "act", [nn.LeakyReLU(inplace=True), nn.ELU(inplace=True)], ids=["LeakyReLU", "ELU"]
+)
+def test_inplace_activations_do_not_corrupt_the_baseline(seed: int, act: nn.Module) -> None:
+    """An in-place activation after an ``nn.Linear`` whose baseline output the probe returns (to
+    stop the perturbation there) must not rewrite the stored baseline: every pass after the first
+    would then see the consumer of that layer change too."""
+    model = nn.Sequential(nn.Linear(6, 10), act, nn.Linear(10, 8), act, nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        expected = model(x.clone())
+    probe = JunctionProbe(model, x)
+    stored = {k: [t.clone() for t in v] for k, v in probe.baseline.outputs.items()}
+    for _ in range(2):  # the probe's answer does not depend on earlier passes
+        found = probe.find("0")
+        assert (found.consumer, found.batchnorm) == ("2", None)
+    assert probe.find("2").consumer == "4"
+    for name, outputs in stored.items():
+        torch.testing.assert_close(probe.baseline.outputs[name], outputs, rtol=0, atol=0)
+    assert [(j.producer, j.consumer) for j in auto_junctions(model, example=x)] == [
+        ("0", "2"),
+        ("2", "4"),
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.clone()), expected)
