@@ -196,3 +196,45 @@ def test_cache_is_traced_in_eval_mode_from_a_model_in_train_mode(
     for _ in range(2):  # deterministic: no dropout runs in the cached prefix or suffix
         assert evaluator() == pytest.approx(expected, rel=1e-6)
     assert model.training
+
+
+class _InPlaceSuffix(nn.Module):
+    """The consumer's input is updated in place after the consumer (a residual ``add_``, an
+    in-place op on a view), so a suffix run on the cached prefix outputs
+    would rewrite them."""
+
+    def __init__(self, update: str) -> None:
+        super().__init__()
+        self.update = update
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if self.update == "add_":
+            h = h.add_(torch.relu(self.fc2(h)))
+        else:  # an in-place op on a view of the cached value
+            h = h.unsqueeze(0).mul_(torch.sigmoid(self.fc2(h))).squeeze(0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("update", ["add_", "view"])
+def test_in_place_suffix_does_not_corrupt_the_cache(
+    generator: torch.Generator, update: str
+) -> None:
+    """Three evaluations of the unchanged model give the same value, that of a full pass."""
+    from torchmetrics.regression import MeanSquaredError
+
+    model = _InPlaceSuffix(update)
+    data = [
+        (torch.randn(16, 6, generator=generator), torch.randn(16, 4, generator=generator))
+        for _ in range(3)
+    ]
+    with torch.no_grad():
+        expected = float(torch.cat([(model(x) - y) ** 2 for x, y in data]).mean())
+    evaluator = CachedEvaluator(model, "fc2", data, MeanSquaredError())
+    assert evaluator.cached
+    values = [evaluator() for _ in range(3)]
+    assert values == [values[0]] * 3  # the unchanged model gives the same value on every call
+    assert values[0] == pytest.approx(expected, rel=1e-6)
+    probe = _probe(model.fc2, torch.tensor([0, 2, 3, 7]))
+    assert evaluator(probe) == evaluator(probe)
