@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +75,17 @@ class HostReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
+        self.counts: Counter[str] = Counter()  # by method name
         for name in self.METHODS:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
-        monkeypatch.setattr(torch, "nonzero", self._counted(torch.nonzero))
+            monkeypatch.setattr(
+                torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name))
+            )
+        monkeypatch.setattr(torch, "nonzero", self._counted("nonzero", torch.nonzero))
 
-    def _counted(self, method):
+    def _counted(self, name, method):
         def counted(*args, **kwargs):
             self.count += 1
+            self.counts[name] += 1
             return method(*args, **kwargs)
 
         return counted
