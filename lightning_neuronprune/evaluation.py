@@ -166,19 +166,18 @@ def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, Tensor) else value
 
 
-def _suffix_mutates(suffix: torch.fx.GraphModule, boundary: tuple[Any, ...]) -> bool:
+def _suffix_mutates(suffix: torch.fx.GraphModule, boundary: tuple[Any, ...]) -> tuple[bool, Any]:
     """Whether ``suffix`` modifies its inputs in place (``x.add_(...)``, an in-place op on a view
-    of one): one trial run on copies of ``boundary``, read from the copies' version counters
-    (shared with their views; no device read). Inference tensors have no version counter, so
-    they are assumed to be modified."""
-    leaves = [t for t in pytree.tree_leaves(boundary) if isinstance(t, Tensor)]
-    if any(t.is_inference() for t in leaves):
-        return True
+    of one), and its output: one trial run on copies of ``boundary``, read from the copies'
+    version counters (shared with their views; no device read). Inference tensors have no
+    version counter, so they are assumed to be modified."""
     copies = pytree.tree_map(_clone, boundary)
     tensors = [t for t in pytree.tree_leaves(copies) if isinstance(t, Tensor)]
+    if any(t.is_inference() for t in tensors):
+        return True, suffix(*copies)
     versions = [t._version for t in tensors]
-    suffix(*copies)
-    return [t._version for t in tensors] != versions
+    out = suffix(*copies)
+    return [t._version for t in tensors] != versions, out
 
 
 class CachedEvaluator:
@@ -255,7 +254,17 @@ class CachedEvaluator:
                         boundaries.append(call_model(prefix, to_device(x, self.device)))
                         targets.append(to_device(y, self.device))
                     with evaluating(suffix):
-                        copy = _suffix_mutates(suffix, boundaries[0])
+                        copy, out = _suffix_mutates(suffix, boundaries[0])
+                    if copy:  # the update may reach a value that the prefix read before it
+                        x, _ = self._batches[0]
+                        full = call_model(model, to_device(x, self.device))
+                        if not torch.allclose(
+                            self._output(out), self._output(full), equal_nan=True
+                        ):
+                            raise NeuronEliminationError(
+                                "an in-place update after the consumer changes a value read "
+                                "before it; the split differs from the model"
+                            )
             except Exception as err:  # any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
