@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,35 @@ def pivots_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(cholesky, "_FORCE_DEVICE_PIVOTS", request.param == "device")
     return request.param
+
+
+class HostReads:
+    """Counts the tensor methods that read a value on the host (a device synchronisation on a
+    GPU): ``item``, ``tolist``, ``nonzero``, ``cpu``, ``numpy`` and ``bool``/``int``/``float``
+    of a tensor. On the CPU nothing waits, so a test compares counts instead: a loop without a
+    synchronisation per batch makes as many reads for 2 batches as for 6."""
+
+    METHODS = ("item", "tolist", "nonzero", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.counts: Counter[str] = Counter()  # by method name
+        for name in self.METHODS:
+            monkeypatch.setattr(
+                torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name))
+            )
+        monkeypatch.setattr(torch, "nonzero", self._counted("nonzero", torch.nonzero))
+
+    def _counted(self, name, method):
+        def counted(*args, **kwargs):
+            self.count += 1
+            self.counts[name] += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> HostReads:
+    """A :class:`HostReads` counter, for the rest of the test."""
+    return HostReads(monkeypatch)

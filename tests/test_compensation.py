@@ -103,3 +103,33 @@ def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None
             assert pt.kept == search.evaluate(pt.config).kept
     with pytest.raises(ValueError, match="`slack` must be non-negative"):
         greedy(search, 0.02, compensate=True, slack=-1)
+
+
+def test_cross_statistics_read_the_host_once_not_per_batch(
+    generator: torch.Generator, host_reads
+) -> None:
+    """The finiteness check is accumulated on the device and read after the loop: the host
+    reads do not grow with the number of batches, the moments equal a direct computation, and
+    a NaN anywhere still raises the same error."""
+    model = _chain(generator)
+    reduced = copy.deepcopy(model)
+    with torch.no_grad():
+        reduced[0].weight.mul_(0.5)
+    reads = []
+    for batches in (2, 6):
+        data = _data(generator, n=200 * batches)
+        x = torch.cat([xb for xb, _ in data])
+        before = host_reads.count
+        cs = collect_cross_statistics(model, reduced, "2", data)
+        reads.append(host_reads.count - before)
+        with torch.no_grad():
+            X, Xr = torch.relu(model[0](x)), torch.relu(reduced[0](x))
+        torch.testing.assert_close(cs.cross, X.T @ Xr)
+        torch.testing.assert_close(cs.reduced.gram, Xr.T @ Xr)
+        torch.testing.assert_close(cs.reduced.total, Xr.sum(0))
+        assert cs.reduced.count == len(x)
+    assert reads[0] == reads[1]
+    data = _data(generator)
+    data[1][0][3, 2] = float("nan")  # one value of the middle batch
+    with pytest.raises(StatisticsError, match=r"non-finite activations at the input of '2'"):
+        collect_cross_statistics(model, reduced, "2", data)

@@ -154,3 +154,91 @@ def test_default_metric_reads_the_class_count_and_restores_modes() -> None:
     assert model.training and model[0].training and not model[1].training
     with pytest.raises(ValueError, match=r"needs class scores.*\(2, 1\).*`metric=`"):
         evaluation.default_metric(nn.Linear(6, 1), torch.zeros(2, 6))
+
+
+class _TrainingBranches(nn.Module):
+    """Functional dropout and an ``if self.training:`` branch, on both sides of the consumer:
+    fx bakes ``self.training`` into the graph as a constant at trace time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(nn.functional.dropout(self.fc1(x), p=0.5, training=self.training))
+        h = torch.relu(self.fc2(h))
+        if self.training:
+            h = -h
+        return self.head(nn.functional.dropout(h, p=0.5, training=self.training))
+
+
+def test_cache_is_traced_in_eval_mode_from_a_model_in_train_mode(
+    generator: torch.Generator,
+) -> None:
+    """The callback builds the evaluator in ``on_train_end``, with the model in train mode; the
+    cached graph must still be the eval-mode network (no dropout, no training branch)."""
+    from torchmetrics.regression import MeanSquaredError
+
+    model = _TrainingBranches().train()
+    data = [
+        (torch.randn(16, 6, generator=generator), torch.randn(16, 4, generator=generator))
+        for _ in range(3)
+    ]
+    evaluator = CachedEvaluator(model, "fc2", data, MeanSquaredError())
+    assert evaluator.cached
+    assert model.training  # the mode is restored after tracing
+    model.eval()
+    with torch.no_grad():
+        outputs = torch.cat([model(x) for x, _ in data])
+        targets = torch.cat([y for _, y in data])
+        expected = float(((outputs - targets) ** 2).mean())
+    model.train()
+    for _ in range(2):  # deterministic: no dropout runs in the cached prefix or suffix
+        assert evaluator() == pytest.approx(expected, rel=1e-6)
+    assert model.training
+
+
+class _InPlaceSuffix(nn.Module):
+    """The consumer's input is updated in place after the consumer (a residual ``add_``, an
+    in-place op on a view, an update read under the old name), so a suffix run on the cached
+    prefix outputs would rewrite them."""
+
+    def __init__(self, update: str) -> None:
+        super().__init__()
+        self.update = update
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if self.update == "add_":
+            h = h.add_(torch.relu(self.fc2(h)))
+        elif self.update == "view":  # an in-place op on a view of the cached value
+            h = h.unsqueeze(0).mul_(torch.sigmoid(self.fc2(h))).squeeze(0)
+        else:  # the updated h is read under its old name: fx splits head(h) before the update
+            y = torch.relu(self.fc2(h))
+            h.add_(y)
+            return self.head(h) + y[:, :4]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("update", ["add_", "view", "reread"])
+def test_in_place_suffix_does_not_corrupt_the_cache(
+    generator: torch.Generator, update: str
+) -> None:
+    """Three evaluations of the unchanged model give the same value, that of a full pass."""
+    from torchmetrics.regression import MeanSquaredError
+
+    model = _InPlaceSuffix(update)
+    data = [
+        (torch.randn(16, 6, generator=generator), torch.randn(16, 4, generator=generator))
+        for _ in range(3)
+    ]
+    with torch.no_grad():
+        expected = float(torch.cat([(model(x) - y) ** 2 for x, y in data]).mean())
+    evaluator = CachedEvaluator(model, "fc2", data, MeanSquaredError())
+    assert evaluator.cached == (update != "reread")  # a split that differs: full passes
+    values = [evaluator() for _ in range(3)]
+    assert values == [values[0]] * 3  # the unchanged model gives the same value on every call
+    assert values[0] == pytest.approx(expected, rel=1e-6)
+    probe = _probe(model.fc2, torch.tensor([0, 2, 3, 7]))
+    assert evaluator(probe) == evaluator(probe)

@@ -286,3 +286,73 @@ def test_consumer_reached_through_functional_ops(seed: int) -> None:
     with pytest.raises(UndecidedJunctionError, match="feeds"):
         find_junction(Inline(), "fc1")
     assert find_junction(Inline(), "fc1", example=torch.randn(4, 6)).consumer == "fc2"
+
+
+@pytest.mark.parametrize(
+    "act", [nn.LeakyReLU(inplace=True), nn.ELU(inplace=True)], ids=["LeakyReLU", "ELU"]
+)
+def test_inplace_activations_do_not_corrupt_the_baseline(seed: int, act: nn.Module) -> None:
+    """An in-place activation after an ``nn.Linear`` whose baseline output the probe returns (to
+    stop the perturbation there) must not rewrite the stored baseline: every pass after the first
+    would then see the consumer of that layer change too."""
+    model = nn.Sequential(nn.Linear(6, 10), act, nn.Linear(10, 8), act, nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        expected = model(x.clone())
+    probe = JunctionProbe(model, x)
+    stored = {k: [t.clone() for t in v] for k, v in probe.baseline.outputs.items()}
+    for _ in range(2):  # the probe's answer does not depend on earlier passes
+        found = probe.find("0")
+        assert (found.consumer, found.batchnorm) == ("2", None)
+    assert probe.find("2").consumer == "4"
+    for name, outputs in stored.items():
+        torch.testing.assert_close(probe.baseline.outputs[name], outputs, rtol=0, atol=0)
+    assert [(j.producer, j.consumer) for j in auto_junctions(model, example=x)] == [
+        ("0", "2"),
+        ("2", "4"),
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.clone()), expected)
+
+
+def _deep_mlp(depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(6, 10)]
+    for _ in range(depth):
+        layers += [nn.ReLU(), nn.Linear(10, 10)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(10, 3))
+
+
+def test_probe_reads_the_host_per_pass_not_per_layer(seed: int, host_reads) -> None:
+    """The changed features of every nn.Linear call stay on the device during a pass and come
+    to the host in one read; the reads of device values as numbers or copies (``float``,
+    ``item``, ``cpu``) do not grow with the number of layers."""
+    x = torch.randn(8, 6)
+    reads, results = [], []
+    for depth in (1, 6):
+        model = _deep_mlp(depth)
+        probe = JunctionProbe(model, x)
+        before = dict(host_reads.counts)
+        results.append(probe.find("0"))
+        reads.append(
+            sum(host_reads.counts[k] - before.get(k, 0) for k in ("__float__", "item", "cpu"))
+        )
+    assert [(r.consumer, r.batchnorm, r.path, r.passes) for r in results] == [
+        ("2", None, ("1 (ReLU)",), 2 + 2 * math.ceil(math.log2(10)))
+    ] * 2
+    assert reads[0] == reads[1]
+
+
+def test_changed_features_match_the_host_rule(generator: torch.Generator) -> None:
+    """Feature j changed where ``max |new - old| > tol (max |old| + tol)``, as read on the host."""
+    from lightning_neuronprune.structure.probe import TOLERANCE, _changed_features
+
+    old = torch.randn(4, 3, 7, generator=generator)
+    new = old.clone()
+    scale = float(old.abs().max())
+    new[1, 2, 1] += 2 * TOLERANCE * (scale + TOLERANCE)  # above the threshold
+    new[0, 0, 4] += 0.5 * TOLERANCE * (scale + TOLERANCE)  # below
+    new[3, 1, 6] = float("nan")  # NaN is not a change (the comparison is false)
+    expected = torch.zeros(7, dtype=torch.bool)
+    expected[1] = True
+    assert _changed_features(new, old).tolist() == expected.tolist()
+    assert _changed_features(new[..., :5], old).tolist() == [True] * 5  # another shape

@@ -165,3 +165,34 @@ def test_hf_style_dict_batches_and_keyword_calls(generator: torch.Generator) -> 
     assert stats.count == 7  # one sequence kept by `max_samples`, its 7 real tokens
     stats = collect_statistics(KeywordModel(), ["fc"], [batch])["fc"]
     assert stats.count == 10
+
+
+def test_padding_mask_needs_no_host_read_per_batch(generator: torch.Generator, host_reads) -> None:
+    """The padding mask weights the rows (masked rows add zero to G, the sums and the count)
+    instead of selecting them with ``nonzero``: the reads of the host do not grow with the
+    number of batches, and the statistics equal those of the real tokens alone."""
+    model = _TokenModel()
+
+    def batches(count: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for _ in range(count):
+            x = torch.randn(3, 5, 6, generator=generator)
+            mask = (torch.rand(3, 5, generator=generator) < 0.6).long()
+            x[mask == 0] = float("nan")  # padding holds garbage, even NaN
+            out.append({"inputs_embeds": x, "attention_mask": mask})
+        return out
+
+    reads = []
+    for count in (2, 6):
+        data = batches(count)
+        before = host_reads.count
+        got = collect_statistics(model, ["fc2"], data)["fc2"]
+        reads.append(host_reads.count - before)
+        with torch.no_grad():
+            H = torch.cat(
+                [torch.relu(model.fc1(b["inputs_embeds"]))[b["attention_mask"] != 0] for b in data]
+            ).double()
+        assert got.count == H.shape[0]
+        torch.testing.assert_close(got.gram, H.T @ H, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.total, H.sum(0), rtol=1e-12, atol=1e-12)
+    assert reads[0] == reads[1]

@@ -325,8 +325,12 @@ def collect_statistics(
                 rows = rows.index_select(1, index)
             mask = current["mask"]
             if mask is not None and tuple(mask.shape) == shape[:-1]:
-                real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
-                rows = rows.index_select(0, real)  # (real tokens, n)
+                # weight the rows instead of selecting them (no nonzero, no host read): a padding
+                # row becomes zero, adding nothing to G and s, and the count of padding rows is
+                # kept on the device and taken off K after the loop
+                real = mask.to(rows.device).reshape(-1, 1) != 0  # (K_b, 1)
+                rows = torch.where(real, rows, rows.new_zeros(()))  # NaN padding is dropped too
+                padding[name] = padding.get(name, 0) + (~real).sum()
             stats[name].update(rows.to(device))
             shapes[name] = shape
 
@@ -336,6 +340,7 @@ def collect_statistics(
     get_mask = mask_fn if mask_fn is not None else batch_mask
     current: dict[str, Tensor | None] = {"mask": None}
     shapes: dict[str, tuple[int, ...]] = {}
+    padding: dict[str, Tensor] = {}  # padding rows added as zeros, per consumer (on the device)
     prepare = transfer if transfer is not None else (lambda b: b)
     context = forward_context if forward_context is not None else nullcontext
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
@@ -362,6 +367,8 @@ def collect_statistics(
         for h in handles:
             h.remove()
 
+    for name, rows in padding.items():  # one read per consumer, after the loop
+        stats[name].count -= int(rows)
     if sync:
         for s in stats.values():
             s.all_reduce()

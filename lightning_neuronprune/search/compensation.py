@@ -103,6 +103,7 @@ def collect_cross_statistics(
     modes = [(m, m.training) for model in (original, reduced) for m in model.modules()]
     handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(mods)]
     seen = 0
+    finite = torch.ones((), dtype=torch.bool, device=device)
     try:
         original.eval()
         reduced.eval()
@@ -117,8 +118,8 @@ def collect_cross_statistics(
                 X, Xr = captured
                 if X is None or Xr is None or X.shape != Xr.shape:
                     raise StatisticsError(f"{consumer!r} was not called alike in both networks")
-                if not (torch.isfinite(X).all() and torch.isfinite(Xr).all()):
-                    raise StatisticsError(f"non-finite activations at the input of {consumer!r}")
+                # accumulated on the device and read once after the loop (no host read per batch)
+                finite &= torch.isfinite(X).all() & torch.isfinite(Xr).all()
                 stats.update(Xr)
                 cross += X.T @ Xr
                 seen += x.shape[0] if isinstance(x, Tensor) else 1
@@ -131,6 +132,8 @@ def collect_cross_statistics(
             m.training = mode
     if stats.count == 0:
         raise StatisticsError(f"no sample reached {consumer!r}")
+    if not bool(finite):
+        raise StatisticsError(f"non-finite activations at the input of {consumer!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stats.all_reduce()
         torch.distributed.all_reduce(cross)

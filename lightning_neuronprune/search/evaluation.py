@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from lightning_neuronprune.core.runtime import evaluating, model_device, to_device
@@ -120,8 +121,14 @@ def metric_direction(metric: Any) -> bool:
 
 def _split(model: nn.Module, consumer: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """Split ``model`` at ``consumer`` into a prefix that returns the boundary values and a suffix
-    that takes them and runs the consumer and everything after it."""
-    graph = LeafTracer().trace(model)
+    that takes them and runs the consumer and everything after it.
+
+    The trace runs in eval mode (each module's mode is restored afterwards): fx bakes
+    ``self.training`` into the graph as a constant (``F.dropout(x, training=self.training)``,
+    ``if self.training:``), and the cached graph must be the network that is evaluated.
+    """
+    with evaluating(model):
+        graph = LeafTracer().trace(model)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == consumer]
     if len(calls) != 1:
         raise NeuronEliminationError(f"{consumer!r} is called {len(calls)} times")
@@ -155,6 +162,24 @@ def _split(model: nn.Module, consumer: str) -> tuple[torch.fx.GraphModule, torch
     return torch.fx.GraphModule(model, prefix), torch.fx.GraphModule(model, suffix)
 
 
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+def _suffix_mutates(suffix: torch.fx.GraphModule, boundary: tuple[Any, ...]) -> tuple[bool, Any]:
+    """Whether ``suffix`` modifies its inputs in place (``x.add_(...)``, an in-place op on a view
+    of one), and its output: one trial run on copies of ``boundary``, read from the copies'
+    version counters (shared with their views; no device read). Inference tensors have no
+    version counter, so they are assumed to be modified."""
+    copies = pytree.tree_map(_clone, boundary)
+    tensors = [t for t in pytree.tree_leaves(copies) if isinstance(t, Tensor)]
+    if any(t.is_inference() for t in tensors):
+        return True, suffix(*copies)
+    versions = [t._version for t in tensors]
+    out = suffix(*copies)
+    return [t._version for t in tensors] != versions, out
+
+
 class CachedEvaluator:
     """Evaluates a model with a replaced consumer, running only the part from the consumer onward.
 
@@ -179,7 +204,8 @@ class CachedEvaluator:
     Attributes:
         cached: whether the fx split succeeded and the traced front ran on the data, so the
             front is cached (a front that cannot run, e.g. on an untraceable input, falls back to
-            full passes).
+            full passes). A part after the consumer that updates the cached values in place
+            (``x.add_(...)``) is found by one trial run and gets copies on each evaluation.
         higher_is_better: the metric's direction (``metric.higher_is_better``; unset counts as
             higher is better). :meth:`degradation` uses it.
     """
@@ -218,6 +244,7 @@ class CachedEvaluator:
         self.cached = False
         self._suffix: torch.fx.GraphModule | None = None
         self._boundaries: list[tuple[Any, ...]] = []
+        self._copy = False
         if cache:
             try:
                 prefix, suffix = _split(model, consumer)
@@ -226,10 +253,24 @@ class CachedEvaluator:
                     for x, y in self._batches:
                         boundaries.append(call_model(prefix, to_device(x, self.device)))
                         targets.append(to_device(y, self.device))
+                    with evaluating(suffix):
+                        copy, out = _suffix_mutates(suffix, boundaries[0])
+                    if copy:  # the update may reach a value that the prefix read before it
+                        x, _ = self._batches[0]
+                        full = call_model(model, to_device(x, self.device))
+                        if not torch.allclose(
+                            self._output(out), self._output(full), equal_nan=True
+                        ):
+                            raise NeuronEliminationError(
+                                "an in-place update after the consumer changes a value read "
+                                "before it; the split differs from the model"
+                            )
             except Exception as err:  # any failure falls back to full passes
                 log.info("evaluation cache disabled for %r (%s): full forward per p", consumer, err)
             else:
                 self._suffix, self._boundaries = suffix, boundaries
+                # a suffix that updates its inputs in place gets copies on each evaluation
+                self._copy = copy
                 # keep the targets only, on the device: no copies per evaluation
                 self._batches = [(None, y) for y in targets]
                 self.cached = True
@@ -264,11 +305,12 @@ class CachedEvaluator:
                 replace_module(root, name, module)
             with evaluating(self.model), evaluating(root), self._context():
                 for k, (x, y) in enumerate(self._batches):
-                    out = (
-                        root(*self._boundaries[k])
-                        if self.cached
-                        else call_model(root, to_device(x, self.device))
-                    )
+                    if not self.cached:
+                        out = call_model(root, to_device(x, self.device))
+                    elif self._copy:  # the suffix would rewrite the cached values
+                        out = root(*pytree.tree_map(_clone, self._boundaries[k]))
+                    else:
+                        out = root(*self._boundaries[k])
                     self.metric.update(self._output(out), to_device(y, self.device))
             value = self.metric.compute()
             return float(value) if sync else value

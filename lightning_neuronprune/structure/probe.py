@@ -109,22 +109,50 @@ def _fingerprint(value: Any) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
-def _differs(a: Tensor, b: Tensor, tol: float = TOLERANCE) -> bool:
+def _threshold(old: Tensor, tol: float) -> Tensor | float:
+    """``tol (max |old| + tol)``: a 0-d float64 tensor on ``old``'s device (no host read), compared
+    in ``old``'s dtype as the Python float it replaces was."""
+    if not old.numel():
+        return tol * tol
+    return tol * (old.abs().max().double() + tol)
+
+
+def _differ(a: Tensor, b: Tensor, tol: float = TOLERANCE) -> Tensor:
+    """0-d bool on the device: whether ``a`` differs from ``b`` (see :func:`_differs`)."""
     if a.shape != b.shape:
-        return True
+        return torch.ones((), dtype=torch.bool, device=a.device)
     if not a.is_floating_point():
-        return bool((a != b).any())
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(((a - b).abs() > tol * (scale + tol)).any())
+        return (a != b).any()
+    return ((a - b).abs() > _threshold(b, tol)).any()
+
+
+def _differs(a: Tensor, b: Tensor, tol: float = TOLERANCE) -> bool:
+    return bool(_differ(a, b, tol))  # one host read
 
 
 def _changed_features(new: Tensor, old: Tensor, tol: float = TOLERANCE) -> Tensor:
-    """(n,) bool: which features (last dimension) of ``new`` differ from ``old``."""
+    """(n,) bool on ``new``'s device: which features (last dimension) of ``new`` differ from
+    ``old``."""
     if new.shape != old.shape:
-        return torch.ones(new.shape[-1] if new.dim() else 1, dtype=torch.bool)
+        return torch.ones(new.shape[-1] if new.dim() else 1, dtype=torch.bool, device=new.device)
     diff = (new - old).abs().reshape(-1, old.shape[-1]).amax(0)
-    scale = float(old.abs().max()) if old.numel() else 0.0
-    return (diff > tol * (scale + tol)).cpu()
+    return diff > _threshold(old, tol)
+
+
+def _host(masks: list[Tensor]) -> list[Tensor]:
+    """Bool tensors (on any devices) copied to the host in one read."""
+    if not masks:
+        return []
+    device = next((m.device for m in masks if m.device.type != "cpu"), masks[0].device)
+    flat = torch.cat([m.reshape(-1).to(device) for m in masks]).cpu()
+    parts = flat.split([m.numel() for m in masks])
+    return [h.reshape(m.shape) for h, m in zip(parts, masks, strict=True)]
+
+
+def _to_host(changed: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+    """The per-call feature masks of a pass, moved to the host in one read."""
+    host = iter(_host([m for per_call in changed.values() for m in per_call]))
+    return {name: [next(host) for _ in per_call] for name, per_call in changed.items()}
 
 
 def _perturbed(y: Tensor, features: Tensor) -> Tensor:
@@ -211,16 +239,18 @@ class JunctionProbe:
                     return None
                 k = len(trace.changed.setdefault(name, []))
                 old_in = self.baseline.inputs.get(name, [])
-                trace.changed[name].append(
+                trace.changed[name].append(  # on the device; read once after the pass
                     _changed_features(args[0], old_in[k], self.tolerance)
                     if k < len(old_in)
-                    else torch.zeros(0, dtype=torch.bool)
+                    else torch.zeros(0, dtype=torch.bool, device=args[0].device)
                 )
                 if name == producer:
                     return _perturbed(output, features)  # type: ignore[arg-type]
                 old = self.baseline.outputs.get(name, [])
                 if k < len(old) and old[k].shape == output.shape:
-                    return old[k]
+                    # a copy: an in-place module after this layer (LeakyReLU(inplace=True))
+                    # would otherwise rewrite the stored baseline for every later pass
+                    return old[k].clone()
                 return None
 
             return hook
@@ -241,6 +271,7 @@ class JunctionProbe:
             with _evaluating(self.model):
                 out = self.call(self.model, self.example)
             trace.output = [t.detach().clone() for t in _tensors(out)]
+            trace.changed = _to_host(trace.changed)
         finally:
             for h in handles:
                 h.remove()
@@ -342,9 +373,11 @@ class JunctionProbe:
             )
         path: list[str] = []
         batchnorm = None
-        for (name, old), (_, new) in zip(base, trace.fingerprints, strict=True):
+        pairs = zip(base, trace.fingerprints, strict=True)
+        differ = _host([_differ(new, old, self.tolerance) for (_, old), (_, new) in pairs])
+        for (name, _), changed in zip(base, differ, strict=True):
             m = modules[name]
-            if not _differs(new, old, self.tolerance) or any(True for _ in m.children()):
+            if not changed or any(True for _ in m.children()):
                 continue
             path.append(f"{name} ({type(m).__name__})")
             if isinstance(m, nn.BatchNorm1d) and m.num_features == n and batchnorm is None:
