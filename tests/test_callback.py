@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_neuronprune import (
+    ConfirmSettings,
+    EnergyModel,
     JunctionError,
     ModelIO,
     NeuronEliminationCallback,
@@ -24,6 +27,7 @@ from lightning_neuronprune import (
     read_plan,
     save_reduced,
 )
+from lightning_neuronprune.search.decision import Decision
 
 _trainer = tiny_trainer
 
@@ -441,3 +445,79 @@ def test_every_rank_reduces_rank_zeros_junctions(
     trainer.fit(LitMLP(), datamodule=BlobsData())
     assert sent == [["net.0", "net.2"]]
     assert set(callback.result.points) == {"net.0"}
+
+
+def test_a_failed_second_fit_leaves_no_result_of_the_first(tmp_path: Path, seed: int) -> None:
+    callback = NeuronEliminationCallback(targets=["net.0"], ranks=[0.5], joint=None, confirm=None)
+    _trainer(tmp_path, callback, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
+    assert callback.result is not None and callback.result.points
+    trainer = _trainer(tmp_path, callback, max_epochs=1)
+    trainer.callbacks.append(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(LitMLP(), datamodule=BlobsData())
+    assert callback.result is None and callback.report_paths == ()
+    assert callback.reduced_checkpoint_path is None
+
+
+def test_energy_example_and_decision_come_from_rank_zero(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks with dynamic padding see different first samples: the energy example (which steers
+    the greedy path) and the decision are rank zero's on every rank."""
+    callback = NeuronEliminationCallback(targets=["net.0"], ranks=[0.5], joint=None, confirm=None)
+    trainer = _trainer(tmp_path, callback, max_epochs=1)
+    broadcast = trainer.strategy.broadcast
+    rank_zero_example = torch.full((1, 12), 7.0)
+    kinds: list[str] = []
+
+    def from_rank_zero(obj: Any, src: int = 0) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.shape == (1, 12):
+            kinds.append("example")
+            return rank_zero_example
+        if isinstance(obj, Decision):
+            kinds.append("decision")
+            return Decision()  # rank zero decided to keep the model
+        return broadcast(obj, src)
+
+    seen: list[torch.Tensor] = []
+    estimate = EnergyModel.estimate
+
+    def spy(self: EnergyModel, model: torch.nn.Module, example: Any) -> Any:
+        seen.append(example)
+        return estimate(self, model, example)
+
+    monkeypatch.setattr(trainer.strategy, "broadcast", from_rank_zero)
+    monkeypatch.setattr(EnergyModel, "estimate", spy)
+    model = LitMLP()
+    trainer.fit(model, datamodule=BlobsData())
+    assert kinds == ["example", "decision"]
+    assert seen and all(torch.equal(x, rank_zero_example) for x in seen)
+    assert callback.result is not None and not callback.result.applied
+    assert model.net[0].out_features == 24  # rank zero's decision, not this rank's
+
+
+def test_example_input_array_is_the_energy_example(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+    estimate = EnergyModel.estimate
+
+    def spy(self: EnergyModel, model: torch.nn.Module, example: Any) -> Any:
+        seen.append(example)
+        return estimate(self, model, example)
+
+    monkeypatch.setattr(EnergyModel, "estimate", spy)
+    model = LitMLP()
+    model.example_input_array = torch.full((1, 12), 3.0)
+    callback = NeuronEliminationCallback(targets=["net.0"], ranks=[0.5], joint=None, confirm=None)
+    _trainer(tmp_path, callback, max_epochs=1).fit(model, datamodule=BlobsData())
+    assert seen and all(torch.equal(x, model.example_input_array) for x in seen)
+
+
+def test_defaults_are_quiet_and_confirm_with_a_bound() -> None:
+    callback = NeuronEliminationCallback()
+    assert callback.verbose is False
+    assert callback.settings.confirm == ConfirmSettings(0.5, 0.0, 0.9, 100, 20)
+    assert (callback.settings.max_degradation, callback.settings.relative) == (0.02, False)
+    assert callback.settings.options.method == "output"
+    assert len(inspect.signature(NeuronEliminationCallback).parameters) - 1 <= 15  # **deprecated

@@ -229,3 +229,51 @@ def test_search_refuses_missing_statistics_and_empty_junctions(
         ReductionSearch(model, [], stats, EnergyModel(), SearchSettings())
     with pytest.raises(ValueError, match="`settings` must be a SearchSettings"):
         ReductionSearch(model, junctions[:1], stats, EnergyModel(), {"joint": None})  # type: ignore[arg-type]
+
+
+class Counting(MulticlassAccuracy):
+    """Accuracy that counts the samples it saw in each evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=4)
+        self.sizes: list[int] = []
+        self._seen = 0
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self._seen += len(target)
+        super().update(preds, target)
+
+    def compute(self) -> torch.Tensor:
+        self.sizes.append(self._seen)
+        self._seen = 0
+        return super().compute()
+
+
+@pytest.mark.parametrize("apply", [None, {"2": 8}])
+def test_nothing_is_held_out_when_nothing_is_confirmed(
+    trained: tuple[nn.Sequential, list[Any], list[Any]], apply: Any
+) -> None:
+    """With ``apply=None`` or a fixed ``{layer: p}`` there is no choice to confirm: every
+    evaluation sample serves the search, whatever the confirmation settings say."""
+    model, batches, eval_batches = trained
+    settings = SearchSettings(
+        ranks=[16, 8], joint=None, apply=apply, confirm=ConfirmSettings(fraction=0.5)
+    )
+    metric = Counting()
+    result = _search(model, batches, settings).run(eval_batches, metric, batches[0][0][:1])
+    assert metric.sizes and set(metric.sizes) == {sum(len(y) for _, y in eval_batches)}
+    assert result.confirmations == []
+
+
+def test_relative_budget_in_the_search(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    """A relative budget becomes ``fraction × |baseline metric|`` once the baseline is known."""
+    model, batches, eval_batches = trained
+    settings = SearchSettings(ranks=[16, 8, 4], joint=None, max_degradation=0.05, relative=True)
+    metric = MulticlassAccuracy(4, average="micro")
+    result = _search(model, batches, settings).run(eval_batches, metric, batches[0][0][:1])
+    baseline = _accuracy(model, eval_batches)
+    assert result.budget == pytest.approx(0.05 * baseline)
+    chosen = result.decision.chosen
+    assert chosen is None or chosen.accuracy_drop <= result.budget
