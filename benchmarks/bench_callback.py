@@ -36,7 +36,11 @@ sys.path.insert(0, str(HERE))
 from common import DEFAULT_MNIST, trained  # noqa: E402
 from report import Report, machine_description, md_table  # noqa: E402
 
-from lightning_neuronprune import NeuronEliminationCallback  # noqa: E402
+from lightning_neuronprune import (  # noqa: E402
+    ConfirmSettings,
+    FitOptions,
+    NeuronEliminationCallback,
+)
 from lightning_neuronprune.testing.datasets import MNISTDataModule  # noqa: E402
 from lightning_neuronprune.testing.models import LitClassifier  # noqa: E402
 
@@ -76,8 +80,9 @@ def run_once(
     model = LitClassifier("lenet300100", lr=0.0)
     model.load_state_dict(state)
     callback = TimedCallback(
-        targets=TARGETS, ranks=ranks, joint=joint, verbose=False, profile=profile,
-        method=args.method, confirm_fraction=args.confirm_fraction,
+        targets=TARGETS, ranks=ranks, joint=joint, profile=profile,
+        fit=FitOptions(method=args.method),
+        confirm=ConfirmSettings(fraction=args.confirm_fraction) if args.confirm_fraction else None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile text of each run")
     parser.add_argument(
-        "--method", default="svd_qr", help="selection method (default: the paper's, as issue 8)"
+        "--method", default="svd_qr", help="selection method (default: the paper's svd_qr)"
     )
     parser.add_argument(
         "--confirm-fraction", type=float, default=None, help="held-out confirmation (default off)"
@@ -124,10 +129,13 @@ def main(argv: list[str] | None = None) -> None:
             mode = None if joint == "none" else joint
             cb = run_once(state, device, mode, args, profile=args.profile is not None)
             seconds[(device, joint)] = cb.seconds
-            chosen = cb.chosen
+            result = cb.result
+            assert result is not None  # the fit finished, so the callback ran
+            chosen = result.decision.chosen
+            plan = dict(result.decision.plan) if result.applied else {}
             rows.append(
                 [
-                    device, joint, f"{cb.seconds:.2f}", len(cb.results), str(cb.applied),
+                    device, joint, f"{cb.seconds:.2f}", len(result.every), str(plan),
                     f"{chosen.energy_ratio:.2f}x" if chosen is not None else "—",
                     f"{100 * chosen.accuracy_drop:.2f}" if chosen is not None else "—",
                 ]

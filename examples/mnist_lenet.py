@@ -4,11 +4,11 @@ The :class:`~lightning_neuronprune.NeuronEliminationCallback` runs when ``traine
 sweeps the number of kept neurons p for every target layer (and, with ``--joint``, searches
 configurations of all targets at once), logs the accuracy/energy trade-off to TensorBoard, and
 applies the configuration with the lowest modelled energy whose accuracy drop stays within
-``--max-accuracy-drop``: searched on one half of the validation set and confirmed on the other
-(with a 90% Bonferroni upper confidence bound, ``--confirm-confidence``), so that the budget holds
-on data the search never saw. The reduced model is then tested (the test drop is printed against
-the budget), saved with
-:func:`~lightning_neuronprune.save_reduced`, reloaded into a fresh ``LitClassifier`` with
+``--max-degradation``: searched on one half of the validation set and confirmed on the other
+(with the callback's default 90% upper confidence bound, corrected for the candidates tried), so
+that the budget holds on data the search never saw. The reduced model is then tested (the test
+drop is printed against the budget), saved with :func:`~lightning_neuronprune.save_reduced`,
+reloaded into a fresh ``LitClassifier`` with
 :func:`~lightning_neuronprune.load_reduced`, and checked against the in-memory one.
 
 Run from the repository root (about half a minute on two idle CPU cores with the defaults; a few
@@ -40,7 +40,13 @@ import torch
 from _common import KeepUnreduced, default_data_dir
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_neuronprune import NeuronEliminationCallback, load_reduced, save_reduced
+from lightning_neuronprune import (
+    ConfirmSettings,
+    FitOptions,
+    NeuronEliminationCallback,
+    load_reduced,
+    save_reduced,
+)
 from lightning_neuronprune.core.selection import METHODS
 from lightning_neuronprune.search.joint import JointPoint
 from lightning_neuronprune.search.pareto import choose
@@ -81,8 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"layers whose neurons are removed (default: {DEFAULT_TARGETS} by architecture)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-accuracy-drop", type=float, default=0.02,
+        "--max-degradation", type=float, default=0.02,
         help="the accuracy budget ε as a fraction (0.02 = 2 points)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--val-size", type=int, default=5000,
+        help="training images held out (the last ones) as the validation set",
     )  # fmt: skip
     parser.add_argument(
         "--joint", choices=[*STRATEGIES, "none"], default="greedy",
@@ -93,11 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="neuron selection: output-aware greedy, the paper's svd_qr, or nested qr",
     )  # fmt: skip
     parser.add_argument(
-        "--confirm-fraction", type=float, default=0.5,
+        "--confirm-fraction", type=float, default=ConfirmSettings().fraction,
         help="share of the validation images held out to confirm the chosen configuration",
     )  # fmt: skip
     parser.add_argument(
-        "--confirm-confidence", type=float, default=0.9,
+        "--confirm-confidence", type=float, default=ConfirmSettings().confidence,
         help="statistical margin: the upper confidence bound of the held-out drop at this level "
         "must be within the budget (0: compare the held-out drop itself)",
     )  # fmt: skip
@@ -108,9 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to save the reduced model (default: <run dir>/reduced.pt)",
     )
     parser.add_argument(
-        "--confirm-margin", type=float, default=0.005,
-        help="the held-out drop (or its bound) must stay this far inside the budget: MNIST's "
-        "validation images under-predict test drops of heavily reduced networks",
+        "--confirm-margin", type=float, default=ConfirmSettings().margin,
+        help="the held-out drop (or its bound) must stay this far inside the budget",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -138,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def summary_table(
-    points: dict[str, list[SweepPoint]], max_accuracy_drop: float, chosen: SweepPoint | None
+    points: dict[str, list[SweepPoint]], budget: float, chosen: SweepPoint | None
 ) -> str:
     """One row per target: baseline, the best p of that layer alone within the budget, and its
     ratios. The applied configuration may be a joint one (see :func:`describe_applied`)."""
@@ -150,7 +159,7 @@ def summary_table(
     for layer, pts in points.items():
         base = next((pt for pt in pts if pt.p == pt.n), None)
         base_acc = f"{base.accuracy:.4f}" if base is not None else "n/a"
-        best = choose([pt for pt in pts if pt.p < pt.n], max_accuracy_drop)
+        best = choose([pt for pt in pts if pt.p < pt.n], budget)
         n = pts[0].n if pts else 0
         if best is None:
             lines.append(f"{layer:<12} {n:>5} {base_acc:>12} {'—':>7}  (no p within the budget)")
@@ -165,15 +174,16 @@ def summary_table(
 
 def describe_applied(pruner: NeuronEliminationCallback) -> str:
     """What the callback applied: a single layer's p or a joint configuration, and its ratios."""
-    if not pruner.applied:
+    result = pruner.result
+    if result is None or not result.applied:
         return "applied: nothing (no configuration within the budget); the model is unchanged"
-    c = pruner.chosen
+    plan, c = dict(result.decision.plan), result.decision.chosen
     if isinstance(c, JointPoint):
         what = f"joint configuration ({c.strategy}) " + ", ".join(
-            f"{layer} p={p}" for layer, p in pruner.applied.items()
+            f"{layer} p={p}" for layer, p in plan.items()
         )
     else:
-        what = ", ".join(f"{layer} p={p}" for layer, p in pruner.applied.items())
+        what = ", ".join(f"{layer} p={p}" for layer, p in plan.items())
     if c is None:
         return f"applied: {what}"
     return (
@@ -189,20 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     pl.seed_everything(args.seed, workers=True)
 
     dm = MNISTDataModule(
-        args.data_dir, batch_size=args.batch_size, limit_train=args.limit_train,
-        download=args.download,
+        args.data_dir, batch_size=args.batch_size, val_size=args.val_size,
+        limit_train=args.limit_train, download=args.download,
     )  # fmt: skip
     model = LitClassifier(args.arch, lr=args.lr, epochs=args.epochs)
     tb_logger = TensorBoardLogger(args.log_dir, name=f"mnist_{args.arch}")
     snapshot = KeepUnreduced()
+    confirm = ConfirmSettings(
+        fraction=args.confirm_fraction,
+        margin=args.confirm_margin,
+        confidence=args.confirm_confidence or None,
+    )
     pruner = NeuronEliminationCallback(
         targets=args.targets,
-        max_accuracy_drop=args.max_accuracy_drop,
+        max_degradation=args.max_degradation,
+        fit=FitOptions(method=args.method),
         joint=None if args.joint == "none" else args.joint,
-        method=args.method,
-        confirm_fraction=args.confirm_fraction or None,
-        confirm_confidence=args.confirm_confidence or None,
-        confirm_margin=args.confirm_margin,
+        confirm=confirm if args.confirm_fraction else None,
         verbose=args.verbose,
     )
     trainer = pl.Trainer(
@@ -217,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n=== Neuron elimination summary " + "=" * 40)
     print(f"architecture {args.arch}, {args.epochs} epoch(s), method {args.method}, budget: "
-          f"accuracy drop ≤ {args.max_accuracy_drop:.2%} (validation set, {dm.val_size} images: "
+          f"accuracy drop ≤ {args.max_degradation:.2%} (validation set, {dm.val_size} images: "
           f"searched on {1 - args.confirm_fraction:.0%}, confirmed on "
           f"{args.confirm_fraction:.0%})")  # fmt: skip
-    print(summary_table(pruner.points, args.max_accuracy_drop, pruner.chosen))
+    result = pruner.result
+    assert result is not None  # the fit finished, so the callback ran
+    print(summary_table(dict(result.points), result.budget, result.decision.chosen))
     print(describe_applied(pruner))
 
     # The reduced model's validation accuracy must be the one the sweep measured; the test set was
@@ -235,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"validation accuracy of the reduced model: {val_after:.4f}")
     print(f"test accuracy: {test_before:.4f} before, {test_after:.4f} after the reduction")
     test_drop = test_before - test_after
-    within = "within" if test_drop <= args.max_accuracy_drop else "OVER"
+    within = "within" if test_drop <= args.max_degradation else "OVER"
     print(f"test drop: {100 * test_drop:.2f} points, {within} the budget of "
-          f"{100 * args.max_accuracy_drop:.2f} points")  # fmt: skip
-    for c in pruner.confirmations:
+          f"{100 * args.max_degradation:.2f} points")  # fmt: skip
+    for c in result.confirmations:
         bound = "" if c.upper_bound is None else f" (upper bound {100 * c.upper_bound:.2f})"
         print(f"  confirmation of {c.as_dict()['configuration']}: drop {100 * c.search_drop:.2f} "
               f"points on the search part, {100 * c.confirmed_drop:.2f} held out{bound} -> "

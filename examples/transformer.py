@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=64, help="token width")
     parser.add_argument("--hidden", type=int, default=256, help="FFN width")
     parser.add_argument(
-        "--max-accuracy-drop", type=float, default=0.01,
+        "--max-degradation", type=float, default=0.01,
         help="the accuracy budget ε as a fraction (0.01 = 1 point)",
     )  # fmt: skip
     parser.add_argument("--joint", choices=[*STRATEGIES, "none"], default="greedy")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     pruner = NeuronEliminationCallback(
         targets="auto",
         ranks=[k / args.grid for k in range(1, args.grid + 1)],
-        max_accuracy_drop=args.max_accuracy_drop,
+        max_degradation=args.max_degradation,
         joint=None if args.joint == "none" else args.joint,
         max_samples=args.max_samples,
         verbose=args.verbose,
@@ -155,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     kept = sum(widths.values())
 
     print("\n=== Transformer FFN reduction " + "=" * 40)
-    print(f"found junctions: {sorted(pruner.points)}")
+    result = pruner.result
+    assert result is not None  # the fit finished, so the callback ran
+    print(f"found junctions: {sorted(result.points)}")
     for name, width in widths.items():
         print(f"  {name:<22} {args.hidden:>4} -> {width:>4} neurons")
     print(f"FFN neurons removed: {total - kept} of {total} ({(total - kept) / total:.1%})")
-    c = pruner.chosen
+    c = result.decision.chosen
     if c is not None:
         print(
             f"validation accuracy {c.accuracy:.4f} (drop {c.accuracy_drop:+.4f}, budget "
-            f"{args.max_accuracy_drop}); energy {c.energy_ratio:.2f}x, parameter memory "
+            f"{args.max_degradation}); energy {c.energy_ratio:.2f}x, parameter memory "
             f"{c.memory_ratio:.2f}x lower (modelled)"
         )
     dm.setup("test")

@@ -67,7 +67,7 @@ def test_transformer_example(mnist_dir: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(TRANSFORMER), "--data-dir", str(mnist_dir), "--epochs", "1",
         "--limit-train", "1000", "--val-size", "500", "--depth", "2", "--dim", "32",
-        "--hidden", "64", "--grid", "4", "--max-samples", "500", "--max-accuracy-drop", "0.05",
+        "--hidden", "64", "--grid", "4", "--max-samples", "500", "--max-degradation", "0.05",
         "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(TRANSFORMER.parents[1]), "OMP_NUM_THREADS": "1"}
