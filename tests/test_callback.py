@@ -27,7 +27,6 @@ from lightning_neuronprune import (
     read_plan,
     save_reduced,
 )
-from lightning_neuronprune.search.decision import Decision
 
 _trainer = tiny_trainer
 
@@ -418,8 +417,8 @@ def test_explicit_target_consumer_pairs(tmp_path: Path, seed: int) -> None:
         _trainer(tmp_path, wrong, max_epochs=1).fit(LitMLP(), datamodule=BlobsData())
     with pytest.raises(MisconfigurationException, match="`targets` as a mapping"):
         NeuronEliminationCallback(targets={"net.0": ""})
-    with pytest.raises(MisconfigurationException, match="`data` must be a DataOptions"):
-        NeuronEliminationCallback(data={"probe_samples": 0})  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="`probe_samples` must be a positive"):
+        NeuronEliminationCallback(data={"probe_samples": 0})
     with pytest.raises(MisconfigurationException, match="`max_degradation` must be a non-neg"):
         NeuronEliminationCallback(max_degradation=-0.01)
 
@@ -474,9 +473,9 @@ def test_energy_example_and_decision_come_from_rank_zero(
         if isinstance(obj, torch.Tensor) and obj.shape == (1, 12):
             kinds.append("example")
             return rank_zero_example
-        if isinstance(obj, Decision):
+        if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):
             kinds.append("decision")
-            return Decision()  # rank zero decided to keep the model
+            return None, {}  # rank zero chose no point: the model is kept
         return broadcast(obj, src)
 
     seen: list[torch.Tensor] = []
@@ -517,7 +516,7 @@ def test_example_input_array_is_the_energy_example(
 def test_defaults_are_quiet_and_confirm_with_a_bound() -> None:
     callback = NeuronEliminationCallback()
     assert callback.verbose is False
-    assert callback.settings.confirm == ConfirmSettings(0.5, 0.0, 0.9, 100, 20)
+    assert callback.settings.confirm == ConfirmSettings(0.5, 0.0, 0.9, 100, 20, 0.25)
     assert (callback.settings.max_degradation, callback.settings.relative) == (0.02, False)
     assert callback.settings.options.method == "output"
     assert len(inspect.signature(NeuronEliminationCallback).parameters) - 1 <= 15  # **deprecated

@@ -141,7 +141,7 @@ class _HardHeldOut(BlobsData):
 def test_callback_rejects_a_choice_that_fails_confirmation(tmp_path: Path, seed: int) -> None:
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"], ranks="all", max_degradation=0.01, joint="greedy",
-        fit=FitOptions(method="svd_qr"), confirm=ConfirmSettings(confidence=None),
+        fit=FitOptions(method="svd_qr"), confirm=ConfirmSettings(confidence=None, reserve=0.0),
     )  # fmt: skip
     model = LitMLP()
     data = _HardHeldOut(n_val=512)

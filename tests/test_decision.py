@@ -62,3 +62,14 @@ def test_apply_decision_reduces_in_place_with_the_given_kept_set(
     assert result.model is model and model[2].out_features == 3
     assert result.records[0].kept == (0, 1, 3)
     assert apply_decision(model, junctions, Decision(), stats).records == []
+
+
+def test_a_decision_pickles_for_the_ddp_broadcast() -> None:
+    """Every rank applies rank zero's decision, sent with ``broadcast_object_list`` (pickle)."""
+    import pickle
+
+    d = Decision(None, {"fc1": 3}, {"fc1": (0, 2, 5)})
+    back = pickle.loads(pickle.dumps(d))
+    assert back == d and dict(back.plan) == {"fc1": 3} and dict(back.kept) == {"fc1": (0, 2, 5)}
+    with pytest.raises(TypeError):
+        back.plan["fc1"] = 4  # type: ignore[index]

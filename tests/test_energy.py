@@ -487,3 +487,16 @@ def test_embedding_and_layernorm_rules() -> None:
     assert report.macs == 5 * 4 + 5 * 4 * 3
     assert report.weights == 40 + 4 + 12
     assert report.activations == 5 * 4 + 5 * 4 + 5 * 3
+
+
+def test_a_report_pickles_for_the_ddp_broadcast() -> None:
+    import pickle
+
+    from torch import nn as tnn
+
+    model = tnn.Sequential(tnn.Linear(4, 3), tnn.ReLU(), tnn.Linear(3, 2))
+    report = EnergyModel().estimate(model, torch.zeros(1, 4))
+    back = pickle.loads(pickle.dumps(report))
+    assert back == report and dict(back.per_layer) == dict(report.per_layer)
+    with pytest.raises(TypeError):
+        back.per_layer["0"] = None  # type: ignore[index]

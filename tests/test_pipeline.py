@@ -114,8 +114,9 @@ def test_confirmation_keeps_only_a_point_that_held_on_the_held_out_part(
     model, batches, eval_batches = trained
     warned: list[str] = []
     settings = SearchSettings(
-        ranks="all", max_degradation=0.01, joint=None, confirm=ConfirmSettings(0.5)
-    )
+        ranks="all", max_degradation=0.01, joint=None,
+        confirm=ConfirmSettings(0.5, confidence=None, reserve=0.0),
+    )  # fmt: skip
     search = _search(model, batches, settings, warn=warned.append)
     result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
     chosen = result.decision.chosen
@@ -123,6 +124,25 @@ def test_confirmation_keeps_only_a_point_that_held_on_the_held_out_part(
     assert result.confirmations[-1].held and result.confirmations[-1].point is chosen
     assert all(not c.held for c in result.confirmations[:-1])
     assert result.confirmations[-1].confirmed_drop <= 0.01
+
+
+def test_the_reserve_holds_back_a_share_of_the_budget(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    """A candidate holds only when its held-out drop leaves ``reserve`` of the budget unused."""
+    model, batches, eval_batches = trained
+    settings = SearchSettings(
+        ranks="all", max_degradation=0.02, joint=None,
+        confirm=ConfirmSettings(0.5, confidence=None, reserve=0.5),
+    )  # fmt: skip
+    result = _search(model, batches, settings).run(
+        eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1]
+    )
+    tried = result.confirmations
+    assert tried and all(c.held == (c.confirmed_drop <= 0.01) for c in tried)
+    assert all(c.search_drop <= 0.02 for c in tried)
+    if tried[-1].held:
+        assert result.decision.chosen is tried[-1].point
 
 
 def test_progress_and_info_reach_the_callables(

@@ -91,6 +91,9 @@ def test_fit_options_refuse(option: str, bad: Any) -> None:
         ("max_tries", 0),
         ("max_tries", 2.0),
         ("max_tries", False),
+        ("reserve", -0.1),
+        ("reserve", 1.0),
+        ("reserve", None),
     ],
 )
 def test_confirm_settings_refuse(field: str, bad: Any) -> None:
@@ -99,8 +102,11 @@ def test_confirm_settings_refuse(field: str, bad: Any) -> None:
 
 
 def test_confirm_margin_must_fit_in_the_budget() -> None:
-    with pytest.raises(ValueError, match=r"max_degradation=0\.02, got 0\.03"):
-        SearchSettings(max_degradation=0.02, confirm=ConfirmSettings(margin=0.03))
+    with pytest.raises(
+        ValueError, match=r"max_degradation=0\.02 × \(1 - reserve\) = 0\.015, got 0\.016"
+    ):
+        SearchSettings(max_degradation=0.02, confirm=ConfirmSettings(margin=0.016))
+    assert SearchSettings(confirm=ConfirmSettings(margin=0.015)).confirm.margin == 0.015
 
 
 @pytest.mark.parametrize(
@@ -121,7 +127,7 @@ def test_confirm_settings_accept(changes: dict[str, Any]) -> None:
 
 
 def test_confirmation_is_on_by_default_with_a_confidence_bound() -> None:
-    assert ConfirmSettings() == ConfirmSettings(0.5, 0.0, 0.9, 100, 20)
+    assert ConfirmSettings() == ConfirmSettings(0.5, 0.0, 0.9, 100, 20, 0.25)
 
 
 @pytest.mark.parametrize(

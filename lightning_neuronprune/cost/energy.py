@@ -85,6 +85,11 @@ class EnergyReport:
     total_bits: int
     per_layer: Mapping[str, LayerCount] = field(default_factory=dict, hash=False, compare=False)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A read-only ``per_layer`` view does not pickle; reports cross processes (DDP).
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (_report_from, (values | {"per_layer": dict(self.per_layer)},))
+
     def as_dict(self, per_layer: bool = False) -> dict[str, float]:
         """Return the scalar fields as a flat dictionary, e.g. for ``logger.log_metrics``.
 
@@ -301,3 +306,8 @@ class EnergyModel:
             total_bits=(weights + activations) * self.bits_per_word,
             per_layer=MappingProxyType(dict(per_layer)),
         )
+
+
+def _report_from(fields: dict[str, Any]) -> EnergyReport:
+    """Rebuild a pickled :class:`EnergyReport`, its ``per_layer`` read-only again."""
+    return EnergyReport(**{**fields, "per_layer": MappingProxyType(dict(fields["per_layer"]))})

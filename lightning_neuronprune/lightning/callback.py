@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -37,6 +37,7 @@ from lightning_neuronprune.lightning.trainer import (
 )
 from lightning_neuronprune.lightning.trainer import eval_loader as get_eval_loader
 from lightning_neuronprune.lightning.trainer import train_loader as get_train_loader
+from lightning_neuronprune.search.decision import Decision, decision_for
 from lightning_neuronprune.search.evaluation import default_metric
 from lightning_neuronprune.search.pipeline import ModelIO, ReductionSearch, SearchResult
 from lightning_neuronprune.search.settings import (
@@ -45,6 +46,7 @@ from lightning_neuronprune.search.settings import (
     JointSettings,
     SearchSettings,
     parse_budget,
+    settings_from,
 )
 from lightning_neuronprune.search.validation import (
     check_against_targets,
@@ -195,13 +197,13 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
         super().__init__()
         try:
             fit, confirm, data = (
-                _from_mapping(cls, value, name)
+                settings_from(cls, value, name)
                 for cls, value, name in (
                     (FitOptions, fit, "fit"), (ConfirmSettings, confirm, "confirm"),
                     (DataOptions, data, "data"),
                 )
             )  # fmt: skip
-            joint = _from_mapping(JointSettings, joint, "joint")
+            joint = settings_from(JointSettings, joint, "joint")
             old = deprecated_arguments(deprecated, fit=fit, joint=joint, confirm=confirm, data=data)
             max_degradation = old.pop("max_degradation", max_degradation)
             fit, joint, confirm, data = old["fit"], old["joint"], old["confirm"], old["data"]
@@ -334,10 +336,8 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
         search = ReductionSearch(pl_module, junctions, stats, self.energy_model, settings, io)
         try:
             result = search.run(eval_loader, metric, example, train_data=train_loader)
-            # Every rank measured the same numbers (synced metric, same example); rank zero's
-            # decision is the one every rank applies.
-            decision = trainer.strategy.broadcast(result.decision)
-            result = dataclasses.replace(result, decision=decision)
+            result = self._rank_zero_decision(trainer, result, junctions)
+            decision = result.decision
             self.result = result
             self._report(trainer, result)
             before = dict(pl_module.named_parameters())
@@ -358,6 +358,26 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
             + (f"applied {dict(decision.plan)}" if result.applied else "model unchanged")
         )
+
+    def _rank_zero_decision(
+        self, trainer: pl.Trainer, result: SearchResult, junctions: list[Junction]
+    ) -> SearchResult:
+        """Every rank applies rank zero's decision. The ranks measured the same numbers (synced
+        metric, rank zero's energy example), so rank zero names its choice by its position among
+        the points, and each rank applies its own copy of that point (a joint point is applied
+        from the fits its search kept)."""
+        points = [*result.every, *result.joint_points]
+        chosen = result.decision.chosen
+        index = next((i for i, pt in enumerate(points) if pt is chosen), None)
+        plan = dict(result.decision.plan)
+        index0, plan0 = trainer.strategy.broadcast((index, plan))
+        if (index0, plan0) == (index, plan):
+            return result
+        if index0 is not None and index0 < len(points):
+            decision = decision_for(points[index0], junctions)
+        else:
+            decision = Decision(None, plan0)
+        return dataclasses.replace(result, decision=decision)
 
     def _energy_example(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Iterable[Any],
@@ -414,18 +434,3 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
         )  # fmt: skip
         if self.report_paths:
             self._info(f"neuron elimination: report written to {self.report_paths[0]}")
-
-
-def _from_mapping(cls: type, value: Any, name: str) -> Any:
-    """``value`` as a ``cls`` settings object: ``None``, a string (a joint strategy) or an
-    instance pass through, a mapping gives its fields (``confirm={"fraction": 0.3}``)."""
-    if isinstance(value, Mapping):
-        try:
-            return cls(**value)
-        except TypeError as err:
-            raise ValueError(f"`{name}` has an unknown field: {err}") from err
-    if value is None or isinstance(value, cls) or (cls is JointSettings and isinstance(value, str)):
-        return value
-    raise ValueError(
-        f"`{name}` must be a {cls.__name__}, a mapping of its fields or None, got {value!r}"
-    )

@@ -357,12 +357,13 @@ def write_confirmation_csv(
 
 
 def confirmation_table(
-    confirmations: Sequence[Any], fraction: float, budget: float, margin: float, confidence: Any
-) -> str:
+    confirmations: Sequence[Any], fraction: float, budget: float, margin: float, confidence: Any,
+    reserve: float = 0.0,
+) -> str:  # fmt: skip
     """A Markdown table of the held-out confirmation: search and held-out drops, the result."""
     lines = [
         f"**Held-out confirmation** ({fraction:.0%} of the evaluation samples; budget "
-        f"{budget:.4f}, margin {margin:.4f}, confidence {confidence}):",
+        f"{budget:.4f}, reserve {reserve:.0%}, margin {margin:.4f}, confidence {confidence}):",
         "",
         "| configuration | search drop | held-out drop | upper bound | energy ratio | result |",
         "|---|---|---|---|---|---|",
@@ -414,7 +415,7 @@ def report_result(
     table = ""
     if tried and confirm is not None:
         table = confirmation_table(
-            tried, confirm.fraction, budget, confirm.margin, confirm.confidence
+            tried, confirm.fraction, budget, confirm.margin, confirm.confidence, confirm.reserve
         )
     chosen = result.decision.chosen
     log_summary(loggers, result.points, joint, chosen, confirmations=tried, extra_table=table)

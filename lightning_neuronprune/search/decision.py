@@ -51,6 +51,10 @@ class Decision:
         """Plain values for reports."""
         return {"plan": dict(self.plan), "chosen": _describe(self.chosen)}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only views do not pickle; a decision crosses processes (DDP broadcast).
+        return (Decision, (self.chosen, dict(self.plan), dict(self.kept)))
+
 
 def _describe(point: SweepPoint | JointPoint | None) -> dict[str, Any] | None:
     return point.as_dict(kept=True) if point is not None else None

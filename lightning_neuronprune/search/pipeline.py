@@ -225,7 +225,7 @@ class ReductionSearch:
                 f"{s.max_degradation}; the model is left unchanged"
             )
         confirmations: list[Confirmation[Any]] = []
-        if held_out is not None and s.apply == "max_energy_saving":
+        if held_out is not None and s.apply == "max_energy_saving" and decision.plan:
             decision, confirmations = self._confirm(every, joint_points, held_out, metric)
         return SearchResult(points, joint_points, decision, confirmations, budget=s.max_degradation)
 
@@ -335,7 +335,8 @@ class ReductionSearch:
         metric: Any,
     ) -> tuple[Decision, list[Confirmation[Any]]]:  # fmt: skip
         """Re-measure the candidates on the held-out part, from the lowest energy up, and keep
-        the first whose drop there stays within the budget (minus the margin)."""
+        the first whose drop there (or its upper confidence bound) stays within the budget less
+        its reserve and margin."""
         s, c = self.settings, self.settings.confirm
         assert c is not None  # run() confirms only with settings
         candidates: list[SweepPoint | JointPoint] = [pt for pt in every if pt.p < pt.n]
@@ -357,7 +358,8 @@ class ReductionSearch:
 
         chosen, tried = confirm_front(
             front_within(candidates, s.max_degradation), measure, evaluate(self.model),
-            s.max_degradation, higher_is_better=metric_direction(metric), margin=c.margin,
+            s.max_degradation * (1 - c.reserve), higher_is_better=metric_direction(metric),
+            margin=c.margin,
             confidence=c.confidence, max_tries=c.max_tries,
         )  # fmt: skip
         for t in tried:
