@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for lit_models
 from lit_models import BlobsData, LitMLP, applied, results
 
 from lightning_neuronprune import NeuronEliminationCallback, read_plan
