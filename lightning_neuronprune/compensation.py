@@ -9,12 +9,17 @@ the earlier errors. A compensating fit targets the original consumer output inst
 
     min over W_p of  ‖W X - W_p X̃_S‖²_F   ⇒   W_p = W C[:, S] G̃[S, S]⁻¹,   C = X X̃ᵀ (n × n),
 
-where both networks run on the same samples. The selection is the output-aware greedy of
+where both networks run on the same samples. With the affine option the fit has an intercept,
+``W X + b ≈ W_p X̃_S + b_p``: the same formula on the centred moments ``G̃ - K μ̃ μ̃ᵀ`` and
+``C - K μ μ̃ᵀ`` (``μ``, ``μ̃``: the feature means of ``X`` and ``X̃``), and
+``b_p = b + W (μ - T μ̃_S)``, which is folded into a new bias where the consumer had none. The
+selection is the output-aware greedy of
 :func:`~lightning_neuronprune.selection.output_order` with the cross moment: adding feature j
 explains ``‖W (C - C[:, S] G̃[S, S]⁻¹ G̃[S, :])[:, j]‖² / R̃[j, j]`` more of ``‖W X‖²``. With no
 earlier reduction (``X̃ = X``) all of it is exactly Eq. 6 and the ``"output"`` method.
 
-Only second moments are kept (``G̃``, ``C`` and the sums), O(n²) memory, all-reduced under DDP.
+Only second moments are kept (``G̃``, ``C`` and the sums of ``X̃`` and ``X``), O(n²) memory,
+all-reduced under DDP.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.junctions import Junction
-from lightning_neuronprune.reconstruction import solve_psd
+from lightning_neuronprune.reconstruction import Reconstruction, reconstruct_consumer, solve_psd
 from lightning_neuronprune.selection import _greedy_output, _output_factor
 from lightning_neuronprune.statistics import JunctionStatistics, batch_input, model_device
 from lightning_neuronprune.surgery import apply_reduction
@@ -48,14 +53,38 @@ class CrossStatistics:
     Attributes:
         reduced: statistics of ``X̃`` (``G̃ = X̃ X̃ᵀ``, sums, count).
         cross: ``C = Σ_k x_k x̃_kᵀ`` (n × n, float64): original input times reduced input.
+        original_total: ``s = Σ_k x_k`` (n,), float64: the sums of the original input, needed
+            by the affine fit; ``None`` when not collected.
     """
 
     reduced: JunctionStatistics
     cross: Tensor
+    original_total: Tensor | None = None
 
     @property
     def num_features(self) -> int:
         return self.reduced.num_features
+
+    def moments(self, centered: bool = False) -> tuple[Tensor, Tensor]:
+        """The normal matrix and the cross moment of the fit, ``(G̃, C)``, each (n × n) float64.
+
+        With ``centered`` (the affine fit), the centred moments per sample,
+        ``(G̃ / K - μ̃ μ̃ᵀ, C / K - μ μ̃ᵀ)``.
+
+        Raises:
+            StatisticsError: ``centered`` without the original sums, or no samples.
+        """
+        if not centered:
+            return self.reduced.gram, self.cross
+        if self.original_total is None:
+            raise StatisticsError(
+                "the affine compensating fit needs the sums of the original input "
+                "(`original_total`), which these cross statistics lack"
+            )
+        mu_r = self.reduced.mean()
+        mu = self.original_total / self.reduced.count
+        C = self.cross / self.reduced.count - torch.outer(mu, mu_r)
+        return self.reduced.second_moment(centered=True), C
 
 
 def collect_cross_statistics(
@@ -87,6 +116,7 @@ def collect_cross_statistics(
     n = mods[0].in_features
     stats = JunctionStatistics.zeros(n, device)
     cross = torch.zeros(n, n, dtype=torch.float64, device=device)
+    total = torch.zeros(n, dtype=torch.float64, device=device)
     captured: list[Tensor | None] = [None, None]
 
     def make_hook(slot: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -121,6 +151,7 @@ def collect_cross_statistics(
                     raise StatisticsError(f"non-finite activations at the input of {consumer!r}")
                 stats.update(Xr)
                 cross += X.T @ Xr
+                total += X.sum(0)
                 seen += x.shape[0] if isinstance(x, Tensor) else 1
                 if max_samples is not None and seen >= max_samples:
                     break
@@ -134,21 +165,25 @@ def collect_cross_statistics(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stats.all_reduce()
         torch.distributed.all_reduce(cross)
-    return CrossStatistics(stats, cross)
+        torch.distributed.all_reduce(total)
+    return CrossStatistics(stats, cross, total)
 
 
-def compensated_order(cs: CrossStatistics, weight: Tensor, *, steps: int | None = None) -> Tensor:
+def compensated_order(
+    cs: CrossStatistics, weight: Tensor, *, steps: int | None = None, affine: bool = False
+) -> Tensor:
     """Output-aware greedy order on the cross moments (see the module doc); ``(n,)`` LongTensor.
 
     The same recursion as :func:`~lightning_neuronprune.selection.output_order`, started from
     ``V = W C`` instead of ``W G``: ``R`` is the Schur complement of ``G̃``, and ``V = W C_res``
-    follows it with the same rank-one updates. Sync-free, nested in p.
+    follows it with the same rank-one updates. Sync-free, nested in p. With ``affine``, on the
+    centred moments (:meth:`CrossStatistics.moments`).
     """
-    G = cs.reduced.gram
+    G, C = cs.moments(centered=affine)
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
     F = _output_factor(weight, n, G)
-    return _greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
+    return _greedy_output(G, F @ C, steps, n * torch.finfo(torch.float32).eps)
 
 
 def compensate_junction(
@@ -158,8 +193,12 @@ def compensate_junction(
     p: int,
     *,
     kept: Tensor | None = None,
+    affine: bool = False,
 ) -> Tensor:
     """Reduce ``junction`` of ``reduced`` in place to p features with the compensating fit.
+
+    ``W_p = W T`` with ``T = C[:, S] G̃[S, S]⁻¹`` (n × p); with ``affine`` on the centred moments,
+    and ``b_p = b + W (μ - T μ̃_S)`` (a consumer without bias gets one).
 
     Args:
         reduced: the network being reduced (its consumer still reads all n features).
@@ -167,6 +206,7 @@ def compensate_junction(
         cs: cross statistics from :func:`collect_cross_statistics`.
         p: features to keep.
         kept: keep these instead of selecting with :func:`compensated_order`.
+        affine: fit an intercept (needs ``cs.original_total``).
 
     Returns:
         The sorted kept indices (p,).
@@ -176,12 +216,13 @@ def compensate_junction(
     if not 1 <= p <= n:
         raise ValueError(f"`p` must be in [1, {n}], got {p!r}")
     if kept is None:
-        kept = compensated_order(cs, consumer.weight, steps=p)[:p]
+        kept = compensated_order(cs, consumer.weight, steps=p, affine=affine)[:p]
     kept = torch.sort(kept.to(cs.cross.device, torch.long)).values
-    G = cs.reduced.gram
-    T = solve_psd(G[kept][:, kept], cs.cross[:, kept])  # (n × p)
-    W = consumer.weight.detach().to(T)
-    W_p = (W @ T).to(consumer.weight.device, consumer.weight.dtype)
-    b_p = consumer.bias.detach().clone() if consumer.bias is not None else None
+    G, C = cs.moments(centered=affine)
+    T = solve_psd(G[kept][:, kept], C[:, kept])  # (n × p)
+    c = None
+    if affine:  # x ≈ T x̃_S + c in the mean: c = μ - T μ̃_S, (n,)
+        c = cs.original_total / cs.reduced.count - T @ cs.reduced.mean()[kept]
+    W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, Reconstruction(T, c))
     apply_reduction(reduced, junction, kept.to(consumer.weight.device), W_p, b_p)
     return kept

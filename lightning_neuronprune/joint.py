@@ -310,7 +310,14 @@ class JointSearch:
             for consumer, (W_p, b_p) in self._fitted[id(point)][2].items():
                 module = model.get_submodule(consumer)
                 module.weight.copy_(W_p)
-                if b_p is not None and module.bias is not None:
+                if b_p is None:
+                    if module.bias is not None:  # evaluated without one: contributes nothing
+                        module.bias.zero_()
+                elif module.bias is None:  # the fit's intercept needs a bias
+                    module.bias = nn.Parameter(
+                        b_p.to(module.weight, copy=True), module.weight.requires_grad
+                    )
+                else:
                     module.bias.copy_(b_p)
         return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -55,6 +56,23 @@ def test_without_earlier_reduction_it_is_the_output_method(generator: torch.Gene
     torch.testing.assert_close(a[0].weight, b[0].weight)
 
 
+def test_affine_without_earlier_reduction_it_is_the_affine_output_method(
+    generator: torch.Generator,
+) -> None:
+    model = _chain(generator)
+    data = _data(generator)
+    j = find_junction(model, "0")
+    cs = collect_cross_statistics(model, copy.deepcopy(model), j.consumer, data)
+    stats = collect_statistics(model, [j.consumer], data)[j.consumer]
+    torch.testing.assert_close(cs.original_total, stats.total)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    compensate_junction(a, j, cs, 6, affine=True)
+    reduce_junction(b, j, stats, 6, method="output", affine=True)
+    torch.testing.assert_close(a[0].weight, b[0].weight)
+    torch.testing.assert_close(a[2].weight, b[2].weight)
+    torch.testing.assert_close(a[2].bias, b[2].bias)
+
+
 def test_compensating_fit_beats_plain_refit_on_the_consumer_output(
     generator: torch.Generator,
 ) -> None:
@@ -102,3 +120,50 @@ def test_greedy_compensated_points_apply_exactly(seed: int, method: str) -> None
             assert pt.kept == search.evaluate(pt.config).kept
     with pytest.raises(ValueError, match="`slack` must be non-negative"):
         search.greedy(0.02, compensate=True, slack=-1)
+
+
+def _joint_search_without_consumer_bias(
+    generator: torch.Generator, *, affine: bool
+) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
+    """A JointSearch over the two junctions of a chain whose consumers have no bias; the labels
+    are the chain's own predictions on noisy inputs."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_neuronprune import EnergyModel
+    from lightning_neuronprune.joint import JointSearch
+
+    model = _chain(generator)
+    model[2].bias = None
+    model[4].bias = None
+    x = torch.randn(600, 10, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        noise = torch.randn(600, 4, generator=generator, dtype=torch.float64)
+        y = (model(x) + 2.0 * noise).argmax(1)
+    data = list(zip(x.split(200), y.split(200), strict=True))
+    junctions = [find_junction(model, t) for t in ("0", "2")]
+    stats = collect_statistics(model, [j.consumer for j in junctions], data)
+    search = JointSearch(
+        model, junctions, stats, data, MulticlassAccuracy(4, average="micro"), EnergyModel(),
+        x[:1], train_data=data, ranks=3, method="svd_qr", affine=affine,
+    )  # fmt: skip
+    return model, search, x, y
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_compensated_point_without_consumer_bias_applies_as_evaluated(
+    generator: torch.Generator, affine: bool
+) -> None:
+    """Regression: with ``affine=True`` and consumers without bias, the applied model kept the
+    intercept of the plain affine fit that the evaluated (compensated) model never had."""
+    model, search, x, y = _joint_search_without_consumer_bias(generator, affine=affine)
+    points = search.greedy(1.0, refit=False, compensate=True)
+    compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
+    assert compensated
+    for pt in compensated:
+        applied = copy.deepcopy(model)
+        search.apply(applied, pt)
+        with torch.no_grad():
+            acc = (applied.eval()(x).argmax(1) == y).double().mean().item()
+        assert acc == pytest.approx(pt.accuracy, abs=1e-6)
+        consumers = [search.by_layer[layer].consumer for layer in pt.kept]
+        assert all((applied.get_submodule(c).bias is not None) == affine for c in consumers)
