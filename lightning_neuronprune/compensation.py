@@ -25,6 +25,7 @@ all-reduced under DDP.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.junctions import Junction
 from lightning_neuronprune.reconstruction import Reconstruction, reconstruct_consumer, solve_psd
 from lightning_neuronprune.selection import _greedy_output, _output_factor
-from lightning_neuronprune.statistics import JunctionStatistics, batch_input, model_device
+from lightning_neuronprune.statistics import JunctionStatistics, model_device, stream_inputs
 from lightning_neuronprune.surgery import apply_reduction
 
 __all__ = [
@@ -95,13 +96,36 @@ def collect_cross_statistics(
     *,
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
+    mask_fn: Callable[[Any], Tensor | None] | None = None,
     device: torch.device | str | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> CrossStatistics:
-    """Run both networks on the same batches and stream ``G̃`` and ``C`` at ``consumer``'s input.
+    """Run both networks on the same batches and stream ``G̃``, ``C`` and the sums at
+    ``consumer``'s input.
 
-    Both models run in ``eval()`` under ``torch.no_grad()``; their modes are restored and the hooks
-    removed afterwards, also on error. ``consumer`` must read the same n features in both (it is
-    the junction about to be reduced, untouched so far in ``reduced``).
+    The batches reach the models as in :func:`~lightning_neuronprune.statistics.collect_statistics`
+    (the same loop, :func:`~lightning_neuronprune.statistics.stream_inputs`): ``transfer``, then
+    ``input_fn``, the model called through :func:`~lightning_neuronprune.statistics.call_model`
+    under ``forward_context``, and only the real tokens that ``mask_fn`` marks counted. Both models
+    run in ``eval()`` under ``torch.no_grad()``; their modes are restored and the hooks removed
+    afterwards, also on error. ``consumer`` must read the same n features in both (it is the
+    junction about to be reduced, untouched so far in ``reduced``).
+
+    Args:
+        original: the unreduced network (``X``).
+        reduced: the network reduced so far (``X̃``).
+        consumer: the qualified name of the ``nn.Linear`` consumer, the same in both.
+        data: batches, fed to both networks.
+        max_samples, input_fn, mask_fn, device, transfer, forward_context: as in
+            :func:`~lightning_neuronprune.statistics.collect_statistics`.
+
+    Returns:
+        The :class:`CrossStatistics`, all-reduced over the ranks of an initialised process group.
+
+    Raises:
+        StatisticsError: ``consumer`` differs between the networks or is not called alike in
+            both, no sample reached it, or an activation is NaN or infinite.
     """
     device = torch.device(device) if device is not None else model_device(original)
     mods = [m.get_submodule(consumer) for m in (original, reduced)]
@@ -119,53 +143,36 @@ def collect_cross_statistics(
     total = torch.zeros(n, dtype=torch.float64, device=device)
     captured: list[Tensor | None] = [None, None]
 
-    def make_hook(slot: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            index = getattr(module, "index", None)
-            if isinstance(index, Tensor):
-                x = x.index_select(-1, index)
-            captured[slot] = x.reshape(-1, x.shape[-1]).to(device, torch.float64)
+    def capture(tap: int, rows: Tensor, shape: tuple[int, ...]) -> None:
+        captured[tap] = rows.to(device, torch.float64)
 
-        return hook
+    def accumulate() -> None:
+        X, Xr = captured
+        if X is None or Xr is None or X.shape != Xr.shape:
+            raise StatisticsError(
+                f"{consumer!r} was not called alike in both networks (input rows "
+                f"{None if X is None else tuple(X.shape)} and "
+                f"{None if Xr is None else tuple(Xr.shape)})"
+            )
+        stats.update(Xr)
+        cross.addmm_(X.T, Xr)
+        total.add_(X.sum(0))
+        captured[:] = [None, None]
 
-    get_input = input_fn if input_fn is not None else batch_input
-    modes = [(m, m.training) for model in (original, reduced) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(mods)]
-    seen = 0
-    try:
-        original.eval()
-        reduced.eval()
-        with torch.no_grad():
-            for batch in data:
-                x = get_input(batch)
-                x = x.to(device) if isinstance(x, Tensor) else x
-                if max_samples is not None and isinstance(x, Tensor):
-                    x = x[: max_samples - seen]
-                original(x)
-                reduced(x)
-                X, Xr = captured
-                if X is None or Xr is None or X.shape != Xr.shape:
-                    raise StatisticsError(f"{consumer!r} was not called alike in both networks")
-                if not (torch.isfinite(X).all() and torch.isfinite(Xr).all()):
-                    raise StatisticsError(f"non-finite activations at the input of {consumer!r}")
-                stats.update(Xr)
-                cross += X.T @ Xr
-                total += X.sum(0)
-                seen += x.shape[0] if isinstance(x, Tensor) else 1
-                if max_samples is not None and seen >= max_samples:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    stream_inputs(
+        [original, reduced], [(0, consumer), (1, consumer)], data, capture, end_batch=accumulate,
+        max_samples=max_samples, input_fn=input_fn, mask_fn=mask_fn, device=device,
+        transfer=transfer, forward_context=forward_context,
+    )  # fmt: skip
     if stats.count == 0:
         raise StatisticsError(f"no sample reached {consumer!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stats.all_reduce()
         torch.distributed.all_reduce(cross)
         torch.distributed.all_reduce(total)
+    # Checked once, at the end: a NaN or Inf in any batch makes the float64 sums non-finite.
+    if not (torch.isfinite(stats.total).all() and torch.isfinite(total).all()):
+        raise StatisticsError(f"non-finite activations (NaN or Inf) at the input of {consumer!r}")
     return CrossStatistics(stats, cross, total)
 
 

@@ -150,8 +150,9 @@ def compensated_refit(search: JointSearch, point: JointPoint) -> JointPoint:
         if p >= j.num_features:
             continue
         cs = collect_cross_statistics(
-            search.model, work, j.consumer, search.train_data, max_samples=search.max_samples
-        )
+            search.model, work, j.consumer, search.train_data, max_samples=search.max_samples,
+            **search._stat,
+        )  # fmt: skip
         given = None if search.method == "output" else torch.as_tensor(point.kept[j.layer])
         chosen = compensate_junction(work, j, cs, p, kept=given, affine=search.affine)
         kept[j.layer] = tuple(int(i) for i in chosen.tolist())

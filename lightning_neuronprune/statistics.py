@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "call_model",
     "collect_statistics",
     "first_input",
+    "stream_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,106 @@ def first_input(
 
 
 @torch.no_grad()
+def stream_inputs(
+    models: Sequence[nn.Module],
+    taps: Sequence[tuple[int, str]],
+    data: Iterable[Any],
+    sink: Callable[[int, Tensor, tuple[int, ...]], None],
+    *,
+    end_batch: Callable[[], None] | None = None,
+    max_samples: int | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    mask_fn: Callable[[Any], Tensor | None] | None = None,
+    device: torch.device | str | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run every model on each batch of ``data`` and pass the input rows of tapped modules on.
+
+    The one loop over batches behind :func:`collect_statistics` and
+    :func:`~lightning_neuronprune.compensation.collect_cross_statistics`. Each batch is prepared
+    once (``transfer``, then ``input_fn``, moved to ``device``, cut at ``max_samples``) and fed to
+    every model in turn through :func:`call_model` under ``forward_context``. A forward pre-hook
+    on each tap flattens the module's input ``(*, n)`` to rows ``(K_b, n)`` (a ``GatheredLinear``'s
+    kept columns only) and keeps the rows that the batch's padding mask (``mask_fn``, default
+    :func:`batch_mask`) marks as real, where the mask has the input's leading shape; then
+    ``sink(tap, rows, shape)`` gets them, ``tap`` being the tap's position in ``taps`` and
+    ``shape`` the input's shape. ``end_batch`` runs after every model has seen the batch.
+
+    The models run in ``eval()`` under ``torch.no_grad()``; every module's mode is restored and
+    the hooks are removed afterwards, even on error. Nothing here waits for the device.
+
+    Args:
+        models: the networks, all fed the same batches.
+        taps: ``(model index, module name)`` of each recorded module.
+        data: any iterable of batches (see :func:`batch_input`).
+        sink: receives ``(tap, rows (K_b, n), input shape)`` at each call of a tapped module.
+        end_batch: called after each batch.
+        max_samples, input_fn, mask_fn, device, transfer, forward_context, progress: as in
+            :func:`collect_statistics`; ``device`` defaults to the first model's device.
+
+    Returns:
+        The number of samples fed (per process).
+
+    Raises:
+        StatisticsError: ``max_samples`` is not positive.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise StatisticsError(f"`max_samples` must be a positive integer, got {max_samples!r}")
+    device = torch.device(device) if device is not None else model_device(models[0])
+    current: dict[str, Tensor | None] = {"mask": None}
+
+    def make_hook(tap: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            shape = tuple(x.shape)
+            rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
+            index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
+            if isinstance(index, Tensor):
+                rows = rows.index_select(1, index)
+            mask = current["mask"]
+            if mask is not None and tuple(mask.shape) == shape[:-1]:
+                real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
+                rows = rows.index_select(0, real)  # (real tokens, n)
+            sink(tap, rows, shape)
+
+        return hook
+
+    get_input = input_fn if input_fn is not None else batch_input
+    get_mask = mask_fn if mask_fn is not None else batch_mask
+    prepare = transfer if transfer is not None else (lambda b: b)
+    context = forward_context if forward_context is not None else nullcontext
+    seen = 0
+    with ExitStack() as stack:
+        for i, (m, name) in enumerate(taps):
+            handle = models[m].get_submodule(name).register_forward_pre_hook(make_hook(i))
+            stack.callback(handle.remove)
+        for model in models:
+            stack.enter_context(evaluating(model))
+        for batch in data:
+            if max_samples is not None and seen >= max_samples:
+                break
+            batch = prepare(batch)
+            x = to_device(get_input(batch), device)
+            mask = get_mask(batch)
+            if max_samples is not None and _batch_size(x) > max_samples - seen:
+                x = _truncate(x, max_samples - seen)
+                mask = _truncate(mask, max_samples - seen)
+            current["mask"] = mask
+            for model in models:
+                with context():
+                    call_model(model, x)
+            if end_batch is not None:
+                end_batch()
+            seen += _batch_size(x)
+            log.debug("statistics: %d samples", seen)
+            if progress is not None:
+                progress(seen)
+    return seen
+
+
+@torch.no_grad()
 def collect_statistics(
     model: nn.Module,
     consumers: Sequence[str],
@@ -314,53 +415,18 @@ def collect_statistics(
                 f"{type(module).__name__ if module is not None else 'not a module of the model'}"
             )
         stats[name] = JunctionStatistics.zeros(module.in_features, device)
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            shape = tuple(x.shape)
-            rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
-            index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
-            if isinstance(index, Tensor):
-                rows = rows.index_select(1, index)
-            mask = current["mask"]
-            if mask is not None and tuple(mask.shape) == shape[:-1]:
-                real = mask.to(rows.device).reshape(-1).nonzero().squeeze(1)
-                rows = rows.index_select(0, real)  # (real tokens, n)
-            stats[name].update(rows.to(device))
-            shapes[name] = shape
-
-        return hook
-
-    get_input = input_fn if input_fn is not None else batch_input
-    get_mask = mask_fn if mask_fn is not None else batch_mask
-    current: dict[str, Tensor | None] = {"mask": None}
+    names = list(stats)
     shapes: dict[str, tuple[int, ...]] = {}
-    prepare = transfer if transfer is not None else (lambda b: b)
-    context = forward_context if forward_context is not None else nullcontext
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
-    seen = 0
-    try:
-        with evaluating(model):
-            for batch in data:
-                if max_samples is not None and seen >= max_samples:
-                    break
-                batch = prepare(batch)
-                x = to_device(get_input(batch), device)
-                mask = get_mask(batch)
-                if max_samples is not None and _batch_size(x) > max_samples - seen:
-                    x = _truncate(x, max_samples - seen)
-                    mask = _truncate(mask, max_samples - seen)
-                current["mask"] = mask
-                with context():
-                    call_model(model, x)
-                seen += _batch_size(x)
-                log.debug("statistics: %d samples", seen)
-                if progress is not None:
-                    progress(seen)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(tap: int, rows: Tensor, shape: tuple[int, ...]) -> None:
+        stats[names[tap]].update(rows.to(device))
+        shapes[names[tap]] = shape
+
+    stream_inputs(
+        [model], [(0, name) for name in names], data, record, max_samples=max_samples,
+        input_fn=input_fn, mask_fn=mask_fn, device=device, transfer=transfer,
+        forward_context=forward_context, progress=progress,
+    )  # fmt: skip
 
     if sync:
         for s in stats.values():
