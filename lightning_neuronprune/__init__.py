@@ -18,15 +18,13 @@ are the stages data flows through, each importing only from those before it:
 examples, benchmarks and tests.
 """
 
+from lightning_neuronprune.core.batches import batch_input
 from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.core.selection import nested_order, select_neurons
-from lightning_neuronprune.core.statistics import (
-    JunctionStatistics,
-    batch_input,
-    collect_statistics,
-)
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import (
     CheckpointMismatchError,

@@ -286,8 +286,9 @@ def explained_output_energy(
 _CPU_BATCH_BYTES = 256 * 2**20
 """Working memory of one chunk of :func:`prefix_qr_pivots` on the CPU."""
 
-_DEVICE_BATCH_FRACTION = 0.25
-"""Share of the free device memory that one chunk of :func:`prefix_qr_pivots` may take."""
+_DEVICE_BATCH_BYTES = 2**30
+"""Working memory of one chunk of :func:`prefix_qr_pivots` on an accelerator: a fixed budget, so
+that every DDP rank cuts the same problem into the same chunks whatever memory it has free."""
 
 
 @torch.no_grad()
@@ -314,13 +315,20 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
 
     Cost: ``≈ 3 n Σ_b p_b²`` flops, two thirds of them in GEMMs; ``L_b`` takes ``p_b × n``
     entries, so the problems run in chunks of at most ``max_bytes`` (default: 256 MiB on the CPU,
-    a quarter of the free memory on a GPU).
+    1 GiB on an accelerator). The chunks depend on the problem (``n``, ``ps``, the dtype) and
+    ``max_bytes`` only, never on the memory free at the time, and the pivots do not depend on
+    the chunks (checked bit for bit on near ties): every chunk's GEMM with ``U`` has the inner
+    dimension ``max(ps)`` (the columns past ``p_b`` masked to zero) and is taken as
+    ``U[:, :max(ps)] uᵀ``, whose n rows do not change with the number of running problems (MKL
+    summed a row of ``u U[:, :p0]ᵀ`` differently as that number changed). That orientation costs
+    about twice the time of the other in the GEMM on a CPU.
 
     Args:
         U: ``(n, r)`` float32/float64 matrix with orthonormal columns (the left singular vectors
             of the activations, largest first), on any device.
         ps: the ranks, each in ``[1, r]``, in any order; repeats are allowed.
-        max_bytes: working-memory bound of one chunk.
+        max_bytes: working-memory bound of one chunk (a cap the caller may set; at least one
+            problem always runs per chunk).
 
     Returns:
         One ``(p,)`` int64 tensor per entry of ``ps``: the pivots in pivot order, on ``U``'s
@@ -347,10 +355,7 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
         return out
     device = U.device
     if max_bytes is None:
-        if device.type == "cuda":
-            max_bytes = int(torch.cuda.mem_get_info(device)[0] * _DEVICE_BATCH_FRACTION)
-        else:
-            max_bytes = _CPU_BATCH_BYTES
+        max_bytes = _CPU_BATCH_BYTES if device.type == "cpu" else _DEVICE_BATCH_BYTES
     order = sorted(range(len(ranks)), key=lambda b: -ranks[b])
     # d_b at the start: the squared row norms of U[:, :p_b], accumulated over column blocks
     # (no n × r temporary)
@@ -365,21 +370,27 @@ def prefix_qr_pivots(U: Tensor, ps: Sequence[int], *, max_bytes: int | None = No
         count = max(1, max_bytes // (p0 * n * U.element_size()))
         chunk = order[start : start + count]
         start += len(chunk)
-        pivots = _prefix_pivots_chunk(U, d0, [ranks[b] for b in chunk])
+        pivots = _prefix_pivots_chunk(U, d0, [ranks[b] for b in chunk], width=ranks[order[0]])
         for b, piv in zip(chunk, pivots, strict=True):
             out[b] = piv
     return out
 
 
-def _prefix_pivots_chunk(U: Tensor, d0: dict[int, Tensor], ranks: list[int]) -> list[Tensor]:
-    """:func:`prefix_qr_pivots` for ``ranks`` sorted in decreasing order (one chunk)."""
+def _prefix_pivots_chunk(
+    U: Tensor, d0: dict[int, Tensor], ranks: list[int], *, width: int
+) -> list[Tensor]:
+    """:func:`prefix_qr_pivots` for ``ranks`` sorted in decreasing order (one chunk).
+
+    ``width`` (≥ ``ranks[0]``) is the inner dimension of the GEMM with ``U``: the same for every
+    chunk, so that BLAS sums each problem's products in the same blocks whatever the chunk.
+    """
     n = U.shape[0]
     B, p0 = len(ranks), ranks[0]
     device = U.device
     p_t = torch.tensor(ranks, device=device)
     d = torch.stack([d0[p] for p in ranks])  # (B, n)
-    mask = (torch.arange(p0, device=device) < p_t[:, None]).to(U.dtype)  # (B, p0)
-    U_0 = U[:, :p0]
+    mask = (torch.arange(width, device=device) < p_t[:, None]).to(U.dtype)  # (B, width)
+    U_0 = U[:, :width]
     Lt = U.new_empty((B, p0, n))  # Lt[b, i] = L_b[:, i]; rows are written before they are read
     piv = torch.zeros((B, p0), dtype=torch.long, device=device)
     tiny = torch.finfo(U.dtype).tiny
@@ -390,8 +401,10 @@ def _prefix_pivots_chunk(U: Tensor, d0: dict[int, Tensor], ranks: list[int]) -> 
         d_a = d[:active]
         j = d_a.argmax(1)  # (Ba,)
         d_j = d_a.gather(1, j[:, None])  # (Ba, 1)
-        u = U_0.index_select(0, j).mul_(mask[:active])  # (Ba, p0): U_b[j_b, :]
-        col = u @ U_0.T  # (Ba, n): P_b[:, j_b]
+        u = U_0.index_select(0, j).mul_(mask[:active])  # (Ba, width): U_b[j_b, :], zero-padded
+        # (Ba, n): P_b[:, j_b]. As (n × width) @ (width × Ba): each column's sums do not change
+        # with Ba, which shrinks over the loop and differs between chunks.
+        col = (U_0 @ u.T).T.contiguous()
         if i:
             ell = Lt[:active, :i].gather(2, j.view(active, 1, 1).expand(active, i, 1))
             col.unsqueeze(1).baddbmm_(ell.transpose(1, 2), Lt[:active, :i], alpha=-1.0)

@@ -1,4 +1,4 @@
-"""Streaming second-moment statistics of a layer's input, gathered through forward pre-hooks.
+"""Second-moment statistics of a layer's input, as data.
 
 Everything the method needs from the activation matrix ``X`` (n features × K samples) is
 
@@ -6,49 +6,21 @@ Everything the method needs from the activation matrix ``X`` (n features × K sa
 * the feature sums ``s = X 1 = Σ_k x_k`` (n,),
 * the sample count ``K``.
 
-These are accumulated in float64 on the model's device, batch after batch, so memory is O(n²)
-whatever K is. The n × K matrix is never stored. Under ``torch.distributed`` the sums are
-all-reduced so that every rank holds the same numbers.
+These are accumulated in float64, batch after batch, so memory is O(n²) whatever K is; the n × K
+matrix is never stored. Recording them from a network (forward pre-hooks, the all-reduce under
+``torch.distributed``) is :mod:`~lightning_neuronprune.core.recording`.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_neuronprune.core.runtime import evaluating, model_device, to_device
 from lightning_neuronprune.errors import StatisticsError
 
-__all__ = [
-    "JunctionStatistics",
-    "batch_input",
-    "batch_mask",
-    "call_model",
-    "collect_statistics",
-    "first_input",
-]
-
-log = logging.getLogger(__name__)
-
-#: Keys tried, in order, to find the model input in a ``dict`` batch.
-INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images", "features", "data")
-
-#: Keys that mark a Hugging Face-style dict batch, whose model input is the whole dict (less
-#: the :data:`TARGET_KEYS`).
-HF_INPUT_KEYS: tuple[str, ...] = ("input_ids", "inputs_embeds", "pixel_values", "input_values")
-
-#: Keys of the metric's target in a ``dict`` batch, in the order they are tried.
-TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels")
-
-#: The key of the padding mask in a ``dict`` batch (1 = real token, 0 = padding).
-MASK_KEY = "attention_mask"
+__all__ = ["JunctionStatistics"]
 
 
 @dataclass
@@ -115,271 +87,9 @@ class JunctionStatistics:
         """A copy on ``device``."""
         return JunctionStatistics(self.gram.to(device), self.total.to(device), self.count)
 
-    def all_reduce(self, group: Any = None) -> None:
-        """Sum the statistics over the ranks of ``group`` in place (no-op without a group)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
-        for t in (self.gram, self.total, count):
-            torch.distributed.all_reduce(t, group=group)
-        self.count = int(count.item())
-
     def _check_nonempty(self) -> None:
         if self.count == 0:
             raise StatisticsError(
                 f"no samples were recorded for these {self.num_features}-feature statistics; "
                 "the data iterable was empty or `max_samples` was 0"
             )
-
-
-def batch_input(batch: Any) -> Any:
-    """Find the model input in a batch.
-
-    The rule: a tensor is the input itself; for a tuple or list, the input is its first element;
-    for a mapping, the first of the keys ``x, input, inputs, image, images, features, data`` that
-    is present. A Hugging Face-style mapping (with ``input_ids``, ``inputs_embeds``,
-    ``pixel_values`` or ``input_values``) is the input as a whole, less its target keys
-    (``labels``...), so that the model gets ``input_ids``, ``attention_mask``, ``token_type_ids``
-    and so on (see :func:`call_model` for how a mapping is passed). Pass ``input_fn`` to
-    :func:`collect_statistics` for anything else.
-
-    Example:
-        >>> sorted(batch_input({"input_ids": 1, "attention_mask": 1, "labels": 0}))
-        ['attention_mask', 'input_ids']
-
-    Raises:
-        StatisticsError: if no input can be found.
-    """
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) > 0:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-        if any(key in batch for key in HF_INPUT_KEYS):
-            return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-        raise StatisticsError(
-            f"cannot find the model input in a dict batch with keys {sorted(batch)}; expected one "
-            f"of {list(INPUT_KEYS)} or a Hugging Face-style {list(HF_INPUT_KEYS)}, or pass "
-            "`input_fn`"
-        )
-    raise StatisticsError(
-        f"cannot find the model input in a batch of type {type(batch).__name__}; pass `input_fn`"
-    )
-
-
-def batch_mask(batch: Any) -> Tensor | None:
-    """The padding mask of a batch: ``batch["attention_mask"]`` of a mapping, else ``None``.
-
-    The mask has the leading shape of the activations, (B, T) for (B, T, n) token activations;
-    non-zero entries are real tokens. Pass ``mask_fn`` to :func:`collect_statistics` for another
-    rule, or ``mask_fn=lambda batch: None`` to count every token.
-    """
-    if isinstance(batch, Mapping):
-        mask = batch.get(MASK_KEY)
-        return mask if isinstance(mask, Tensor) else None
-    return None
-
-
-def _takes_keywords(module: nn.Module, keys: Iterable[Any]) -> bool:
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return False
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    names = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-    return all(isinstance(k, str) and k in names for k in keys)
-
-
-def call_model(model: nn.Module, x: Any) -> Any:
-    """Run ``model`` on an input found by :func:`batch_input` (or a user's ``input_fn``).
-
-    A mapping is passed as keyword arguments (``model(**x)``) when ``model.forward`` takes all of
-    its keys (or ``**kwargs``), as a Hugging Face model does; otherwise, as any other input, it is
-    passed whole (``model(x)``), as to a LightningModule whose ``forward`` takes the batch.
-    """
-    if isinstance(x, Mapping) and _takes_keywords(model, x.keys()):
-        return model(**x)
-    return model(x)
-
-
-def _batch_size(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return x.shape[0]
-    if isinstance(x, (tuple, list)) and x:
-        return _batch_size(x[0])
-    if isinstance(x, Mapping):
-        for v in x.values():
-            if isinstance(v, Tensor) and v.dim() > 0:
-                return v.shape[0]
-    raise StatisticsError(f"cannot take the batch size of an input of type {type(x).__name__}")
-
-
-def _truncate(x: Any, n: int) -> Any:
-    if isinstance(x, Tensor):
-        return x[:n]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_truncate(v, n) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _truncate(v, n) for k, v in x.items()}
-    return x
-
-
-def first_input(
-    data: Iterable[Any],
-    size: int,
-    device: torch.device | str,
-    *,
-    input_fn: Callable[[Any], Any] | None = None,
-    transfer: Callable[[Any], Any] | None = None,
-) -> Any:
-    """The model input of the first batch of ``data``, as the model is fed it (``transfer``, then
-    ``input_fn``, default :func:`batch_input`), cut to ``size`` samples and moved to ``device``:
-    the example of the energy model and of the junction probe."""
-    batch = next(iter(data))
-    x = (input_fn or batch_input)(transfer(batch) if transfer is not None else batch)
-    if _batch_size(x) > size:
-        x = _truncate(x, size)
-    return to_device(x, device)
-
-
-@torch.no_grad()
-def collect_statistics(
-    model: nn.Module,
-    consumers: Sequence[str],
-    data: Iterable[Any],
-    *,
-    max_samples: int | None = None,
-    input_fn: Callable[[Any], Any] | None = None,
-    mask_fn: Callable[[Any], Tensor | None] | None = None,
-    device: torch.device | str | None = None,
-    sync: bool = True,
-    transfer: Callable[[Any], Any] | None = None,
-    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, JunctionStatistics]:
-    """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
-
-    A forward pre-hook on each consumer flattens its input ``(*, n)`` to ``(K_b, n)`` rows and
-    adds them to that consumer's :class:`JunctionStatistics`. Token activations (B, T, n) count
-    real tokens only: where the batch's padding mask (B, T) (``attention_mask`` by default, see
-    :func:`batch_mask`) has the activations' leading shape, only the rows it marks are added, so
-    ``K`` counts real tokens and the least-squares fit ignores padding. A consumer whose input
-    has another leading shape (after pooling, say) counts every row. The model runs in ``eval()``
-    mode under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
-    when an error is raised.
-
-    Args:
-        model: the network; it is not modified.
-        consumers: qualified names of the ``nn.Linear`` modules whose inputs are recorded.
-        data: any iterable of batches (a ``DataLoader``, a list of tensors...). See
-            :func:`batch_input` for how the input is found in a batch.
-        max_samples: stop after this many samples (per process). The last batch is truncated.
-        input_fn: maps a batch to the model input, replacing :func:`batch_input`. The model is
-            called through :func:`call_model`.
-        mask_fn: maps a batch to its padding mask (non-zero = real token) or ``None``, replacing
-            :func:`batch_mask`.
-        device: where the model runs and the statistics live; defaults to the model's device.
-        sync: all-reduce the statistics over ``torch.distributed`` ranks when a process group is
-            initialised, so that every rank holds the same numbers.
-        transfer: maps each raw batch to the batch the model runs on, before ``input_fn``; e.g.
-            a Trainer's precision ``convert_input`` and strategy ``batch_to_device``, so that
-            ``bf16-true`` or ``64-true`` models get inputs of their dtype.
-        forward_context: a context-manager factory entered around each forward pass, e.g. the
-            precision plugin's ``forward_context`` (autocast under ``*-mixed``). The statistics
-            are accumulated in float64 whatever the activations' dtype.
-        progress: called after each batch with the number of samples seen so far (e.g. to move
-            a progress bar).
-
-    Returns:
-        ``{consumer name: JunctionStatistics}``.
-
-    Raises:
-        StatisticsError: a consumer is not an ``nn.Linear``, no sample was seen, or an
-            activation is NaN or infinite (the message names the layer).
-    """
-    if max_samples is not None and max_samples < 1:
-        raise StatisticsError(f"`max_samples` must be a positive integer, got {max_samples!r}")
-    device = torch.device(device) if device is not None else model_device(model)
-    modules = dict(model.named_modules())
-    stats: dict[str, JunctionStatistics] = {}
-    for name in consumers:
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise StatisticsError(
-                f"statistics are recorded at the input of an `nn.Linear`, but {name!r} is "
-                f"{type(module).__name__ if module is not None else 'not a module of the model'}"
-            )
-        stats[name] = JunctionStatistics.zeros(module.in_features, device)
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            shape = tuple(x.shape)
-            rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
-            index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
-            if isinstance(index, Tensor):
-                rows = rows.index_select(1, index)
-            mask = current["mask"]
-            if mask is not None and tuple(mask.shape) == shape[:-1]:
-                # weight the rows instead of selecting them (no nonzero, no host read): a padding
-                # row becomes zero, adding nothing to G and s, and the count of padding rows is
-                # kept on the device and taken off K after the loop
-                real = mask.to(rows.device).reshape(-1, 1) != 0  # (K_b, 1)
-                rows = torch.where(real, rows, rows.new_zeros(()))  # NaN padding is dropped too
-                padding[name] = padding.get(name, 0) + (~real).sum()
-            stats[name].update(rows.to(device))
-            shapes[name] = shape
-
-        return hook
-
-    get_input = input_fn if input_fn is not None else batch_input
-    get_mask = mask_fn if mask_fn is not None else batch_mask
-    current: dict[str, Tensor | None] = {"mask": None}
-    shapes: dict[str, tuple[int, ...]] = {}
-    padding: dict[str, Tensor] = {}  # padding rows added as zeros, per consumer (on the device)
-    prepare = transfer if transfer is not None else (lambda b: b)
-    context = forward_context if forward_context is not None else nullcontext
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in stats]
-    seen = 0
-    try:
-        with evaluating(model):
-            for batch in data:
-                if max_samples is not None and seen >= max_samples:
-                    break
-                batch = prepare(batch)
-                x = to_device(get_input(batch), device)
-                mask = get_mask(batch)
-                if max_samples is not None and _batch_size(x) > max_samples - seen:
-                    x = _truncate(x, max_samples - seen)
-                    mask = _truncate(mask, max_samples - seen)
-                current["mask"] = mask
-                with context():
-                    call_model(model, x)
-                seen += _batch_size(x)
-                log.debug("statistics: %d samples", seen)
-                if progress is not None:
-                    progress(seen)
-    finally:
-        for h in handles:
-            h.remove()
-
-    for name, rows in padding.items():  # one read per consumer, after the loop
-        stats[name].count -= int(rows)
-    if sync:
-        for s in stats.values():
-            s.all_reduce()
-    for name, s in stats.items():
-        if s.count == 0:
-            raise StatisticsError(f"no samples reached layer {name!r}: the data iterable was empty")
-        # A NaN or Inf in any batch makes the float64 feature sums non-finite: checked once, at
-        # the end, so that the loop over batches never waits for the device.
-        if not torch.isfinite(s.total).all():
-            raise StatisticsError(
-                f"non-finite activations (NaN or Inf) at the input of layer {name!r} "
-                f"(last batch shape {shapes.get(name)})"
-            )
-    return stats

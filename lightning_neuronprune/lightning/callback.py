@@ -17,12 +17,9 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_neuronprune.core.fitting import FitOptions
+from lightning_neuronprune.core.recording import collect_statistics, first_input
 from lightning_neuronprune.core.runtime import to_device
-from lightning_neuronprune.core.statistics import (
-    JunctionStatistics,
-    collect_statistics,
-    first_input,
-)
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.lightning.deprecated import DeprecatedAttributes, deprecated_arguments
 from lightning_neuronprune.lightning.progress import sample_count

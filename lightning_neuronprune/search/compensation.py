@@ -9,26 +9,38 @@ the earlier errors. A compensating fit targets the original consumer output inst
 
     min over W_p of  ‖W X - W_p X̃_S‖²_F   ⇒   W_p = W C[:, S] G̃[S, S]⁻¹,   C = X X̃ᵀ (n × n),
 
-where both networks run on the same samples. The selection is the output-aware greedy of
+where both networks run on the same samples. With the affine option the fit has an intercept,
+``W X + b ≈ W_p X̃_S + b_p``: the same formula on the centred moments ``G̃ - K μ̃ μ̃ᵀ`` and
+``C - K μ μ̃ᵀ`` (``μ``, ``μ̃``: the feature means of ``X`` and ``X̃``), and
+``b_p = b + W (μ - T μ̃_S)``, which is folded into a new bias where the consumer had none. The
+selection is the output-aware greedy of
 :func:`~lightning_neuronprune.core.selection.output_order` with the cross moment: adding feature j
 explains ``‖W (C - C[:, S] G̃[S, S]⁻¹ G̃[S, :])[:, j]‖² / R̃[j, j]`` more of ``‖W X‖²``. With no
 earlier reduction (``X̃ = X``) all of it is exactly Eq. 6 and the ``"output"`` method.
 
-Only second moments are kept (``G̃``, ``C`` and the sums), O(n²) memory, all-reduced under DDP.
+Only second moments are kept (``G̃``, ``C`` and the sums of ``X̃`` and ``X``), O(n²) memory,
+all-reduced under DDP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune.core.reconstruction import solve_psd
+from lightning_neuronprune.core.reconstruction import (
+    Reconstruction,
+    reconstruct_consumer,
+    solve_psd,
+)
+from lightning_neuronprune.core.recording import all_reduce, stream_inputs
+from lightning_neuronprune.core.runtime import model_device
 from lightning_neuronprune.core.selection import greedy_output, output_factor
-from lightning_neuronprune.core.statistics import JunctionStatistics, batch_input, model_device
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -48,14 +60,38 @@ class CrossStatistics:
     Attributes:
         reduced: statistics of ``X̃`` (``G̃ = X̃ X̃ᵀ``, sums, count).
         cross: ``C = Σ_k x_k x̃_kᵀ`` (n × n, float64): original input times reduced input.
+        original_total: ``s = Σ_k x_k`` (n,), float64: the sums of the original input, needed
+            by the affine fit; ``None`` when not collected.
     """
 
     reduced: JunctionStatistics
     cross: Tensor
+    original_total: Tensor | None = None
 
     @property
     def num_features(self) -> int:
         return self.reduced.num_features
+
+    def moments(self, centered: bool = False) -> tuple[Tensor, Tensor]:
+        """The normal matrix and the cross moment of the fit, ``(G̃, C)``, each (n × n) float64.
+
+        With ``centered`` (the affine fit), the centred moments per sample,
+        ``(G̃ / K - μ̃ μ̃ᵀ, C / K - μ μ̃ᵀ)``.
+
+        Raises:
+            StatisticsError: ``centered`` without the original sums, or no samples.
+        """
+        if not centered:
+            return self.reduced.gram, self.cross
+        if self.original_total is None:
+            raise StatisticsError(
+                "the affine compensating fit needs the sums of the original input "
+                "(`original_total`), which these cross statistics lack"
+            )
+        mu_r = self.reduced.mean()
+        mu = self.original_total / self.reduced.count
+        C = self.cross / self.reduced.count - torch.outer(mu, mu_r)
+        return self.reduced.second_moment(centered=True), C
 
 
 def collect_cross_statistics(
@@ -66,13 +102,38 @@ def collect_cross_statistics(
     *,
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
+    mask_fn: Callable[[Any], Tensor | None] | None = None,
     device: torch.device | str | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> CrossStatistics:
-    """Run both networks on the same batches and stream ``G̃`` and ``C`` at ``consumer``'s input.
+    """Run both networks on the same batches and stream ``G̃``, ``C`` and the sums at
+    ``consumer``'s input.
 
-    Both models run in ``eval()`` under ``torch.no_grad()``; their modes are restored and the hooks
-    removed afterwards, also on error. ``consumer`` must read the same n features in both (it is
-    the junction about to be reduced, untouched so far in ``reduced``).
+    The batches reach the models as in
+    :func:`~lightning_neuronprune.core.recording.collect_statistics` (the same loop,
+    :func:`~lightning_neuronprune.core.recording.stream_inputs`): ``transfer``, then
+    ``input_fn``, the model called through
+    :func:`~lightning_neuronprune.core.batches.call_model` under ``forward_context``, and only
+    the real tokens that ``mask_fn`` marks counted. Both models run in ``eval()`` under
+    ``torch.no_grad()``; their modes are restored and the hooks removed afterwards, also on
+    error. ``consumer`` must read the same n features in both (it is the
+    junction about to be reduced, untouched so far in ``reduced``).
+
+    Args:
+        original: the unreduced network (``X``).
+        reduced: the network reduced so far (``X̃``).
+        consumer: the qualified name of the ``nn.Linear`` consumer, the same in both.
+        data: batches, fed to both networks.
+        max_samples, input_fn, mask_fn, device, transfer, forward_context: as in
+            :func:`~lightning_neuronprune.core.recording.collect_statistics`.
+
+    Returns:
+        The :class:`CrossStatistics`, all-reduced over the ranks of an initialised process group.
+
+    Raises:
+        StatisticsError: ``consumer`` differs between the networks or is not called alike in
+            both, no sample reached it, or an activation is NaN or infinite.
     """
     device = torch.device(device) if device is not None else model_device(original)
     mods = [m.get_submodule(consumer) for m in (original, reduced)]
@@ -87,71 +148,62 @@ def collect_cross_statistics(
     n = mods[0].in_features
     stats = JunctionStatistics.zeros(n, device)
     cross = torch.zeros(n, n, dtype=torch.float64, device=device)
+    total = torch.zeros(n, dtype=torch.float64, device=device)
     captured: list[Tensor | None] = [None, None]
+    padding: list[Tensor] = []  # zeroed padding rows of the reduced network's batches
 
-    def make_hook(slot: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            index = getattr(module, "index", None)
-            if isinstance(index, Tensor):
-                x = x.index_select(-1, index)
-            captured[slot] = x.reshape(-1, x.shape[-1]).to(device, torch.float64)
+    def capture(tap: int, rows: Tensor, shape: tuple[int, ...], pad: Tensor | None) -> None:
+        captured[tap] = rows.to(device, torch.float64)
+        if tap == 1 and pad is not None:
+            padding.append(pad)
 
-        return hook
+    def accumulate() -> None:
+        X, Xr = captured
+        if X is None or Xr is None or X.shape != Xr.shape:
+            raise StatisticsError(
+                f"{consumer!r} was not called alike in both networks (input rows "
+                f"{None if X is None else tuple(X.shape)} and "
+                f"{None if Xr is None else tuple(Xr.shape)})"
+            )
+        stats.update(Xr)
+        cross.addmm_(X.T, Xr)
+        total.add_(X.sum(0))
+        captured[:] = [None, None]
 
-    get_input = input_fn if input_fn is not None else batch_input
-    modes = [(m, m.training) for model in (original, reduced) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(mods)]
-    seen = 0
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    try:
-        original.eval()
-        reduced.eval()
-        with torch.no_grad():
-            for batch in data:
-                x = get_input(batch)
-                x = x.to(device) if isinstance(x, Tensor) else x
-                if max_samples is not None and isinstance(x, Tensor):
-                    x = x[: max_samples - seen]
-                original(x)
-                reduced(x)
-                X, Xr = captured
-                if X is None or Xr is None or X.shape != Xr.shape:
-                    raise StatisticsError(f"{consumer!r} was not called alike in both networks")
-                # accumulated on the device and read once after the loop (no host read per batch)
-                finite &= torch.isfinite(X).all() & torch.isfinite(Xr).all()
-                stats.update(Xr)
-                cross += X.T @ Xr
-                seen += x.shape[0] if isinstance(x, Tensor) else 1
-                if max_samples is not None and seen >= max_samples:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    stream_inputs(
+        [original, reduced], [(0, consumer), (1, consumer)], data, capture, end_batch=accumulate,
+        max_samples=max_samples, input_fn=input_fn, mask_fn=mask_fn, device=device,
+        transfer=transfer, forward_context=forward_context,
+    )  # fmt: skip
+    if padding:  # one read after the loop
+        stats.count -= int(torch.stack(padding).sum())
     if stats.count == 0:
         raise StatisticsError(f"no sample reached {consumer!r}")
-    if not bool(finite):
-        raise StatisticsError(f"non-finite activations at the input of {consumer!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        stats.all_reduce()
+        all_reduce(stats)
         torch.distributed.all_reduce(cross)
-    return CrossStatistics(stats, cross)
+        torch.distributed.all_reduce(total)
+    # Checked once, at the end: a NaN or Inf in any batch makes the float64 sums non-finite.
+    if not (torch.isfinite(stats.total).all() and torch.isfinite(total).all()):
+        raise StatisticsError(f"non-finite activations (NaN or Inf) at the input of {consumer!r}")
+    return CrossStatistics(stats, cross, total)
 
 
-def compensated_order(cs: CrossStatistics, weight: Tensor, *, steps: int | None = None) -> Tensor:
+def compensated_order(
+    cs: CrossStatistics, weight: Tensor, *, steps: int | None = None, affine: bool = False
+) -> Tensor:
     """Output-aware greedy order on the cross moments (see the module doc); ``(n,)`` LongTensor.
 
     The same recursion as :func:`~lightning_neuronprune.core.selection.output_order`, started from
     ``V = W C`` instead of ``W G``: ``R`` is the Schur complement of ``G̃``, and ``V = W C_res``
-    follows it with the same rank-one updates. Sync-free, nested in p.
+    follows it with the same rank-one updates. Sync-free, nested in p. With ``affine``, on the
+    centred moments (:meth:`CrossStatistics.moments`).
     """
-    G = cs.reduced.gram
+    G, C = cs.moments(centered=affine)
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
     F = output_factor(weight, n, G)
-    return greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
+    return greedy_output(G, F @ C, steps, n * torch.finfo(torch.float32).eps)
 
 
 def compensate_junction(
@@ -161,8 +213,12 @@ def compensate_junction(
     p: int,
     *,
     kept: Tensor | None = None,
+    affine: bool = False,
 ) -> Tensor:
     """Reduce ``junction`` of ``reduced`` in place to p features with the compensating fit.
+
+    ``W_p = W T`` with ``T = C[:, S] G̃[S, S]⁻¹`` (n × p); with ``affine`` on the centred moments,
+    and ``b_p = b + W (μ - T μ̃_S)`` (a consumer without bias gets one).
 
     Args:
         reduced: the network being reduced (its consumer still reads all n features).
@@ -170,6 +226,7 @@ def compensate_junction(
         cs: cross statistics from :func:`collect_cross_statistics`.
         p: features to keep.
         kept: keep these instead of selecting with :func:`compensated_order`.
+        affine: fit an intercept (needs ``cs.original_total``).
 
     Returns:
         The sorted kept indices (p,).
@@ -179,12 +236,13 @@ def compensate_junction(
     if not 1 <= p <= n:
         raise ValueError(f"`p` must be in [1, {n}], got {p!r}")
     if kept is None:
-        kept = compensated_order(cs, consumer.weight, steps=p)[:p]
+        kept = compensated_order(cs, consumer.weight, steps=p, affine=affine)[:p]
     kept = torch.sort(kept.to(cs.cross.device, torch.long)).values
-    G = cs.reduced.gram
-    T = solve_psd(G[kept][:, kept], cs.cross[:, kept])  # (n × p)
-    W = consumer.weight.detach().to(T)
-    W_p = (W @ T).to(consumer.weight.device, consumer.weight.dtype)
-    b_p = consumer.bias.detach().clone() if consumer.bias is not None else None
+    G, C = cs.moments(centered=affine)
+    T = solve_psd(G[kept][:, kept], C[:, kept])  # (n × p)
+    c = None
+    if affine:  # x ≈ T x̃_S + c in the mean: c = μ - T μ̃_S, (n,)
+        c = cs.original_total / cs.reduced.count - T @ cs.reduced.mean()[kept]
+    W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, Reconstruction(T, c))
     apply_reduction(reduced, junction, kept.to(consumer.weight.device), W_p, b_p)
     return kept

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.core.fitting import FitOptions, fit_junction
 from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.core.selection import Method
-from lightning_neuronprune.core.statistics import JunctionStatistics, collect_statistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
@@ -208,7 +209,7 @@ def eliminate_neurons(
         p: features to keep, when ``layer`` is a single name.
         data: an iterable of batches for the statistics.
         stats: precomputed statistics, keyed by consumer (or target) name, as returned by
-            :func:`~lightning_neuronprune.core.statistics.collect_statistics`.
+            :func:`~lightning_neuronprune.core.recording.collect_statistics`.
         method: ``"svd_qr"`` (the paper's Algorithm 2), ``"qr"`` (nested pivoted Cholesky) or
             ``"output"`` (output-aware greedy on the consumer's weight and ``G``).
         affine: also fit an intercept, folded into the consumer's bias.
@@ -217,14 +218,14 @@ def eliminate_neurons(
         consumer: the consumer's name, when a single target's consumer cannot be traced.
         max_samples: cap on the samples used for statistics.
         input_fn: maps a batch to the model input (see
-            :func:`~lightning_neuronprune.core.statistics.batch_input`).
+            :func:`~lightning_neuronprune.core.batches.batch_input`).
         kept: ``{target: indices}`` to keep instead of selecting them (e.g. a sweep's choice or
             a baseline's); p must equal ``len(indices)``. The weights are still re-fitted.
         transfer, forward_context: how batches reach the model (e.g. converted to a
             ``bfloat16`` model's dtype) and what its forward passes run under; see
-            :func:`~lightning_neuronprune.core.statistics.collect_statistics`.
+            :func:`~lightning_neuronprune.core.recording.collect_statistics`.
         mask_fn: maps a batch to its padding mask (see
-            :func:`~lightning_neuronprune.core.statistics.batch_mask`).
+            :func:`~lightning_neuronprune.core.batches.batch_mask`).
         example: one model input (a few samples) to find the junctions by probing
             (:class:`~lightning_neuronprune.structure.probe.JunctionProbe`) rather than by tracing
             only;

@@ -20,8 +20,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from lightning_neuronprune.core.batches import TARGET_KEYS, batch_input, call_model
 from lightning_neuronprune.core.runtime import evaluating, model_device, to_device
-from lightning_neuronprune.core.statistics import TARGET_KEYS, batch_input, call_model
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.confirmation import metric_drop
 from lightning_neuronprune.structure.modules import replace_module
@@ -189,7 +189,7 @@ class CachedEvaluator:
         data: evaluation batches.
         metric: a ``torchmetrics.Metric`` taking ``(preds, target)``; it is reset before each use.
         input_fn: maps a batch to the model input (default :func:`batch_input`); the model is
-            called through :func:`~lightning_neuronprune.core.statistics.call_model`.
+            called through :func:`~lightning_neuronprune.core.batches.call_model`.
         target_fn: maps a batch to the target (default :func:`batch_target`).
         output_fn: maps the model output to the metric's predictions (default
             :func:`model_output`).

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
+from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.core.selection import Method
-from lightning_neuronprune.core.statistics import JunctionStatistics, collect_statistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.elimination import Elimination, eliminate_neurons
@@ -115,10 +116,10 @@ class JointSearch:
         fitters: ``{layer: JunctionFitter}`` already built on the same statistics and options
             (the sweep's), whose selection work is reused.
         transfer, forward_context: how batches reach the model and what its forward passes run
-            under (see :func:`~lightning_neuronprune.core.statistics.collect_statistics`).
+            under (see :func:`~lightning_neuronprune.core.recording.collect_statistics`).
         data_fns: the batch adapters ``input_fn``, ``target_fn``, ``output_fn`` and ``mask_fn``
             (see :class:`~lightning_neuronprune.search.evaluation.CachedEvaluator` and
-            :func:`~lightning_neuronprune.core.statistics.collect_statistics`); unset ones default.
+            :func:`~lightning_neuronprune.core.recording.collect_statistics`); unset ones default.
     """
 
     def __init__(
@@ -148,7 +149,7 @@ class JointSearch:
         fns = dict(data_fns or {})
         self.eval_options = {**self._forward, **{k: fns.get(k) for k in ("input_fn", "target_fn")}}
         self.eval_options["output_fn"] = fns.get("output_fn")
-        self._stat = {**self._forward, **{k: fns.get(k) for k in ("input_fn", "mask_fn")}}
+        self.stat_options = {**self._forward, **{k: fns.get(k) for k in ("input_fn", "mask_fn")}}
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         self.model = model
         self.junctions = sorted(junctions, key=lambda j: order[j.consumer])
@@ -317,7 +318,14 @@ class JointSearch:
             for consumer, (W_p, b_p) in self._fitted[id(point)][2].items():
                 module = model.get_submodule(consumer)
                 module.weight.copy_(W_p)
-                if b_p is not None and module.bias is not None:
+                if b_p is None:
+                    if module.bias is not None:  # evaluated without one: contributes nothing
+                        module.bias.zero_()
+                elif module.bias is None:  # the fit's intercept needs a bias
+                    module.bias = nn.Parameter(
+                        b_p.to(module.weight, copy=True), module.weight.requires_grad
+                    )
+                else:
                     module.bias.copy_(b_p)
         return result
 
@@ -348,5 +356,5 @@ class JointSearch:
     def statistics(self, model: nn.Module, consumer: str) -> JunctionStatistics:
         """Statistics of ``consumer``'s input in ``model`` (a reduced copy) on ``train_data``."""
         return collect_statistics(
-            model, [consumer], self.train_data, max_samples=self.max_samples, **self._stat
+            model, [consumer], self.train_data, max_samples=self.max_samples, **self.stat_options
         )[consumer]

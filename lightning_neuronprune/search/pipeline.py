@@ -2,7 +2,7 @@
 held-out confirmation, and applying it.
 
 This is the functional core's whole pipeline for junctions whose statistics are collected
-(:func:`~lightning_neuronprune.core.statistics.collect_statistics`)::
+(:func:`~lightning_neuronprune.core.recording.collect_statistics`)::
 
     search = ReductionSearch(model, junctions, stats, EnergyModel(), SearchSettings())
     result = search.run(eval_batches, metric, example, train_data=train_batches)  # decides
@@ -65,7 +65,7 @@ class ModelIO:
         forward_context: what forward passes run under (the precision plugin's).
         input_fn, target_fn, output_fn, mask_fn: the batch adapters (see
             :class:`~lightning_neuronprune.search.evaluation.CachedEvaluator` and
-            :func:`~lightning_neuronprune.core.statistics.collect_statistics`).
+            :func:`~lightning_neuronprune.core.recording.collect_statistics`).
         info: takes a line of progress text (silent by default).
         warn: takes a warning (default :func:`warnings.warn`).
         progress: ``(description, total, unit) -> context manager of a bar`` with ``update``

@@ -196,7 +196,7 @@ class DataOptions:
 
     Attributes:
         input_fn: maps a batch to the model input; the default
-            (:func:`~lightning_neuronprune.core.statistics.batch_input`) takes ``x`` of
+            (:func:`~lightning_neuronprune.core.batches.batch_input`) takes ``x`` of
             ``(x, y)``, and for a Hugging Face-style dict (``input_ids``...) the dict less its
             ``labels``.
         target_fn: maps a batch to the metric's target; the default takes ``y`` of ``(x, y)`` or

@@ -152,7 +152,8 @@ def compensated_refit(search: JointSearch, point: JointPoint) -> JointPoint:
     Junctions are reduced in network order on a copy of the model; each consumer is fitted
     (and, with ``method="output"``, its kept set re-selected) against the original network's
     consumer output, from cross statistics over ``train_data``. Other methods keep
-    ``point``'s kept sets. The affine and ridge options do not apply to this fit.
+    ``point``'s kept sets. The affine option fits an intercept, folded into the consumer's bias
+    (created where it had none); the ridge option does not apply to this fit.
     """
     if search.train_data is None:
         raise ValueError("the compensated refit needs `train_data`")
@@ -163,10 +164,11 @@ def compensated_refit(search: JointSearch, point: JointPoint) -> JointPoint:
         if p >= j.num_features:
             continue
         cs = collect_cross_statistics(
-            search.model, work, j.consumer, search.train_data, max_samples=search.max_samples
-        )
+            search.model, work, j.consumer, search.train_data, max_samples=search.max_samples,
+            **search.stat_options,
+        )  # fmt: skip
         given = None if search.method == "output" else torch.as_tensor(point.kept[j.layer])
-        chosen = compensate_junction(work, j, cs, p, kept=given)
+        chosen = compensate_junction(work, j, cs, p, kept=given, affine=search.affine)
         kept[j.layer] = tuple(int(i) for i in chosen.tolist())
     stats = {search.by_layer[layer].consumer: search.stats[search.by_layer[layer].consumer]
              for layer in kept}  # fmt: skip

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune.core.batches import call_model
 from lightning_neuronprune.core.runtime import evaluating
-from lightning_neuronprune.core.statistics import call_model
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import replace_module
@@ -192,10 +192,10 @@ class JunctionProbe:
     Args:
         model: the network; it is run in ``eval()`` mode under ``torch.no_grad()``, and left
             unchanged (modes restored, hooks removed, also on error).
-        example: one model input (see :func:`~lightning_neuronprune.core.statistics.batch_input`),
+        example: one model input (see :func:`~lightning_neuronprune.core.batches.batch_input`),
             already on the model's device. A few samples are enough.
         call: runs the model on ``example`` (default
-            :func:`~lightning_neuronprune.core.statistics.call_model`).
+            :func:`~lightning_neuronprune.core.batches.call_model`).
         tolerance: relative change below which a value counts as unchanged.
 
     The baseline pass runs at construction; :meth:`find` probes one producer.

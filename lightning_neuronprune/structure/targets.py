@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_neuronprune.core.statistics import call_model
+from lightning_neuronprune.core.batches import call_model
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.discovery import (
     Junction,

@@ -92,6 +92,48 @@ def test_prefix_qr_pivots_batched_equals_one_by_one(rng: np.random.Generator) ->
     assert all(torch.equal(a, b) for a, b in zip(small, together, strict=True))
 
 
+def _near_tie_basis(seed: int, n: int = 200, r: int = 160) -> torch.Tensor:
+    """Float32 left singular vectors of activations with near-duplicate neurons: ties that
+    rounding decides, where an order of summation that changes with the chunk shows."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, 20, generator=g, dtype=torch.float64)
+    A = A[torch.randint(0, 20, (n,), generator=g)] @ torch.randn(
+        20, r, generator=g, dtype=torch.float64
+    )
+    A = A + 1e-9 * torch.randn(n, r, generator=g, dtype=torch.float64)
+    return torch.linalg.svd(A, full_matrices=False)[0].float()
+
+
+@pytest.mark.parametrize("seed", [26, 27, 28, 29])
+def test_prefix_qr_pivots_do_not_depend_on_the_chunk_size(seed: int) -> None:
+    """Regression: chunks were sized from the free device memory, and each chunk's GEMM with
+    ``U`` took its shape from the chunk, so near ties could be decided differently (seed 28
+    did). The chunks are fixed by the problem and ``max_bytes``; any chunking gives the same
+    pivots, bit for bit."""
+    U = _near_tie_basis(seed)
+    n = U.shape[0]
+    ps = [160, 150, 80, 80, 50, 21, 5, 1]
+    together = prefix_qr_pivots(U, ps)
+    for max_bytes in (1, 100 * 4 * n, 200 * 4 * n, 400 * 4 * n):
+        chunked = prefix_qr_pivots(U, ps, max_bytes=max_bytes)
+        assert all(torch.equal(a, b) for a, b in zip(chunked, together, strict=True)), max_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefix_qr_pivots_never_ask_for_the_free_device_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("prefix_qr_pivots asked for the free device memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
+    U = _near_tie_basis(28).cuda()
+    ps = [160, 150, 80, 80, 50, 21, 5, 1]
+    together = prefix_qr_pivots(U, ps)
+    chunked = prefix_qr_pivots(U, ps, max_bytes=1)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, together, strict=True))
+
+
 @pytest.mark.usefixtures("pivots_on")
 def test_prefix_qr_pivots_float32_and_validation(rng: np.random.Generator) -> None:
     U = orthonormal_basis(rng, 30, decay=1.0)

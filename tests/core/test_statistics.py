@@ -4,11 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.core.statistics import (
-    JunctionStatistics,
-    batch_input,
-    collect_statistics,
-)
+from lightning_neuronprune.core.batches import batch_input
+from lightning_neuronprune.core.recording import collect_statistics
+from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import StatisticsError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.search.decision import Decision, apply_decision, decide

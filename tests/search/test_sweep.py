@@ -8,7 +8,7 @@ from torch import nn
 from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.search.evaluation import (
     CachedEvaluator,
