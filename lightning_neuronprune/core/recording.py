@@ -81,17 +81,17 @@ def stream_inputs(
 
     The one loop over batches behind :func:`collect_statistics` and
     :func:`~lightning_neuronprune.search.compensation.collect_cross_statistics`. Each batch is
-    prepared once (``transfer``, then ``input_fn``, moved to ``device``, cut at
-    ``max_samples``) and fed to every model in turn through
-    :func:`~lightning_neuronprune.core.batches.call_model` under ``forward_context``. A forward
-    pre-hook on each tap flattens the module's input ``(*, n)`` to rows ``(K_b, n)`` (a ``GatheredLinear``'s
-    kept columns only) and zeroes the rows that the batch's padding mask (``mask_fn``, default
-    :func:`~lightning_neuronprune.core.batches.batch_mask`) marks as padding, where the mask has the input's leading shape; then
-    ``sink(tap, rows, shape, padding)`` gets them, ``tap`` being the tap's position in ``taps``,
-    ``shape`` the input's shape and ``padding`` the number of zeroed rows as a 0-d device tensor
-    (``None`` without a mask), so that a zeroed row adds nothing to ``G`` or the sums and the
-    sink can take the padding off ``K`` once, after the loop. ``end_batch`` runs after every
-    model has seen the batch.
+    prepared once (``transfer``, then ``input_fn``, moved to ``device``, cut at ``max_samples``) and
+    fed to every model in turn through :func:`~lightning_neuronprune.core.batches.call_model` under
+    ``forward_context``. A forward pre-hook on each tap flattens the module's input ``(*, n)`` to
+    rows ``(K_b, n)`` (a ``GatheredLinear``'s kept columns only) and zeroes the rows that the
+    batch's padding mask (``mask_fn``, default
+    :func:`~lightning_neuronprune.core.batches.batch_mask`) marks as padding, where the mask has the
+    input's leading shape; then ``sink(tap, rows, shape, padding)`` gets them, ``tap`` being the
+    tap's position in ``taps``, ``shape`` the input's shape and ``padding`` the number of zeroed
+    rows as a 0-d device tensor (``None`` without a mask), so that a zeroed row adds nothing to
+    ``G`` or the sums and the sink can take the padding off ``K`` once, after the loop.
+    ``end_batch`` runs after every model has seen the batch.
 
     The models run in ``eval()`` under ``torch.no_grad()``; every module's mode is restored and
     the hooks are removed afterwards, even on error. Nothing here waits for the device.
