@@ -11,9 +11,14 @@ scored on the 10000 test images, which the callback never sees.
 
 Settings compared:
 
-* ``default``: ``ConfirmSettings()``, half the validation set held out, 90 % upper confidence
-  bound of the held-out drop (Bonferroni-corrected over the candidates tried);
-* ``no bound``: ``ConfirmSettings(confidence=None)``, the held-out drop itself;
+* ``default``: ``ConfirmSettings()``: half the validation set held out; the 90 % upper
+  confidence bound of the held-out drop (Bonferroni-corrected over the candidates tried) must
+  stay within three quarters of the budget (a reserve of 25 %);
+* ``bound only``: ``ConfirmSettings(reserve=0.0)``, the bound within the whole budget;
+* ``reserve only``: ``ConfirmSettings(confidence=None)``, the held-out drop itself within three
+  quarters of the budget;
+* ``plain``: ``ConfirmSettings(confidence=None, reserve=0.0)``, the held-out drop within the
+  budget;
 * ``no confirmation``: ``confirm=None``, the whole validation set for the search.
 
 Examples::
@@ -49,7 +54,9 @@ TARGETS = ["net.fc1:in", "net.fc1", "net.fc2"]
 BUDGET = 0.02
 SETTINGS: dict[str, ConfirmSettings | None] = {
     "default": ConfirmSettings(),
-    "no bound": ConfirmSettings(confidence=None),
+    "bound only": ConfirmSettings(reserve=0.0),
+    "reserve only": ConfirmSettings(confidence=None),
+    "plain": ConfirmSettings(confidence=None, reserve=0.0),
     "no confirmation": None,
 }
 
