@@ -1,4 +1,4 @@
-"""The callback's own time on each device: MNIST LeNet-300-100, as a user runs it (issue 8).
+"""The callback's own time on each device: MNIST LeNet-300-100, as a user runs it.
 
 LeNet-300-100 is trained for ``--epochs`` epochs (or loaded from ``benchmarks/.cache``). Then,
 for every device and joint mode, one more ``Trainer.fit`` trains a single batch with learning

@@ -1,4 +1,4 @@
-"""Sweep wall time with and without the evaluation cache, in one run (issue: callback).
+"""Sweep wall time with and without the evaluation cache, in one run.
 
 LeNet-5 (trained, cached by benchmarks/common.py), target FC1 as the paper names it (our
 ``net.fc1:in``, the 800 flattened conv features) and our ``net.fc1`` (its 500 neurons), statistics

@@ -1,4 +1,4 @@
-"""The project's rank sweep against a straightforward Algorithm 1, in one process run (issue 4).
+"""The project's rank sweep against a straightforward Algorithm 1, in one process run.
 
 **Part ``mnist``.** For each row (default: LeNet5-FC2 with every p, as in the paper, and
 LeNet300-100-FC2 with the package's ``"auto"`` grid), on the same trained network, the same K =

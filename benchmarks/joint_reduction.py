@@ -1,4 +1,4 @@
-"""Joint simplification of several layers under one accuracy budget, on MNIST (issue 5).
+"""Joint simplification of several layers under one accuracy budget, on MNIST.
 
 For LeNet-300-100 (targets: the input pixels of fc1, fc1's and fc2's neurons) and LeNet-5 (the
 800 flattened conv features that feed fc1, and fc1's neurons), this script

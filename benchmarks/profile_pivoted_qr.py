@@ -1,5 +1,5 @@
 """Where the time of ``pivoted_qr`` goes on a device: stages timed with a device sync around each,
-then a ``torch.profiler`` table of the kernels (issue 8).
+then a ``torch.profiler`` table of the kernels.
 
 Example::
 

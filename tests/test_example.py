@@ -34,7 +34,7 @@ def test_mnist_lenet_example(mnist_dir: Path, tmp_path: Path) -> None:
     for target in ("net.fc1", "net.fc2", "net.fc1:in"):
         assert any(line.startswith(target + " ") for line in out.splitlines()), out
     assert "applied:" in out
-    # The test drop is printed against the budget at the end (issue 10).
+    # The test drop is printed against the budget at the end.
     assert re.search(r"test drop: -?\d+\.\d\d points, (within|OVER) the budget of 2\.00", out)
     assert "outputs match" in out
     assert f"tensorboard --logdir {log_dir}" in out
