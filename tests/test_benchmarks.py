@@ -1,4 +1,4 @@
-"""The issue-4 benchmark scripts run end to end and write well-formed tables.
+"""The benchmark scripts run end to end and write well-formed tables.
 
 ``benchmarks/reproduce_paper.py --quick`` and ``benchmarks/bench_sweep.py --tiny`` run as
 subprocesses on real MNIST (skipped when it is absent). No timing is asserted.
