@@ -92,6 +92,14 @@ class Reused(nn.Module):
         return self.out(self.fc(torch.relu(self.fc(x))))
 
 
+class GateReadTwice(SwiGLU):
+    """The gate's output also bypasses the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        return self.down(F.silu(g) * self.up(x)) + g[..., : x.shape[-1]]
+
+
 class Permuted(FFN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(x)).flip(-1)
@@ -109,13 +117,13 @@ class Permuted(FFN):
         (Residual(), "fc1", "reaches the network output other than through its consumer"),
         (FFN(nn.GELU()), "out", "it is \\(or flows into\\) the network output"),
         (Reused(), "fc", "runs 2 times"),
-        (Encoder([TimmBlock(mlp=SwiGLU(16, 32))], untraceable=True), "blocks.0.mlp.gate",
-         "gated MLP such as SwiGLU"),
+        (Encoder([TimmBlock(mlp=GateReadTwice(16, 32))], untraceable=True), "blocks.0.mlp.gate",
+         "feeds 2 nn.Linear layers \\['blocks.0.mlp.down', 'head'\\].*a gate read twice"),
         (Encoder([TimmBlock()], untraceable=True), "blocks.0.attn.qkv",
          "reaches 'blocks.0.attn.proj', which reads 16 features"),
     ],
     ids=["layernorm", "softmax", "permutation", "scale", "two-consumers", "residual", "output",
-         "reused", "swiglu", "attention-qkv"],
+         "reused", "gate-read-twice", "attention-qkv"],
 )  # fmt: skip
 def test_refusals_name_the_problem(seed: int, model: nn.Module, target: str, message: str) -> None:
     x = torch.randn(4, 5, 6) if isinstance(model, Encoder) else torch.randn(5, 6)
@@ -193,6 +201,7 @@ def test_auto_finds_torchvision_and_timm_ffn_pairs(seed: int, untraceable: bool)
         ("blocks.0.mlp.0", "blocks.0.mlp.3"),
         ("blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
         ("blocks.2.mlp.fc1", "blocks.2.mlp.fc2"),
+        ("blocks.3.mlp.gate", "blocks.3.mlp.down"),
     ]
 
 
@@ -210,7 +219,7 @@ def _hf(kind: str):
         return transformers.ViTModel(cfg)
     if kind == "llama":
         cfg = transformers.LlamaConfig(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             intermediate_size=32, **common,
         )  # fmt: skip
         return transformers.LlamaModel(cfg)
@@ -238,7 +247,7 @@ def _hf_input(kind: str) -> dict[str, torch.Tensor]:
         ("roberta", [("encoder.layer.{i}.intermediate.dense", "encoder.layer.{i}.output.dense")]),
         ("distilbert", [("transformer.layer.{i}.ffn.lin1", "transformer.layer.{i}.ffn.lin2")]),
         ("vit", None),
-        ("llama", []),
+        ("llama", [("layers.{i}.mlp.gate_proj", "layers.{i}.mlp.down_proj")]),
     ],
 )
 def test_auto_on_tiny_hugging_face_models(seed: int, kind: str, pairs: list | None) -> None:

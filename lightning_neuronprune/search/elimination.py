@@ -34,8 +34,9 @@ class EliminationRecord:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"`` or ``"gather"``.
-        producer: the layer whose output neurons were removed, or ``None``.
+        kind: ``"producer"``, ``"gated"`` or ``"gather"``.
+        producer: the layer whose output neurons were removed (a gated junction's first
+            producer), or ``None``.
         consumer: the layer whose weights were re-fitted.
         batchnorm: a sliced ``BatchNorm1d`` between them, or ``None``.
         n: features before.
@@ -45,6 +46,9 @@ class EliminationRecord:
         affine: whether an intercept was fitted.
         ridge: the ridge parameter.
         consumer_bias: whether the new consumer has a bias.
+        producers: every layer whose rows were removed (``(producer,)``, or a gated junction's
+            producers).
+        fused: a gated junction's one producer holds both halves (rows j and n + j).
     """
 
     target: str
@@ -59,10 +63,18 @@ class EliminationRecord:
     affine: bool = False
     ridge: float = 0.0
     consumer_bias: bool = True
+    producers: tuple[str, ...] = ()
+    fused: bool = False
 
     @property
     def layer(self) -> str:
         return self.producer if self.producer is not None else f"{self.consumer}:in"
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules the elimination replaced."""
+        producers = self.producers or tuple(filter(None, [self.producer]))
+        return (*producers, *filter(None, [self.batchnorm]), self.consumer)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, bool, list): safe for ``torch.load(weights_only=True)``."""
@@ -79,6 +91,8 @@ class EliminationRecord:
             "affine": self.affine,
             "ridge": float(self.ridge),
             "consumer_bias": self.consumer_bias,
+            "producers": list(self.producers),
+            "fused": self.fused,
         }
 
 
@@ -152,6 +166,8 @@ def reduce_junction(
         affine=affine,
         ridge=float(ridge),
         consumer_bias=b_p is not None,
+        producers=junction.producers,
+        fused=junction.fused,
     )
 
 
@@ -335,7 +351,7 @@ def eliminate_neurons(
     previous = read_plan(model)
     if inplace:
         for rec in records:
-            for name in filter(None, (rec.producer, rec.batchnorm, rec.consumer)):
+            for name in rec.modules:
                 parent, _, child = name.rpartition(".")
                 target_parent = model.get_submodule(parent) if parent else model
                 setattr(target_parent, child, work.get_submodule(name))

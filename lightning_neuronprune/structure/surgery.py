@@ -7,6 +7,9 @@ and the re-fitted consumer weight ``W_p`` (m × p), :func:`apply_reduction` swap
 
 * the producer with only the kept rows of its weight and bias (``kind="producer"``), and a
   ``BatchNorm1d`` between the two with only the kept features;
+* in a gated junction (``kind="gated"``), every producer with only the kept rows (a fused
+  ``gate_up_proj`` of 2n outputs keeps rows ``kept`` and ``n + kept``, so its halves stay
+  aligned);
 * the consumer with the new weight; where there is no producer row to delete (``kind="gather"``:
   the consumer reads the network input or a flattened conv output), a :class:`GatheredLinear`
   that selects the kept input features itself.
@@ -86,7 +89,7 @@ def apply_reduction(
     Args:
         model: the network that holds the junction.
         junction: from :func:`find_junction`.
-        kept: (p,) sorted indices of the kept features.
+        kept: (p,) sorted indices of the kept features (of the consumer's input).
         W_p: (m × p) new consumer weight.
         b_p: (m,) new consumer bias, or ``None``.
 
@@ -94,10 +97,9 @@ def apply_reduction(
         The names of the replaced modules.
     """
     replaced: dict[str, nn.Module] = {}
-    if junction.producer is not None:
-        replaced[junction.producer] = _reduced_producer(
-            model.get_submodule(junction.producer), kept
-        )
+    rows = junction.producer_rows(kept)
+    for producer in junction.producers:
+        replaced[producer] = _reduced_producer(model.get_submodule(producer), rows)
     if junction.batchnorm is not None:
         replaced[junction.batchnorm] = _reduced_batchnorm(
             model.get_submodule(junction.batchnorm), kept
