@@ -21,7 +21,7 @@ from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan
-from lightning_neuronprune.structure.surgery import apply_reduction
+from lightning_neuronprune.structure.surgery import apply_reduction, update_config
 
 __all__ = ["Elimination", "EliminationRecord", "eliminate_neurons", "reduce_junction"]
 
@@ -254,6 +254,9 @@ def eliminate_neurons(
         data in its ``neuron_elimination_plan`` buffer (see
         :mod:`~lightning_neuronprune.structure.persistence`),
         so that :func:`~lightning_neuronprune.structure.persistence.load_reduced` can reload it.
+        A Hugging Face model whose FFNs all have the same new width gets it in its config
+        (:func:`~lightning_neuronprune.structure.surgery.update_config`), so that
+        ``save_pretrained`` and ``from_pretrained`` reload it too.
 
     Raises:
         JunctionError: a target cannot be simplified or ``p`` is out of range. Nothing is changed.
@@ -359,4 +362,5 @@ def eliminate_neurons(
     else:
         result = work
     write_plan(result, previous + [r.as_dict() for r in records])
+    update_config(result, read_plan(result))
     return Elimination(result, records)

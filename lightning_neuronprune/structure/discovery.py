@@ -154,6 +154,8 @@ def _probed_junction(
     except JunctionError as err:  # the probe may accept what tracing cannot prove
         log.debug("tracing refused %s (%s); probing", producer, err)
         traced = None
+    if traced is not None and traced.gated:  # the structure's own checks (widths) first
+        _from_traced(model, target, traced)
     found = probe.find(producer)
     probed = (found.consumer, found.batchnorm, found.producers, found.fused)
     if (

@@ -21,13 +21,23 @@ tensors as their parameters. Replaying a saved plan on a fresh model is
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 
-__all__ = ["apply_reduction"]
+__all__ = ["WIDTH_ATTRIBUTES", "apply_reduction", "update_config"]
+
+log = logging.getLogger(__name__)
+
+#: Configuration attributes that hold the FFN width (Llama, Mistral, Qwen2, Gemma, Phi-3: the
+#: first; T5: ``d_ff``; OPT, BART: ``ffn_dim``).
+WIDTH_ATTRIBUTES = ("intermediate_size", "d_ff", "ffn_dim")
 
 
 def _reduced_producer(prod: nn.Linear, kept: Tensor) -> nn.Linear:
@@ -110,3 +120,53 @@ def apply_reduction(
     for name, module in replaced.items():
         replace_module(model, name, module)
     return list(replaced)
+
+
+def update_config(model: nn.Module, plan: Sequence[Mapping[str, Any]]) -> int | None:
+    """Write the new FFN width into a Hugging Face ``model.config`` when every FFN has it.
+
+    ``save_pretrained`` then writes a ``config.json`` from which ``from_pretrained`` builds the
+    reduced shapes, so the reduced weights load as they are. The width is updated only when
+    every consumer of the plan's junctions started at the config's width n (its
+    ``intermediate_size``, ``d_ff`` or ``ffn_dim``), and every ``nn.Linear`` of the model named
+    like one of them (``down_proj``, ``wo``: in every block, in encoder and decoder) now reads the
+    same p features.
+    With per-layer widths the config is left alone: reload with
+    :func:`~lightning_neuronprune.structure.persistence.load_reduced`, which replays the plan.
+
+    Args:
+        model: the reduced model (anything without a ``config`` is left alone).
+        plan: its plan records (``read_plan(model)``), in order.
+
+    Returns:
+        The width written, or ``None`` when the config was not changed.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not plan:
+        return None
+    first: dict[str, Mapping[str, Any]] = {}
+    for rec in plan:
+        first.setdefault(rec["consumer"], rec)
+    widths = {rec["n"] for rec in first.values()}
+    attr = next(
+        (a for a in WIDTH_ATTRIBUTES if len(widths) == 1 and getattr(config, a, None) in widths),
+        None,
+    )
+    if attr is None:
+        return None
+    leaves = {name.rpartition(".")[2] for name in first}
+    now = {
+        m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in leaves
+    }
+    if len(now) != 1:
+        log.info(
+            "config.%s left at %s: the FFNs now have different widths %s; reload the model "
+            "with load_reduced (the plan), not from_pretrained",
+            attr, getattr(config, attr), sorted(now),
+        )  # fmt: skip
+        return None
+    (p,) = now
+    setattr(config, attr, p)
+    return p
