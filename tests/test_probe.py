@@ -295,3 +295,44 @@ def test_consumer_reached_through_functional_ops(seed: int) -> None:
     with pytest.raises(UndecidedJunctionError, match="feeds"):
         find_junction(Inline(), "fc1")
     assert find_junction(Inline(), "fc1", example=torch.randn(4, 6)).consumer == "fc2"
+
+
+class FusedGLU(nn.Module):
+    """Phi-3's MLP behind an untraceable forward: ``down(up * silu(gate))`` on the halves of one
+    producer."""
+
+    def __init__(self, n: int = 12) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(6, 2 * n)
+        self.down = nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # data-dependent control flow: fx cannot trace
+            x = x + 0
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.silu(gate))
+
+
+def test_gated_junctions_are_found_from_either_producer_at_a_known_cost(seed: int) -> None:
+    model = Encoder([TimmBlock(mlp=SwiGLU(16, 32))], untraceable=True).eval()
+    probe = JunctionProbe(model, torch.randn(2, 5, 6))
+    bits = math.ceil(math.log2(32))
+    for producer in ("blocks.0.mlp.gate", "blocks.0.mlp.up"):
+        found = probe.find(producer)
+        assert found.producers == ("blocks.0.mlp.gate", "blocks.0.mlp.up")
+        assert (found.producer, found.consumer, found.fused) == (
+            "blocks.0.mlp.gate", "blocks.0.mlp.down", False
+        )  # fmt: skip
+        # reach + map of each producer, narrowing both together
+        assert found.passes == 3 + 4 * bits
+
+    fused = JunctionProbe(FusedGLU(), torch.randn(5, 6)).find("gate_up")
+    assert (fused.producers, fused.consumer, fused.fused) == (("gate_up",), "down", True)
+    assert fused.passes == 2 + 4 * math.ceil(math.log2(12))  # each half mapped in turn
+    j = find_junction(FusedGLU(), "gate_up", example=torch.randn(5, 6))
+    assert (j.kind, j.num_features, j.modules) == ("gated", 12, ("gate_up", "down"))
+
+
+def test_a_model_that_fails_on_the_example_is_a_junction_error(seed: int) -> None:
+    with pytest.raises(JunctionError, match="fails on the probe's example .*RuntimeError"):
+        JunctionProbe(FFN(nn.ReLU()), torch.randn(5, 7))
