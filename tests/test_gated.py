@@ -126,8 +126,9 @@ def test_discovery_cost_does_not_grow_with_depth() -> None:
         assert len(found) == layers
         passes[layers] = probe.passes
     assert passes[2] == passes[4] == passes[8]
-    # baseline + one block (attention refusals, gate + up maps, narrowing) + lm_head
-    assert passes[8] <= 40, passes
+    # baseline + one block (attention refused after 1-4 passes, the gated FFN 4 + 2 log2 16) +
+    # down_proj and lm_head refused after one pass each
+    assert passes[8] <= 30, passes  # 24 with transformers 5.25
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])

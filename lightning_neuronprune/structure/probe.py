@@ -17,23 +17,29 @@ transformers), or use activation modules that no list of types knows (``GELUActi
    those where it is clear. The consumer's input may change only in the perturbed features. Both
    patterns together pin every producer feature j to consumer feature j: a one-to-one,
    elementwise path. LayerNorm, softmax and attention change other features and are refused.
-4. **Gate partners** (one pass per candidate): another ``nn.Linear`` of the same width that reads
-   the same input and whose features also reach the consumer (SwiGLU's ``up_proj`` next to
-   ``gate_proj``, T5's ``wi_1`` next to ``wi_0``) is a second producer; its feature map is proven
-   as in 3. A producer of 2n outputs that reaches a consumer of n features is a fused
-   ``gate_up_proj``: each half is mapped in turn, feature j and n + j to consumer feature j.
+   The first pattern runs at once (it refuses most feature mixes); the others run after 5.
+4. **Gate partners** (two passes per candidate): another ``nn.Linear`` of the same width that
+   reads the same input and whose features also reach the consumer (SwiGLU's ``up_proj`` next
+   to ``gate_proj``, T5's ``wi_1`` next to ``wi_0``) is a second producer; it must pass the first
+   pattern alone, and the other patterns perturb every producer together (changes in consumer
+   features outside the pattern would show a mix from either). A producer of 2n outputs that
+   reaches a consumer of n features is a fused ``gate_up_proj``: each half is mapped in turn,
+   feature j and n + j to consumer feature j.
 5. **Narrowing** (one pass): run the network with feature j cut from every producer (both halves
    of a fused one) and the consumer's matching column removed. The consumer must then read
-   exactly its baseline input without that feature. Reshapes into attention heads, and gated
-   products whose partner was not found, fail here.
+   exactly its baseline input without that feature. Reshapes into attention heads (which keep
+   every feature apart, so the patterns pass), and gated products whose partner was not found,
+   fail here.
 
 Perturbation ``δ = 1 + |y|`` maps every value to a different one of at least 1, so even a neuron
 that is dead under a ReLU on the whole batch shows up. Everything is deterministic: no random
 numbers, fixed feature patterns.
 
 **Cost:** one shared baseline pass, then per producer of n features at most 2 + 2⌈log₂ n⌉ forward
-passes on the probe batch (24 for a 1536-wide FFN), plus 1 + 2⌈log₂ n⌉ for a gate partner (or
-2⌈log₂ n⌉ more for a fused producer's second half); refusals stop early, most after 1 or 2.
+passes on the probe batch (24 for a 1536-wide FFN), plus 2 for a gate partner (its reach and
+first pattern: the other patterns perturb every producer together), or 2⌈log₂ n⌉ more for a
+fused producer's second half; refusals stop early, most after 1 or 2 (the narrowing runs after
+the first pattern, so attention heads are refused after 3).
 :func:`~lightning_neuronprune.structure.discovery.auto_junctions` probes one block of each kind
 of repeated block only.
 Memory: the inputs and outputs of every ``nn.Linear`` call on the probe batch, so keep the batch
@@ -142,16 +148,13 @@ class JunctionProbe:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
 
     def _run(
-        self,
-        producer: str | None = None,
-        features: Tensor | None = None,
-        *,
-        fingerprints: bool = False,
+        self, perturb: dict[str, Tensor] | None = None, *, fingerprints: bool = False
     ) -> Trace:
-        """One forward pass. With ``producer``, its ``features`` are perturbed and every other
-        ``nn.Linear`` call returns its baseline output."""
+        """One forward pass. With ``perturb`` (``{producer: features}``), those features of each
+        producer are perturbed and every other ``nn.Linear`` call returns its baseline
+        output."""
         trace = Trace()
-        clamp = producer is not None
+        clamp = perturb is not None
 
         def linear_hook(name: str) -> Callable[..., Any]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
@@ -166,8 +169,8 @@ class JunctionProbe:
                     if k < len(old_in)
                     else torch.zeros(0, dtype=torch.bool)
                 )
-                if name == producer:
-                    return perturbed(output, features)  # type: ignore[arg-type]
+                if name in perturb:  # type: ignore[operator]
+                    return perturbed(output, perturb[name])  # type: ignore[index]
                 old = self.baseline.outputs.get(name, [])
                 if k < len(old) and old[k].shape == output.shape:
                     return old[k]
@@ -220,8 +223,8 @@ class JunctionProbe:
         n = linears[producer].out_features
         self._runs_once(producer)
         start = self.passes
-        trace = self._run(producer, torch.ones(n, dtype=torch.bool), fingerprints=True)
-        consumer, changed = self._reached(producer, trace)
+        trace = self._run({producer: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
+        consumer, _ = self._reached((producer,), trace)
         cons = linears[consumer]
         h = cons.in_features
         fused = n == 2 * h and len(self.baseline.inputs[consumer]) == 1
@@ -233,12 +236,16 @@ class JunctionProbe:
                 "consumer that runs once"
             )
         self._check_output(producer, consumer, trace)
-        self._feature_map(producer, consumer, h, fused)
+        patterns = list(bit_patterns(h))
+        # one pattern first (it refuses most feature mixes), then the narrowing (it refuses
+        # attention heads at once), then the other patterns, on every producer together
+        self._feature_map((producer,), consumer, h, fused, patterns[:1])
         path, batchnorm = self._path(producer, consumer, h, trace)
-        partners = [] if fused else self._partners(producer, consumer, h, linears)
+        partners = [] if fused else self._partners(producer, consumer, h, linears, patterns[:1])
         order = {name: i for i, name in enumerate(linears)}
         producers = tuple(sorted([producer, *partners], key=order.__getitem__))
         self._narrow(producers, consumer, batchnorm, h, path, fused)
+        self._feature_map(producers, consumer, h, fused, patterns[1:])
         return ProbeResult(
             producers[0], consumer, batchnorm, path, self.passes - start, producers, fused
         )
@@ -259,28 +266,44 @@ class JunctionProbe:
                 "returned); its neurons cannot be removed"
             )
 
-    def _feature_map(self, producer: str, consumer: str, h: int, fused: bool) -> None:
-        """Bit patterns over the consumer's h features: perturbing producer features P (in each
-        half of a fused producer in turn) may change only consumer features P."""
+    def _feature_map(
+        self,
+        producers: tuple[str, ...],
+        consumer: str,
+        h: int,
+        fused: bool,
+        patterns: list[Tensor],
+    ) -> None:
+        """Perturbing features P of every producer (in each half of a fused one in turn) may
+        change only consumer features P. Over the bit patterns and their complements this pins
+        producer feature j (of each producer) to consumer feature j."""
         none = torch.zeros(h, dtype=torch.bool)
-        for pattern in bit_patterns(h):
+        names = " and ".join(repr(p) for p in producers)
+        for pattern in patterns:
             masks = [torch.cat([pattern, none]), torch.cat([none, pattern])] if fused else [pattern]
             for mask in masks:
-                reached, changed = self._reached(producer, self._run(producer, mask))
+                trace = self._run(dict.fromkeys(producers, mask))
+                reached, changed = self._reached(producers, trace)
                 if reached != consumer or bool((changed & ~pattern).any()):
                     raise JunctionError(
-                        f"the path from {producer!r} to {consumer!r} mixes features: perturbing "
-                        f"features {describe_indices(mask)} of {producer!r} changed features "
+                        f"the path from {names} to {consumer!r} mixes features: perturbing "
+                        f"features {describe_indices(mask)} of {names} changed features "
                         f"{describe_indices(changed)} of the input of {reached!r}; only "
                         "elementwise modules may lie between the two (LayerNorm, softmax and "
                         "attention mix features)"
                     )
 
     def _partners(
-        self, producer: str, consumer: str, n: int, linears: dict[str, nn.Linear]
+        self,
+        producer: str,
+        consumer: str,
+        n: int,
+        linears: dict[str, nn.Linear],
+        patterns: list[Tensor],
     ) -> list[str]:
         """The other producers of a gated junction: layers of width n that read the same input
-        as ``producer`` and reach ``consumer`` one to one (one reach pass per candidate)."""
+        as ``producer`` and reach ``consumer`` (one reach pass per candidate), checked on
+        ``patterns`` (the rest are checked on all producers together)."""
         x = self.baseline.inputs[producer][0]
         found = []
         for name, m in linears.items():
@@ -293,15 +316,15 @@ class JunctionProbe:
                 or differs(inputs[0], x, self.tolerance)
             ):
                 continue
-            trace = self._run(name, torch.ones(n, dtype=torch.bool), fingerprints=True)
+            trace = self._run({name: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
             try:
-                reached, _ = self._reached(name, trace)
+                reached, _ = self._reached((name,), trace)
             except JunctionError:
                 continue
             if reached != consumer:
                 continue
             self._check_output(name, consumer, trace)
-            self._feature_map(name, consumer, n, False)
+            self._feature_map((name,), consumer, n, False, patterns)
             if self._path(name, consumer, n, trace)[1] is not None:
                 raise JunctionError(
                     f"a BatchNorm1d lies on the gated path from {name!r} to {consumer!r}; gated "
@@ -316,10 +339,11 @@ class JunctionProbe:
             differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
         )
 
-    def _reached(self, producer: str, trace: Trace) -> tuple[str, Tensor]:
+    def _reached(self, perturbed: tuple[str, ...], trace: Trace) -> tuple[str, Tensor]:
+        producer = " and ".join(repr(p) for p in perturbed)
         reached: dict[str, Tensor] = {}
         for name, per_call in trace.changed.items():
-            if name == producer:
+            if name in perturbed:
                 continue
             for changed in per_call:
                 if changed.any():
@@ -327,7 +351,7 @@ class JunctionProbe:
         if not reached:
             out_changed = self._output_changed(trace)
             raise JunctionError(
-                f"the output of {producer!r} reaches no nn.Linear"
+                f"the output of {producer} reaches no nn.Linear"
                 + (
                     ": it is (or flows into) the network output, so it has no consumer"
                     if out_changed
@@ -336,7 +360,7 @@ class JunctionProbe:
             )
         if len(reached) > 1:
             raise JunctionError(
-                f"the output of {producer!r} feeds {len(reached)} nn.Linear layers "
+                f"the output of {producer} feeds {len(reached)} nn.Linear layers "
                 f"{sorted(reached)}; a junction must have exactly one consumer nn.Linear (a gate "
                 "read twice cannot be reduced)"
             )
