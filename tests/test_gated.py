@@ -278,3 +278,31 @@ def test_refusals_name_the_cause_and_leave_the_model_untouched(
         eliminate_neurons(model, target, 8, data=[x], example=x if probed else None)
     torch.testing.assert_close(_state(model), state, rtol=0, atol=0)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_the_search_reduces_gated_ffns_end_to_end() -> None:
+    """ReductionSearch over every gated FFN of a tiny Llama: the sweep, the joint search and the
+    energy model (RMS norms included) work on gated junctions, and applying the decision keeps a
+    model that runs, with the uniform width in its config."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_neuronprune import EnergyModel, ModelIO, ReductionSearch, SearchSettings
+
+    model = _model("llama")
+    batches = [_batch(4, 8, seed=s) for s in (1, 2)]
+    batches = [{**b, "labels": b["input_ids"]} for b in batches]
+    targets = resolve_targets(model, "auto")
+    stats = collect_statistics(model, [j.consumer for j in targets], batches)
+    io = ModelIO(
+        output_fn=lambda out: out.logits.reshape(-1, VOCAB),
+        target_fn=lambda batch: batch["labels"].reshape(-1),
+    )
+    settings = SearchSettings(ranks=[40, 32], max_accuracy_drop=1.0)
+    search = ReductionSearch(model, list(targets), stats, EnergyModel(), settings, io)
+    metric = MulticlassAccuracy(VOCAB, average="micro")
+    result = search.run(batches, metric, batches[0]["input_ids"][:1])
+    assert set(result.decision.plan) == {_producers("llama", i)[0] for i in range(2)}
+    elimination = search.apply(model, result.decision)
+    assert {r.p for r in elimination.records} == {32}
+    assert model.config.intermediate_size == 32
+    assert _logits(model, _batch()).shape == (2, 8, VOCAB)
