@@ -1,6 +1,7 @@
 """The measurements the behavioural probe makes (:mod:`lightning_neuronprune.structure.probe`):
 what one forward pass recorded, fingerprints of module outputs, which features changed, the
-perturbation ``δ = 1 + |y|`` and the bit patterns that pin feature j to feature j.
+perturbation ``δ = 1 + |y|`` and the bit patterns that pin feature j to feature j; and what the
+probe finds, a :class:`ProbeResult`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "TOLERANCE",
+    "ProbeResult",
     "Trace",
     "bit_patterns",
     "changed_features",
@@ -28,6 +30,30 @@ __all__ = [
 
 #: Relative change (to the largest magnitude of a tensor) below which a value counts as unchanged.
 TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """A junction found by the probe.
+
+    Attributes:
+        producer: the ``nn.Linear`` whose output features were perturbed.
+        consumer: the one ``nn.Linear`` whose input they reach.
+        batchnorm: a ``BatchNorm1d`` of n features on the path, or ``None``.
+        path: the leaf modules between the two, ``"name (Type)"``, in call order.
+        passes: the forward passes this producer cost (the shared baseline not counted).
+        producers: every producer of the junction, in module order: ``(producer,)``, or a gated
+            FFN's gate and up projections.
+        fused: the producer has 2n outputs whose halves both reach consumer feature j.
+    """
+
+    producer: str
+    consumer: str
+    batchnorm: str | None
+    path: tuple[str, ...]
+    passes: int
+    producers: tuple[str, ...] = ()
+    fused: bool = False
 
 
 @dataclass

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +62,7 @@ from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import replace_module
 from lightning_neuronprune.structure.perturbation import (
     TOLERANCE,
+    ProbeResult,
     Trace,
     bit_patterns,
     changed_features,
@@ -76,30 +76,6 @@ from lightning_neuronprune.structure.perturbation import (
 from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = ["JunctionProbe", "ProbeResult"]
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """A junction found by the probe.
-
-    Attributes:
-        producer: the ``nn.Linear`` whose output features were perturbed.
-        consumer: the one ``nn.Linear`` whose input they reach.
-        batchnorm: a ``BatchNorm1d`` of n features on the path, or ``None``.
-        path: the leaf modules between the two, ``"name (Type)"``, in call order.
-        passes: the forward passes this producer cost (the shared baseline not counted).
-        producers: every producer of the junction, in module order: ``(producer,)``, or a gated
-            FFN's gate and up projections.
-        fused: the producer has 2n outputs whose halves both reach consumer feature j.
-    """
-
-    producer: str
-    consumer: str
-    batchnorm: str | None
-    path: tuple[str, ...]
-    passes: int
-    producers: tuple[str, ...] = ()
-    fused: bool = False
 
 
 @contextmanager
