@@ -13,7 +13,8 @@ from torch import nn
 from lightning_neuronprune.core.statistics import collect_statistics
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.search.elimination import eliminate_neurons, reduce_junction
-from lightning_neuronprune.structure.discovery import auto_junctions, find_junction
+from lightning_neuronprune.structure.blocks import RepeatedBlocks
+from lightning_neuronprune.structure.discovery import auto_junctions, find_junction, find_junctions
 from lightning_neuronprune.structure.persistence import load_reduced, read_plan, save_reduced
 from lightning_neuronprune.structure.probe import JunctionProbe
 from lightning_neuronprune.structure.targets import resolve_targets
@@ -306,3 +307,20 @@ def test_the_search_reduces_gated_ffns_end_to_end() -> None:
     assert {r.p for r in elimination.records} == {32}
     assert model.config.intermediate_size == 32
     assert _logits(model, _batch()).shape == (2, 8, VOCAB)
+
+
+def test_explicit_targets_in_identical_blocks_are_probed_once() -> None:
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    model = _model("llama", layers=4, intermediate=16)
+    calls = []
+    probe = JunctionProbe(model, _batch(1, 6))
+    find = probe.find
+    probe.find = lambda name: calls.append(name) or find(name)  # type: ignore[method-assign]
+    assert len(find_junctions(model, names, probe=probe)) == 4
+    assert calls == [names[0]]
+    blocks = RepeatedBlocks(model)
+    v = [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    with pytest.raises(JunctionError, match="mixes features|narrowed"):
+        blocks.decide(v[0], lambda n: find_junction(model, n, probe=probe), None)  # type: ignore[arg-type]
+    with pytest.raises(JunctionError, match="as in the identical block 'model.layers.0'"):
+        blocks.decide(v[1], None, None)  # type: ignore[arg-type]

@@ -46,11 +46,13 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
+from lightning_neuronprune.structure.blocks import RepeatedBlocks
 from lightning_neuronprune.structure.junction import (
     INPUT_SUFFIX,
     Junction,
@@ -64,7 +66,7 @@ from lightning_neuronprune.structure.tracing import TracedJunction, traced_junct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["auto_junctions", "find_junction"]
+__all__ = ["auto_junctions", "find_junction", "find_junctions"]
 
 
 def _check_not_shared(model: nn.Module, name: str) -> None:
@@ -290,52 +292,6 @@ def find_junction(
     return _producer_junction(model, target, target, consumer, probe)
 
 
-def _repeated_block(model: nn.Module, name: str) -> tuple[str, str] | None:
-    """``("model.layers.3", "mlp.gate_proj")`` for a layer inside an element of a
-    ``ModuleList``/``Sequential`` of blocks (the outermost one), or ``None``."""
-    parts = name.split(".")
-    for i in range(1, len(parts) - 1):
-        parent = model.get_submodule(".".join(parts[:i]))
-        if parts[i].isdigit() and isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
-    return None
-
-
-def _signature(block: nn.Module) -> tuple[Any, ...]:
-    """Module names, types, settings and tensor shapes: equal for identical repeated blocks."""
-    return tuple(
-        (
-            name,
-            type(m).__module__,
-            type(m).__qualname__,
-            m.extra_repr(),
-            tuple(
-                (k, tuple(t.shape), t.dtype)
-                for k, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-            ),
-        )
-        for name, m in block.named_modules()
-    )
-
-
-def _moved(junction: Junction, source: str, block: str) -> TracedJunction | None:
-    """``junction`` of the block ``source`` with its names moved into ``block`` (``None`` when a
-    module of it lies outside ``source``)."""
-
-    def move(name: str) -> str:
-        return block + name[len(source) :]
-
-    if not all(name.startswith(source + ".") for name in junction.modules):
-        return None
-    return TracedJunction(
-        move(junction.consumer),
-        move(junction.batchnorm) if junction.batchnorm is not None else None,
-        junction.path,
-        tuple(move(p) for p in junction.producers),
-        junction.fused,
-    )
-
-
 def auto_junctions(
     model: nn.Module,
     *,
@@ -372,31 +328,16 @@ def auto_junctions(
     """
     if probe is None and example is not None:
         probe = JunctionProbe(model, example)
+    blocks = RepeatedBlocks(model)
     junctions: list[Junction] = []
     covered: set[str] = set()
-    signatures: dict[str, tuple[Any, ...]] = {}
-    verdicts: dict[tuple[str, tuple[Any, ...], str], tuple[str, Junction | JunctionError]] = {}
     for name in linear_layer_names(model):
         if name in covered:
             continue
-        block = _repeated_block(model, name)
-        key = None
-        if block is not None:
-            prefix, rel = block
-            if prefix not in signatures:
-                signatures[prefix] = _signature(model.get_submodule(prefix))
-            key = (prefix.rpartition(".")[0], signatures[prefix], rel)
         try:
-            junction = _reused(model, name, block, verdicts.get(key))  # type: ignore[arg-type]
-            if junction is None:
-                try:
-                    junction = find_junction(model, name, probe=probe)
-                except JunctionError as err:
-                    if key is not None:
-                        verdicts[key] = (block[0], err)  # type: ignore[index]
-                    raise
-                if key is not None:
-                    verdicts[key] = (block[0], junction)  # type: ignore[index]
+            junction = blocks.decide(
+                name, lambda n: find_junction(model, n, probe=probe), _checked(model)
+            )
         except JunctionError as err:
             _skip(name, err, undecided, probe)
             continue
@@ -405,21 +346,35 @@ def auto_junctions(
     return junctions
 
 
-def _reused(
+def find_junctions(
     model: nn.Module,
-    name: str,
-    block: tuple[str, str] | None,
-    verdict: tuple[str, Junction | JunctionError] | None,
-) -> Junction | None:
-    """The verdict of the same layer in an identical earlier block, checked by structure:
-    its junction moved to this block, or its refusal raised again; ``None`` to decide afresh."""
-    if block is None or verdict is None:
-        return None
-    source, found = verdict
-    if isinstance(found, JunctionError):
-        raise type(found)(f"as in the identical block {source!r}: {found}")
-    moved = _moved(found, source, block[0])
-    return None if moved is None else _from_traced(model, name, moved)
+    targets: Sequence[str],
+    consumers: Mapping[str, str] | None = None,
+    *,
+    probe: JunctionProbe | None = None,
+) -> list[Junction]:
+    """:func:`find_junction` for each target, with the verdicts of identical repeated blocks
+    shared as in :func:`auto_junctions` (``"model.layers.{i}.mlp.gate_proj"`` for 30 layers
+    costs the probe passes of one). Targets with an explicit consumer are decided one by one.
+
+    Raises:
+        JunctionError: the first target that cannot be simplified.
+    """
+    consumers = dict(consumers or {})
+    blocks = RepeatedBlocks(model)
+    found = []
+    for target in targets:
+        if target in consumers or not isinstance(target, str) or target.endswith(INPUT_SUFFIX):
+            found.append(find_junction(model, target, consumers.get(target), probe=probe))
+        else:
+            find = lambda n: find_junction(model, n, probe=probe)  # noqa: E731
+            found.append(blocks.decide(target, find, _checked(model)))
+    return found
+
+
+def _checked(model: nn.Module) -> Callable[[str, TracedJunction], Junction]:
+    """Check a junction moved from an identical block by structure (layers, widths, sharing)."""
+    return lambda name, moved: _from_traced(model, name, moved)
 
 
 def _skip(

@@ -24,7 +24,7 @@ from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.discovery import (
     Junction,
     auto_junctions,
-    find_junction,
+    find_junctions,
     linear_layer_names,
 )
 from lightning_neuronprune.structure.probe import JunctionProbe
@@ -164,7 +164,7 @@ def resolve_targets(
             )
         return Targets(junctions)
     consumers = dict(targets) if isinstance(targets, Mapping) else {}
-    return Targets(find_junction(model, t, consumers.get(t), probe=probe) for t in targets)
+    return Targets(find_junctions(model, list(targets), consumers, probe=probe))
 
 
 def traced_targets(
