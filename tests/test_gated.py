@@ -150,6 +150,10 @@ def test_uniform_width_reloads_with_from_pretrained(tmp_path: Path, family: str)
     out = reduced.generate(batch["input_ids"][:1], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
 
+    fresh = load_reduced(_model(family), reduced.state_dict())  # the plan replays the config too
+    assert fresh.config.intermediate_size == 40
+    torch.testing.assert_close(_logits(fresh, batch), want, rtol=0, atol=0)
+
     reduced.save_pretrained(tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.intermediate_size == 40

@@ -270,10 +270,14 @@ def find_junction(
         example: one model input (a few samples), on the model's device, for the probe.
         probe: a probe built on an example, to share its baseline pass between targets.
 
+    A gated FFN (``down(act(gate(x)) * up(x))``, or a fused ``gate_up_proj``) is one
+    ``kind="gated"`` junction, whichever of its producers is named.
+
     Raises:
         JunctionError: the name does not exist or is not an ``nn.Linear``; the layer is shared or
-            tied; its output feeds several consumers, passes a feature-mixing op, or is the
-            network output.
+            tied, or an expert of a mixture-of-experts block; its output feeds several consumers,
+            passes a feature-mixing op, or is the network output; a gated FFN's producers have
+            different widths or a gate is read twice.
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_neuronprune.errors import CheckpointMismatchError
 from lightning_neuronprune.structure.junction import Junction, get_linear
 from lightning_neuronprune.structure.modules import replace_module
-from lightning_neuronprune.structure.surgery import apply_reduction
+from lightning_neuronprune.structure.surgery import apply_reduction, update_config
 
 __all__ = [
     "PLAN_BUFFER",
@@ -234,6 +234,7 @@ def match_plan(
         missing = incoming[len(current) :]
         _replay(owner, rel, missing)
         write_plan(owner, incoming)
+        update_config(owner, incoming)  # a Hugging Face config gets a uniform new FFN width
         rebuilt.append(rel)
     return rebuilt
 
