@@ -22,7 +22,7 @@ from lightning_neuronprune.structure.targets import resolve_targets
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 50
-FAMILIES = ("llama", "qwen2", "gemma", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
 
 
 def _config(family: str, layers: int = 2, intermediate: int = 48):
@@ -33,6 +33,8 @@ def _config(family: str, layers: int = 2, intermediate: int = 48):
     )  # fmt: skip
     if family == "llama":
         return transformers.LlamaConfig(**common)
+    if family == "mistral":
+        return transformers.MistralConfig(**common)
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
     if family == "gemma":  # tanh-GELU gate
