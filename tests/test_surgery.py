@@ -105,3 +105,29 @@ def test_inconsistent_gated_junctions_are_refused() -> None:
         Junction("g", "gated", "g", "down", "bn", 6, producers=("g", "u"))
     assert Junction("0", "producer", "0", "2", None, 6).producers == ("0",)
     assert Junction("t", "gather", None, "2", None, 6).modules == ("2",)
+
+
+def test_update_config_needs_every_ffn_at_one_width() -> None:
+    from types import SimpleNamespace
+
+    from lightning_neuronprune.structure.surgery import update_config
+
+    def bert(widths: list[int]) -> nn.Module:
+        layer = lambda p: nn.ModuleDict({  # noqa: E731
+            "attention": nn.ModuleDict({"output": nn.ModuleDict({"dense": nn.Linear(8, 8)})}),
+            "intermediate": nn.ModuleDict({"dense": nn.Linear(8, p)}),
+            "output": nn.ModuleDict({"dense": nn.Linear(p, 8)}),
+        })  # fmt: skip
+        model = nn.Module()
+        model.encoder = nn.ModuleDict({"layer": nn.ModuleList([layer(p) for p in widths])})
+        model.config = SimpleNamespace(intermediate_size=32)
+        return model
+
+    plan = [{"consumer": f"encoder.layer.{i}.output.dense", "n": 32} for i in range(2)]
+    model = bert([24, 24])
+    assert update_config(model, plan) == 24 and model.config.intermediate_size == 24
+    model = bert([24, 16])
+    assert update_config(model, plan) is None and model.config.intermediate_size == 32
+    model = bert([24, 24, 32])  # a third layer left at its width
+    assert update_config(model, plan) is None
+    assert update_config(nn.Linear(2, 2), plan) is None  # no config

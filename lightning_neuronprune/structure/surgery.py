@@ -22,6 +22,7 @@ tensors as their parameters. Replaying a saved plan on a fresh model is
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -122,15 +123,21 @@ def apply_reduction(
     return list(replaced)
 
 
+def _in_block(name: str) -> str:
+    """The name inside the innermost numbered block: ``"mlp.down_proj"`` for
+    ``"model.layers.3.mlp.down_proj"``, ``"DenseReluDense.wo"`` for T5's encoder and decoder."""
+    return re.split(r"(?:^|\.)\d+\.", name)[-1]
+
+
 def update_config(model: nn.Module, plan: Sequence[Mapping[str, Any]]) -> int | None:
     """Write the new FFN width into a Hugging Face ``model.config`` when every FFN has it.
 
     ``save_pretrained`` then writes a ``config.json`` from which ``from_pretrained`` builds the
     reduced shapes, so the reduced weights load as they are. The width is updated only when
     every consumer of the plan's junctions started at the config's width n (its
-    ``intermediate_size``, ``d_ff`` or ``ffn_dim``), and every ``nn.Linear`` of the model named
-    like one of them (``down_proj``, ``wo``: in every block, in encoder and decoder) now reads the
-    same p features.
+    ``intermediate_size``, ``d_ff`` or ``ffn_dim``), and every ``nn.Linear`` of the model with the
+    same name inside its block (``mlp.down_proj``, BERT's ``output.dense``, T5's
+    ``DenseReluDense.wo`` in encoder and decoder) now reads the same p features.
     With per-layer widths the config is left alone: reload with
     :func:`~lightning_neuronprune.structure.persistence.load_reduced`, which replays the plan.
 
@@ -154,11 +161,11 @@ def update_config(model: nn.Module, plan: Sequence[Mapping[str, Any]]) -> int | 
     )
     if attr is None:
         return None
-    leaves = {name.rpartition(".")[2] for name in first}
+    suffixes = {_in_block(name) for name in first}
     now = {
         m.in_features
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in leaves
+        if isinstance(m, nn.Linear) and _in_block(name) in suffixes
     }
     if len(now) != 1:
         log.info(
