@@ -124,9 +124,15 @@ def test_discovery_cost_does_not_grow_with_depth() -> None:
     passes = {}
     for layers in (2, 4, 8):
         model = _model("llama", layers=layers, intermediate=16)
-        probe = JunctionProbe(model, _batch(1, 6))
-        found = auto_junctions(model, probe=probe)
+        forwards = []  # an independent count: calls of the model itself
+        hook = model.register_forward_pre_hook(lambda m, args, calls=forwards: calls.append(1))
+        try:
+            probe = JunctionProbe(model, _batch(1, 6))
+            found = auto_junctions(model, probe=probe)
+        finally:
+            hook.remove()
         assert len(found) == layers
+        assert probe.passes == len(forwards)
         passes[layers] = probe.passes
     assert passes[2] == passes[4] == passes[8]
     # baseline + one block (attention refused after 1-4 passes, the gated FFN 4 + 2 log2 16) +
