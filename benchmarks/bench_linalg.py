@@ -223,7 +223,7 @@ def bench_cholesky(sizes: list[int], repeat: int, seed: int, clock: Clock) -> No
 _STATS_CHILD = """
 import resource, sys, torch
 from torch import nn
-from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.core.recording import collect_statistics
 torch.manual_seed(0)
 width, K, batch = int(sys.argv[1]), int(sys.argv[2]), 1000
 model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))

@@ -12,9 +12,10 @@ Counting rules (per inference):
   (a ``Linear`` subclass that gathers its input features is charged for the gathered ones);
 * ``nn.Conv2d``: ``M = H_out · W_out · C_out · k_h · k_w · C_in / groups`` (``Conv1d`` and
   ``Conv3d`` likewise), ``N_w`` = elements of ``weight``;
-* ``nn.Embedding`` (transformers): no MACs, ``N_w`` = the table; ``nn.LayerNorm``: one MAC per
-  element, ``N_w`` = elements of its scale. Attention's matrix products have no module and are not
-  counted;
+* ``nn.Embedding`` (transformers): no MACs, ``N_w`` = the table; ``nn.LayerNorm``,
+  ``nn.RMSNorm`` and the RMS norms of Hugging Face decoders (classes named ``*RMSNorm``): one MAC
+  per element, ``N_w`` = elements of its scale. Attention's matrix products have no module and
+  are not counted;
 * ``N_a`` = elements of the input of every counted layer, plus the elements of the model's output;
 * BatchNorm, pooling, activations, dropout, flatten, LRN and any module whose class or instance sets
   ``_neuronprune_cost_free = True`` cost nothing. BatchNorm is free because the paper folds it into
@@ -194,6 +195,7 @@ def _builtin_rules() -> dict[type[nn.Module], CountingRule]:
         nn.Conv3d: count_conv,
         nn.Embedding: count_embedding,
         nn.LayerNorm: count_layernorm,
+        nn.RMSNorm: count_layernorm,
     }
 
 
@@ -290,6 +292,8 @@ def _lookup(
         rule = table.get(cls)
         if rule is not None:
             return rule
+    if type(module).__name__.endswith("RMSNorm"):  # LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm...
+        return table.get(nn.RMSNorm)
     return None
 
 

@@ -22,7 +22,7 @@ from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan
-from lightning_neuronprune.structure.surgery import apply_reduction
+from lightning_neuronprune.structure.surgery import apply_reduction, update_config
 
 __all__ = ["Elimination", "EliminationRecord", "eliminate_neurons", "reduce_junction"]
 
@@ -35,8 +35,9 @@ class EliminationRecord:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"`` or ``"gather"``.
-        producer: the layer whose output neurons were removed, or ``None``.
+        kind: ``"producer"``, ``"gated"`` or ``"gather"``.
+        producer: the layer whose output neurons were removed (a gated junction's first
+            producer), or ``None``.
         consumer: the layer whose weights were re-fitted.
         batchnorm: a sliced ``BatchNorm1d`` between them, or ``None``.
         n: features before.
@@ -46,6 +47,9 @@ class EliminationRecord:
         affine: whether an intercept was fitted.
         ridge: the ridge parameter.
         consumer_bias: whether the new consumer has a bias.
+        producers: every layer whose rows were removed (``(producer,)``, or a gated junction's
+            producers).
+        fused: a gated junction's one producer holds both halves (rows j and n + j).
     """
 
     target: str
@@ -60,10 +64,18 @@ class EliminationRecord:
     affine: bool = False
     ridge: float = 0.0
     consumer_bias: bool = True
+    producers: tuple[str, ...] = ()
+    fused: bool = False
 
     @property
     def layer(self) -> str:
         return self.producer if self.producer is not None else f"{self.consumer}:in"
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules the elimination replaced."""
+        producers = self.producers or tuple(filter(None, [self.producer]))
+        return (*producers, *filter(None, [self.batchnorm]), self.consumer)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, bool, list): safe for ``torch.load(weights_only=True)``."""
@@ -80,6 +92,8 @@ class EliminationRecord:
             "affine": self.affine,
             "ridge": float(self.ridge),
             "consumer_bias": self.consumer_bias,
+            "producers": list(self.producers),
+            "fused": self.fused,
         }
 
 
@@ -153,6 +167,8 @@ def reduce_junction(
         affine=affine,
         ridge=float(ridge),
         consumer_bias=b_p is not None,
+        producers=junction.producers,
+        fused=junction.fused,
     )
 
 
@@ -239,6 +255,9 @@ def eliminate_neurons(
         data in its ``neuron_elimination_plan`` buffer (see
         :mod:`~lightning_neuronprune.structure.persistence`),
         so that :func:`~lightning_neuronprune.structure.persistence.load_reduced` can reload it.
+        A Hugging Face model whose FFNs all have the same new width gets it in its config
+        (:func:`~lightning_neuronprune.structure.surgery.update_config`), so that
+        ``save_pretrained`` and ``from_pretrained`` reload it too.
 
     Raises:
         JunctionError: a target cannot be simplified or ``p`` is out of range. Nothing is changed.
@@ -336,7 +355,7 @@ def eliminate_neurons(
     previous = read_plan(model)
     if inplace:
         for rec in records:
-            for name in filter(None, (rec.producer, rec.batchnorm, rec.consumer)):
+            for name in rec.modules:
                 parent, _, child = name.rpartition(".")
                 target_parent = model.get_submodule(parent) if parent else model
                 setattr(target_parent, child, work.get_submodule(name))
@@ -344,4 +363,5 @@ def eliminate_neurons(
     else:
         result = work
     write_plan(result, previous + [r.as_dict() for r in records])
+    update_config(result, read_plan(result))
     return Elimination(result, records)

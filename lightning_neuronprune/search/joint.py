@@ -240,7 +240,7 @@ class JointSearch:
         for j in self.junctions:
             if config.get(j.layer, j.num_features) >= j.num_features:
                 continue
-            for name in filter(None, (j.producer, j.batchnorm, j.consumer)):
+            for name in j.modules:
                 if name != first.consumer and self.evaluator.replaceable(name):
                     swaps[name] = reduced.get_submodule(name)
         c0 = reduced.get_submodule(first.consumer)

@@ -112,7 +112,7 @@ def rank_grid(n: int, ranks: Ranks = "auto", *, start: int | None = None) -> lis
 def _temporarily_reduced(
     model: nn.Module, junction: Junction, kept: Tensor, W_p: Tensor, b_p: Tensor | None
 ):
-    names = [n for n in (junction.producer, junction.batchnorm, junction.consumer) if n]
+    names = list(junction.modules)
     originals = {n: model.get_submodule(n) for n in names}
     apply_reduction(model, junction, kept, W_p, b_p)
     try:

@@ -20,6 +20,14 @@ Targets are named like this:
 * ``"fc2:in"``: the input features of ``fc2``. This resolves to the same junction as ``"fc1"``
   when ``fc1`` feeds ``fc2`` directly, and to a gather junction otherwise. The paper's "FCk" is
   ``"fck:in"``.
+* gated FFNs (``kind="gated"``): ``"model.layers.0.mlp.gate_proj"`` and ``"...up_proj"`` both
+  resolve to the one junction of ``gate_proj`` and ``up_proj`` → ``down_proj`` (named by the
+  first producer in module order; Phi-3's fused ``"...mlp.gate_up_proj"``, T5's
+  ``"...DenseReluDense.wi_0"``). ``"...mlp.down_proj:in"`` resolves to it too where
+  :mod:`torch.fx` traces the MLP (Llama, Mistral, Qwen2, Gemma, Phi-3); in a model it cannot
+  trace (T5) it is a gather junction, so name a producer there. Expert FFNs of a
+  mixture-of-experts block, gates read twice, shared or tied weights and gate/up producers of
+  different widths are refused, with the cause named.
 
 :func:`find_junction` checks the names (the layers exist, are ``nn.Linear`` and are not shared
 or tied) and finds the consumer by tracing the model with :mod:`torch.fx`
@@ -36,12 +44,15 @@ resolves the user's target names with :func:`find_junction` and :func:`auto_junc
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
+from lightning_neuronprune.structure.blocks import RepeatedBlocks
 from lightning_neuronprune.structure.junction import (
     INPUT_SUFFIX,
     Junction,
@@ -51,11 +62,11 @@ from lightning_neuronprune.structure.junction import (
 )
 from lightning_neuronprune.structure.modules import GatheredLinear
 from lightning_neuronprune.structure.probe import JunctionProbe
-from lightning_neuronprune.structure.tracing import traced_consumer, traced_producer
+from lightning_neuronprune.structure.tracing import TracedJunction, traced_junction, traced_producer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["auto_junctions", "find_junction"]
+__all__ = ["auto_junctions", "find_junction", "find_junctions"]
 
 
 def _check_not_shared(model: nn.Module, name: str) -> None:
@@ -76,6 +87,25 @@ def _check_not_shared(model: nn.Module, name: str) -> None:
             )
 
 
+_EXPERT_SCOPE = re.compile(r"(^|\.)(experts?|shared_experts?|moe)(\.|$)", re.IGNORECASE)
+_EXPERT_TYPE = re.compile(r"(Mo[Ee]|MixtureOfExperts)(Block|Layer)$|Experts?$")
+
+
+def _check_not_expert(model: nn.Module, name: str) -> None:
+    """Refuse layers inside a mixture-of-experts block (routing sends each token to a few
+    experts, so one expert's statistics and a shared width do not describe the block)."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        scope = ".".join(parts[:i])
+        module = model.get_submodule(scope) if scope else model
+        kind = type(module).__name__
+        if _EXPERT_TYPE.search(kind) or _EXPERT_SCOPE.search(scope):
+            raise JunctionError(
+                f"layer {name!r} lies in a mixture-of-experts block ({scope or 'the model'!r}, "
+                f"{kind}); expert FFNs (MoE) are not supported"
+            )
+
+
 def _producer_junction(
     model: nn.Module,
     target: str,
@@ -85,16 +115,17 @@ def _producer_junction(
 ) -> Junction:
     prod = get_linear(model, producer)
     _check_not_shared(model, producer)
+    _check_not_expert(model, producer)
     if probe is not None:
         return _probed_junction(model, target, producer, consumer, probe)
-    traced = traced_consumer(model, producer)
+    traced = traced_junction(model, producer)
     if traced is not None:
-        found, bn, path = traced
-        if consumer is not None and consumer != found:
+        if consumer is not None and consumer != traced.consumer:
             raise JunctionError(
-                f"the consumer of {producer!r} is {found!r}, not the given consumer {consumer!r}"
+                f"the consumer of {producer!r} is {traced.consumer!r}, not the given consumer "
+                f"{consumer!r}"
             )
-        return _finish(model, target, "producer", producer, found, bn, prod.out_features, path)
+        return _from_traced(model, target, traced)
     if consumer is None:
         raise UndecidedJunctionError(
             f"could not find the consumer of {producer!r}: the model could not be traced with "
@@ -121,25 +152,64 @@ def _probed_junction(
 ) -> Junction:
     """The probe decides; a successful trace must agree with it (a cross-check)."""
     try:
-        traced = traced_consumer(model, producer)
+        traced = traced_junction(model, producer)
     except JunctionError as err:  # the probe may accept what tracing cannot prove
         log.debug("tracing refused %s (%s); probing", producer, err)
         traced = None
+    if traced is not None and traced.gated:  # the structure's own checks (widths) first
+        _from_traced(model, target, traced)
     found = probe.find(producer)
-    if traced is not None and (traced[0], traced[1]) != (found.consumer, found.batchnorm):
+    probed = (found.consumer, found.batchnorm, found.producers, found.fused)
+    if (
+        traced is not None
+        and (traced.consumer, traced.batchnorm, traced.producers, traced.fused) != probed
+    ):
         raise JunctionError(
             f"tracing and probing disagree on {producer!r}: the traced code gives consumer "
-            f"{traced[0]!r} (batch norm {traced[1]!r}), the probe {found.consumer!r} (batch norm "
-            f"{found.batchnorm!r})"
+            f"{traced.consumer!r} (batch norm {traced.batchnorm!r}, producers "
+            f"{list(traced.producers)}), the probe {found.consumer!r} (batch norm "
+            f"{found.batchnorm!r}, producers {list(found.producers)})"
         )
     if consumer is not None and consumer != found.consumer:
         raise JunctionError(
             f"the consumer of {producer!r} is {found.consumer!r}, not the given consumer "
             f"{consumer!r}"
         )
-    path = traced[2] if traced is not None else found.path
-    n = model.get_submodule(producer).out_features
-    return _finish(model, target, "producer", producer, found.consumer, found.batchnorm, n, path)
+    path = traced.path if traced is not None else found.path
+    return _from_traced(
+        model,
+        target,
+        TracedJunction(found.consumer, found.batchnorm, path, found.producers, found.fused),
+    )
+
+
+def _from_traced(model: nn.Module, target: str, found: TracedJunction) -> Junction:
+    """Check a found junction's layers and widths, and make it a :class:`Junction`."""
+    first = found.producers[0]
+    if not found.gated:
+        n = get_linear(model, first).out_features
+        return _finish(model, target, "producer", first, found.consumer, found.batchnorm, n,
+                       found.path)  # fmt: skip
+    widths = {}
+    for name in found.producers:
+        widths[name] = get_linear(model, name).out_features
+        _check_not_shared(model, name)
+        _check_not_expert(model, name)
+    n_in = get_linear(model, found.consumer).in_features
+    if found.fused and widths[first] != 2 * n_in:
+        raise JunctionError(
+            f"the fused gate/up producer {first!r} has {widths[first]} outputs, but its halves "
+            f"feed {found.consumer!r}, which reads {n_in}; it needs 2 × {n_in}"
+        )
+    if not found.fused and set(widths.values()) != {n_in}:
+        raise JunctionError(
+            f"mismatched gate/up widths: the producers {widths} of the gated junction of "
+            f"{found.consumer!r} must each have {n_in} outputs, as many as it reads"
+        )
+    return _finish(
+        model, target, "gated", first, found.consumer, found.batchnorm, n_in, found.path,
+        producers=found.producers, fused=found.fused,
+    )  # fmt: skip
 
 
 def _finish(
@@ -151,10 +221,13 @@ def _finish(
     batchnorm: str | None,
     n: int,
     path: tuple[str, ...],
+    *,
+    producers: tuple[str, ...] = (),
+    fused: bool = False,
 ) -> Junction:
     cons = get_linear(model, consumer)
     _check_not_shared(model, consumer)
-    if kind == "producer" and isinstance(cons, GatheredLinear):
+    if kind != "gather" and isinstance(cons, GatheredLinear):
         raise JunctionError(
             f"consumer {consumer!r} of {producer!r} already gathers its input features; reduce "
             f"{producer!r} before {consumer + INPUT_SUFFIX!r}, not after"
@@ -164,7 +237,12 @@ def _finish(
         if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != n:
             raise JunctionError(f"BatchNorm1d {batchnorm!r} does not have {n} features")
         _check_not_shared(model, batchnorm)
-    return Junction(target, kind, producer, consumer, batchnorm, n, path)
+    if kind == "gated" and batchnorm is not None:
+        raise JunctionError(
+            f"a BatchNorm1d ({batchnorm!r}) lies on the gated path to {consumer!r}; gated "
+            "junctions with a batch norm are not supported"
+        )
+    return Junction(target, kind, producer, consumer, batchnorm, n, path, producers, fused)
 
 
 def find_junction(
@@ -192,10 +270,14 @@ def find_junction(
         example: one model input (a few samples), on the model's device, for the probe.
         probe: a probe built on an example, to share its baseline pass between targets.
 
+    A gated FFN (``down(act(gate(x)) * up(x))``, or a fused ``gate_up_proj``) is one
+    ``kind="gated"`` junction, whichever of its producers is named.
+
     Raises:
         JunctionError: the name does not exist or is not an ``nn.Linear``; the layer is shared or
-            tied; its output feeds several consumers, passes a feature-mixing op, or is the
-            network output.
+            tied, or an expert of a mixture-of-experts block; its output feeds several consumers,
+            passes a feature-mixing op, or is the network output; a gated FFN's producers have
+            different widths or a gate is read twice.
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
@@ -215,25 +297,94 @@ def find_junction(
 
 
 def auto_junctions(
-    model: nn.Module, *, example: Any = None, probe: JunctionProbe | None = None
+    model: nn.Module,
+    *,
+    example: Any = None,
+    probe: JunctionProbe | None = None,
+    undecided: list[str] | None = None,
 ) -> list[Junction]:
     """Every ``nn.Linear`` of ``model`` whose output neurons have a consumer, in module order.
 
     Each layer is resolved by :func:`find_junction`; with an ``example`` (or a ready ``probe``),
     one shared :class:`~lightning_neuronprune.structure.probe.JunctionProbe` decides (one baseline
-    pass,
-    then a few passes per layer, most refusals after one or two). Layers that are refused are
-    skipped and logged at debug level. In a transformer block this keeps the FFN pairs (BERT's
-    ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1`` →
-    ``fc2``) and skips the attention projections (heads, softmax), the layers before a residual
-    sum and LayerNorm, and gated MLPs.
+    pass, then a few passes per layer, most refusals after one or two). Layers that are refused
+    are skipped and logged at debug level. In a transformer block this keeps the FFN pairs
+    (BERT's ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``,
+    ``fc1`` → ``fc2``) and the gated FFNs (Llama, Mistral, Qwen2 and Gemma's ``gate_proj`` and
+    ``up_proj`` → ``down_proj``, Phi-3's fused ``gate_up_proj``, T5's ``wi_0`` and ``wi_1`` →
+    ``wo``; one junction each, named by the first producer), and skips the attention
+    projections (heads, softmax) and the layers before a residual sum and a norm.
+
+    **Cost on deep models.** Repeated blocks (the elements of a ``ModuleList`` or
+    ``Sequential``) with identical structure (module names, types, settings and tensor shapes)
+    are decided once: the first block of each kind is probed (or traced), and every later block
+    gets the same verdicts, with its junctions' layers, widths and sharing checked by structure
+    only. A decoder of L identical blocks therefore costs the probe passes of one block, whatever
+    L is. A junction that leaves its block is not reused; the same layer of the next block is
+    decided afresh.
+
+    Args:
+        model: the network.
+        example: one model input for a probe (see :func:`find_junction`).
+        probe: a probe built on an example, shared with the caller.
+        undecided: without a probe, the layers that tracing could not decide are appended here
+            (instead of being skipped).
     """
     if probe is None and example is not None:
         probe = JunctionProbe(model, example)
-    junctions = []
+    blocks = RepeatedBlocks(model)
+    junctions: list[Junction] = []
+    covered: set[str] = set()
     for name in linear_layer_names(model):
+        if name in covered:
+            continue
         try:
-            junctions.append(find_junction(model, name, probe=probe))
+            junction = blocks.decide(
+                name, lambda n: find_junction(model, n, probe=probe), _checked(model)
+            )
         except JunctionError as err:
-            log.debug("auto targets: skipping %s (%s)", name, err)
+            _skip(name, err, undecided, probe)
+            continue
+        junctions.append(junction)
+        covered.update(junction.producers)
     return junctions
+
+
+def find_junctions(
+    model: nn.Module,
+    targets: Sequence[str],
+    consumers: Mapping[str, str] | None = None,
+    *,
+    probe: JunctionProbe | None = None,
+) -> list[Junction]:
+    """:func:`find_junction` for each target, with the verdicts of identical repeated blocks
+    shared as in :func:`auto_junctions` (``"model.layers.{i}.mlp.gate_proj"`` for 30 layers
+    costs the probe passes of one). Targets with an explicit consumer are decided one by one.
+
+    Raises:
+        JunctionError: the first target that cannot be simplified.
+    """
+    consumers = dict(consumers or {})
+    blocks = RepeatedBlocks(model)
+    found = []
+    for target in targets:
+        if target in consumers or not isinstance(target, str) or target.endswith(INPUT_SUFFIX):
+            found.append(find_junction(model, target, consumers.get(target), probe=probe))
+        else:
+            find = lambda n: find_junction(model, n, probe=probe)  # noqa: E731
+            found.append(blocks.decide(target, find, _checked(model)))
+    return found
+
+
+def _checked(model: nn.Module) -> Callable[[str, TracedJunction], Junction]:
+    """Check a junction moved from an identical block by structure (layers, widths, sharing)."""
+    return lambda name, moved: _from_traced(model, name, moved)
+
+
+def _skip(
+    name: str, err: JunctionError, undecided: list[str] | None, probe: JunctionProbe | None
+) -> None:
+    if undecided is not None and probe is None and isinstance(err, UndecidedJunctionError):
+        undecided.append(name)
+    else:
+        log.debug("auto targets: skipping %s (%s)", name, err)

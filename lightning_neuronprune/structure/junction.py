@@ -2,8 +2,12 @@
 that every stage shares.
 
 A :class:`Junction` is where a producer's outputs reach a consumer's inputs one to one. Keeping p
-of its n features deletes producer rows (``kind="producer"``) or, where there is no producer row
-to delete, gathers the kept inputs in front of the consumer (``kind="gather"``). Junctions are
+of its n features deletes producer rows (``kind="producer"``); in a gated FFN it deletes row j of
+every producer whose outputs are combined elementwise before the consumer (``kind="gated"``:
+SwiGLU/GeGLU ``down(act(gate(x)) * up(x))``, T5's ``wi_0``/``wi_1`` → ``wo``, or one fused
+``gate_up_proj`` of 2n outputs split in halves, whose rows j and n + j go together); where there
+is no producer row to delete, it gathers the kept inputs in front of the consumer
+(``kind="gather"``). Junctions are
 found by :mod:`lightning_neuronprune.structure.discovery` and reduced by
 :mod:`lightning_neuronprune.structure.surgery`.
 """
@@ -14,7 +18,8 @@ import difflib
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_neuronprune.errors import JunctionError
 
@@ -22,7 +27,7 @@ __all__ = ["INPUT_SUFFIX", "Junction", "Kind", "get_linear", "linear_layer_names
 
 INPUT_SUFFIX = ":in"
 
-Kind = Literal["producer", "gather"]
+Kind = Literal["producer", "gather", "gated"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +36,24 @@ class Junction:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"`` (rows of ``producer`` are deleted) or ``"gather"``.
-        producer: qualified name of the producer ``nn.Linear``, or ``None`` for a gather junction.
+        kind: ``"producer"`` (rows of ``producer`` are deleted), ``"gated"`` (rows of every
+            producer in ``producers`` are deleted) or ``"gather"``.
+        producer: qualified name of the producer ``nn.Linear`` (of a gated junction: the first of
+            ``producers``, the gate, which names the junction), or ``None`` for a gather
+            junction.
         consumer: qualified name of the consumer ``nn.Linear``.
         batchnorm: qualified name of a ``BatchNorm1d`` between the two, or ``None``.
-        num_features: n.
+        num_features: n, the consumer's input features.
         path: what lies between producer and consumer, for messages.
+        producers: every producer whose rows are deleted, ``producer`` first: ``(producer,)``
+            for ``kind="producer"``, e.g. ``("mlp.gate_proj", "mlp.up_proj")`` for a gated one,
+            ``()`` for a gather junction. Filled in from ``producer`` when not given.
+        fused: a gated junction with one producer of 2n outputs whose halves are combined
+            (Phi-3's ``gate_up_proj``): keeping feature j keeps its rows j and n + j.
+
+    Raises:
+        JunctionError: the fields contradict each other (e.g. a gated junction with one unfused
+            producer, or a fused producer that is not one).
     """
 
     target: str
@@ -46,11 +63,53 @@ class Junction:
     batchnorm: str | None
     num_features: int
     path: tuple[str, ...] = ()
+    producers: tuple[str, ...] = ()
+    fused: bool = False
+
+    def __post_init__(self) -> None:
+        producers = tuple(self.producers)
+        if not producers and self.producer is not None:
+            producers = (self.producer,)
+        object.__setattr__(self, "producers", producers)
+        if self.kind == "gather":
+            bad = self.producer is not None or producers or self.fused
+        elif self.kind == "producer":
+            bad = producers != (self.producer,) or self.fused
+        elif self.kind == "gated":
+            bad = (
+                not producers
+                or producers[0] != self.producer
+                or len(set(producers)) != len(producers)
+                or (len(producers) != 1 if self.fused else len(producers) < 2)
+                or self.batchnorm is not None
+            )
+        else:
+            raise JunctionError(f"unknown junction kind {self.kind!r}")
+        if bad:
+            raise JunctionError(
+                f"inconsistent {self.kind} junction for consumer {self.consumer!r}: producer "
+                f"{self.producer!r}, producers {producers}, fused={self.fused}, batch norm "
+                f"{self.batchnorm!r} (a gated junction has two or more producers, or one fused "
+                "producer, and no batch norm)"
+            )
 
     @property
     def layer(self) -> str:
-        """The canonical name: the producer, or ``"<consumer>:in"``."""
+        """The canonical name: the producer (a gated junction's first producer), or
+        ``"<consumer>:in"``."""
         return self.producer if self.producer is not None else self.consumer + INPUT_SUFFIX
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every module a reduction replaces: the producers, the batch norm, the consumer."""
+        return (*self.producers, *filter(None, [self.batchnorm]), self.consumer)
+
+    def producer_rows(self, kept: Tensor) -> Tensor:
+        """The producer rows that keeping the features ``kept`` keeps: ``kept`` itself, or for a
+        fused producer of 2n outputs ``[kept, n + kept]``."""
+        if self.fused:
+            return torch.cat([kept, kept + self.num_features])
+        return kept
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_neuronprune.errors import CheckpointMismatchError
 from lightning_neuronprune.structure.junction import Junction, get_linear
 from lightning_neuronprune.structure.modules import replace_module
-from lightning_neuronprune.structure.surgery import apply_reduction
+from lightning_neuronprune.structure.surgery import apply_reduction, update_config
 
 __all__ = [
     "PLAN_BUFFER",
@@ -122,13 +122,7 @@ def _first_mismatch(
 ) -> str:  # fmt: skip
     """Where a planned layer's tensor differs in shape, e.g. ``layer 'net.2': `net.2.weight` is
     (7, 24) in the model and (16, 24) in the state dict`` (``""`` if none does)."""
-    names = dict.fromkeys(
-        name
-        for plan in plans
-        for rec in plan
-        for name in (rec["producer"], rec["batchnorm"], rec["consumer"])
-        if name
-    )
+    names = dict.fromkeys(name for plan in plans for rec in plan for name in _record_modules(rec))
     for name in names:
         try:
             module = owner.get_submodule(name)
@@ -240,15 +234,37 @@ def match_plan(
         missing = incoming[len(current) :]
         _replay(owner, rel, missing)
         write_plan(owner, incoming)
+        update_config(owner, incoming)  # a Hugging Face config gets a uniform new FFN width
         rebuilt.append(rel)
     return rebuilt
+
+
+def _junction(rec: Mapping[str, Any]) -> Junction:
+    """The junction of a plan record (records written before gated junctions have no
+    ``producers``)."""
+    return Junction(
+        target=rec["target"],
+        kind=rec["kind"],
+        producer=rec["producer"],
+        consumer=rec["consumer"],
+        batchnorm=rec["batchnorm"],
+        num_features=rec["n"],
+        producers=tuple(rec.get("producers") or ()),
+        fused=bool(rec.get("fused", False)),
+    )
+
+
+def _record_modules(rec: Mapping[str, Any]) -> tuple[str, ...]:
+    producers = rec.get("producers") or [rec["producer"]]
+    return tuple(dict.fromkeys(filter(None, [*producers, rec["batchnorm"], rec["consumer"]])))
 
 
 def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
     """Give a fresh model the module shapes of a reduced one, so that its ``state_dict`` loads.
 
-    The weights are placeholders (the producer's rows are kept; the consumer's weight is its
-    first p columns) until ``load_state_dict`` fills them.
+    The weights are placeholders (the producers' rows are kept; the consumer's weight is its
+    first p columns) until ``load_state_dict`` fills them. Gated junctions (every producer, a
+    fused ``gate_up_proj``'s two halves) replay like plain ones.
 
     Args:
         model: a fresh instance of the unreduced architecture.
@@ -257,14 +273,7 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
             dicts (``model.neuron_elimination_plan``), applied in order.
     """
     for rec in plan:
-        junction = Junction(
-            target=rec["target"],
-            kind=rec["kind"],
-            producer=rec["producer"],
-            consumer=rec["consumer"],
-            batchnorm=rec["batchnorm"],
-            num_features=rec["n"],
-        )
+        junction = _junction(rec)
         kept = torch.as_tensor(rec["kept"], dtype=torch.long)
         cons = get_linear(model, junction.consumer)
         W_p = cons.weight.detach()[:, : kept.numel()]
@@ -279,8 +288,8 @@ def _replay(owner: nn.Module, rel: str, records: list[dict[str, Any]]) -> None:
     originals: dict[str, nn.Module] = {}
     try:
         for rec in records:
-            for name in (rec["producer"], rec["batchnorm"], rec["consumer"]):
-                if name and name not in originals:
+            for name in _record_modules(rec):
+                if name not in originals:
                     originals[name] = owner.get_submodule(name)
         rebuild_shapes(owner, records)
     except Exception as err:

@@ -17,27 +17,39 @@ transformers), or use activation modules that no list of types knows (``GELUActi
    those where it is clear. The consumer's input may change only in the perturbed features. Both
    patterns together pin every producer feature j to consumer feature j: a one-to-one,
    elementwise path. LayerNorm, softmax and attention change other features and are refused.
-4. **Narrowing** (one pass): run the network with the producer cut to n - 1 features and the
-   consumer's matching column removed. The consumer must then read exactly its baseline input
-   without that feature. Reshapes into attention heads and gated products (SwiGLU's
-   ``act(gate(x)) * up(x)``) fail here.
+   The first pattern runs at once (it refuses most feature mixes); the others run after 5.
+4. **Gate partners** (two passes per candidate): another ``nn.Linear`` of the same width that
+   reads the same input and whose features also reach the consumer (SwiGLU's ``up_proj`` next
+   to ``gate_proj``, T5's ``wi_1`` next to ``wi_0``) is a second producer; it must pass the first
+   pattern alone, and the other patterns perturb every producer together (changes in consumer
+   features outside the pattern would show a mix from either). A producer of 2n outputs that
+   reaches a consumer of n features is a fused ``gate_up_proj``: each half is mapped in turn,
+   feature j and n + j to consumer feature j.
+5. **Narrowing** (one pass): run the network with feature j cut from every producer (both halves
+   of a fused one) and the consumer's matching column removed. The consumer must then read
+   exactly its baseline input without that feature. Reshapes into attention heads (which keep
+   every feature apart, so the patterns pass), and gated products whose partner was not found,
+   fail here.
 
 Perturbation ``δ = 1 + |y|`` maps every value to a different one of at least 1, so even a neuron
 that is dead under a ReLU on the whole batch shows up. Everything is deterministic: no random
 numbers, fixed feature patterns.
 
 **Cost:** one shared baseline pass, then per producer of n features at most 2 + 2⌈log₂ n⌉ forward
-passes on the probe batch (24 for a 1536-wide FFN); refusals stop early, most after 1 or 2.
+passes on the probe batch (24 for a 1536-wide FFN), plus 2 for a gate partner (its reach and
+first pattern: the other patterns perturb every producer together), or 2⌈log₂ n⌉ more for a
+fused producer's second half; refusals stop early, most after 1 or 2 (the narrowing runs after
+the first pattern, so attention heads are refused after 3).
+:func:`~lightning_neuronprune.structure.discovery.auto_junctions` probes one block of each kind
+of repeated block only.
 Memory: the inputs and outputs of every ``nn.Linear`` call on the probe batch, so keep the batch
 small (the callback uses 8 samples).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,136 +60,25 @@ from lightning_neuronprune.core.runtime import evaluating
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import replace_module
+from lightning_neuronprune.structure.perturbation import (
+    TOLERANCE,
+    ProbeResult,
+    Trace,
+    bit_patterns,
+    changed_features,
+    changes_to_host,
+    describe_indices,
+    differ,
+    differs,
+    fingerprint,
+    per_feature_state,
+    perturbed,
+    tensors,
+    to_host,
+)
 from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = ["JunctionProbe", "ProbeResult"]
-
-#: Relative change (to the largest magnitude of a tensor) below which a value counts as unchanged.
-TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """A junction found by the probe.
-
-    Attributes:
-        producer: the ``nn.Linear`` whose output features were perturbed.
-        consumer: the one ``nn.Linear`` whose input they reach.
-        batchnorm: a ``BatchNorm1d`` of n features on the path, or ``None``.
-        path: the leaf modules between the two, ``"name (Type)"``, in call order.
-        passes: the forward passes this producer cost (the shared baseline not counted).
-    """
-
-    producer: str
-    consumer: str
-    batchnorm: str | None
-    path: tuple[str, ...]
-    passes: int
-
-
-@dataclass
-class _Trace:
-    """What one pass recorded: in the baseline, every ``nn.Linear`` call's input and output; in a
-    perturbed pass, per call, which input features differ from the baseline (``changed``)."""
-
-    inputs: dict[str, list[Tensor]] = field(default_factory=dict)
-    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
-    changed: dict[str, list[Tensor]] = field(default_factory=dict)
-    output: list[Tensor] = field(default_factory=list)
-    fingerprints: list[tuple[str, Tensor]] = field(default_factory=list)
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif hasattr(value, "to_tuple"):  # transformers' ModelOutput
-        yield from _tensors(value.to_tuple())
-
-
-def _fingerprint(value: Any) -> Tensor:
-    parts = [
-        torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
-        for t in _tensors(value)
-        if t.is_floating_point()
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def _threshold(old: Tensor, tol: float) -> Tensor | float:
-    """``tol (max |old| + tol)``: a 0-d float64 tensor on ``old``'s device (no host read), compared
-    in ``old``'s dtype as the Python float it replaces was."""
-    if not old.numel():
-        return tol * tol
-    return tol * (old.abs().max().double() + tol)
-
-
-def _differ(a: Tensor, b: Tensor, tol: float = TOLERANCE) -> Tensor:
-    """0-d bool on the device: whether ``a`` differs from ``b`` (see :func:`_differs`)."""
-    if a.shape != b.shape:
-        return torch.ones((), dtype=torch.bool, device=a.device)
-    if not a.is_floating_point():
-        return (a != b).any()
-    return ((a - b).abs() > _threshold(b, tol)).any()
-
-
-def _differs(a: Tensor, b: Tensor, tol: float = TOLERANCE) -> bool:
-    return bool(_differ(a, b, tol))  # one host read
-
-
-def _changed_features(new: Tensor, old: Tensor, tol: float = TOLERANCE) -> Tensor:
-    """(n,) bool on ``new``'s device: which features (last dimension) of ``new`` differ from
-    ``old``."""
-    if new.shape != old.shape:
-        return torch.ones(new.shape[-1] if new.dim() else 1, dtype=torch.bool, device=new.device)
-    diff = (new - old).abs().reshape(-1, old.shape[-1]).amax(0)
-    return diff > _threshold(old, tol)
-
-
-def _host(masks: list[Tensor]) -> list[Tensor]:
-    """Bool tensors (on any devices) copied to the host in one read."""
-    if not masks:
-        return []
-    device = next((m.device for m in masks if m.device.type != "cpu"), masks[0].device)
-    flat = torch.cat([m.reshape(-1).to(device) for m in masks]).cpu()
-    parts = flat.split([m.numel() for m in masks])
-    return [h.reshape(m.shape) for h, m in zip(parts, masks, strict=True)]
-
-
-def _to_host(changed: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
-    """The per-call feature masks of a pass, moved to the host in one read."""
-    host = iter(_host([m for per_call in changed.values() for m in per_call]))
-    return {name: [next(host) for _ in per_call] for name, per_call in changed.items()}
-
-
-def _perturbed(y: Tensor, features: Tensor) -> Tensor:
-    """``y`` with ``1 + |y|`` added to the chosen features (so each value moves by at least 1)."""
-    mask = features.to(device=y.device)
-    return torch.where(mask, y + 1 + y.abs(), y)
-
-
-def _bit_patterns(n: int) -> Iterator[Tensor]:
-    j = torch.arange(n)
-    for b in range(math.ceil(math.log2(n)) if n > 1 else 0):
-        bit = (j >> b) & 1 == 1
-        yield bit
-        yield ~bit
-
-
-def _indices(mask: Tensor, limit: int = 8) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    shown = ", ".join(str(i) for i in idx[:limit])
-    return f"[{shown}{', ...' if len(idx) > limit else ''}] ({len(idx)} features)"
-
-
-def _per_feature_state(module: nn.Module, n: int) -> bool:
-    state = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return any(n in t.shape for t in state if t.dim() > 0)
 
 
 @contextmanager
@@ -214,22 +115,25 @@ class JunctionProbe:
         self.call = call or call_model
         self.tolerance = tolerance
         self.passes = 0
-        self.baseline = self._run(fingerprints=True)
+        try:
+            self.baseline = self._run(fingerprints=True)
+        except Exception as err:  # the user's model or example is at fault: say so
+            raise JunctionError(
+                f"the model fails on the probe's example ({type(err).__name__}: {err}); the "
+                "probe needs one batch that the unchanged model runs on"
+            ) from err
 
     def _linears(self) -> dict[str, nn.Linear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
 
     def _run(
-        self,
-        producer: str | None = None,
-        features: Tensor | None = None,
-        *,
-        fingerprints: bool = False,
-    ) -> _Trace:
-        """One forward pass. With ``producer``, its ``features`` are perturbed and every other
-        ``nn.Linear`` call returns its baseline output."""
-        trace = _Trace()
-        clamp = producer is not None
+        self, perturb: dict[str, Tensor] | None = None, *, fingerprints: bool = False
+    ) -> Trace:
+        """One forward pass. With ``perturb`` (``{producer: features}``), those features of each
+        producer are perturbed and every other ``nn.Linear`` call returns its baseline
+        output."""
+        trace = Trace()
+        clamp = perturb is not None
 
         def linear_hook(name: str) -> Callable[..., Any]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
@@ -240,12 +144,12 @@ class JunctionProbe:
                 k = len(trace.changed.setdefault(name, []))
                 old_in = self.baseline.inputs.get(name, [])
                 trace.changed[name].append(  # on the device; read once after the pass
-                    _changed_features(args[0], old_in[k], self.tolerance)
+                    changed_features(args[0], old_in[k], self.tolerance)
                     if k < len(old_in)
                     else torch.zeros(0, dtype=torch.bool, device=args[0].device)
                 )
-                if name == producer:
-                    return _perturbed(output, features)  # type: ignore[arg-type]
+                if name in perturb:  # type: ignore[operator]
+                    return perturbed(output, perturb[name])  # type: ignore[index]
                 old = self.baseline.outputs.get(name, [])
                 if k < len(old) and old[k].shape == output.shape:
                     # a copy: an in-place module after this layer (LeakyReLU(inplace=True))
@@ -257,7 +161,7 @@ class JunctionProbe:
 
         def module_hook(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                trace.fingerprints.append((name, _fingerprint(output)))
+                trace.fingerprints.append((name, fingerprint(output)))
 
             return hook
 
@@ -270,8 +174,8 @@ class JunctionProbe:
                     handles.append(m.register_forward_hook(module_hook(name)))
             with _evaluating(self.model):
                 out = self.call(self.model, self.example)
-            trace.output = [t.detach().clone() for t in _tensors(out)]
-            trace.changed = _to_host(trace.changed)
+            trace.output = [t.detach().clone() for t in tensors(out)]
+            trace.changed = changes_to_host(trace.changed)
         finally:
             for h in handles:
                 h.remove()
@@ -281,64 +185,147 @@ class JunctionProbe:
     def find(self, producer: str) -> ProbeResult:
         """The consumer of ``producer``'s output features, or a :class:`JunctionError`.
 
+        A gated FFN is found from either producer: another ``nn.Linear`` of the same width that
+        reads the same input (every gated family does) and whose features reach the same
+        consumer one to one is a second producer, and the narrowing then cuts all of them
+        together. A producer of 2n outputs whose halves both reach a consumer of n features
+        one to one is a fused ``gate_up_proj``.
+
         Raises:
             JunctionError: the producer does not run exactly once on the batch; its features
                 reach no ``nn.Linear``, several, or the network output around the consumer; a
                 module with per-feature parameters other than one ``BatchNorm1d`` lies on the
-                path; narrowing the producer breaks the forward pass (attention heads, gated
-                products) or changes other consumer features; the path mixes features.
+                path; narrowing the producer(s) breaks the forward pass (attention heads, a
+                gated product whose partner was not found) or changes other consumer
+                features; the path mixes features.
         """
         linears = self._linears()
         if producer not in linears:
             raise JunctionError(f"the model has no nn.Linear named {producer!r}")
         n = linears[producer].out_features
+        self._runs_once(producer)
+        start = self.passes
+        trace = self._run({producer: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
+        consumer, _ = self._reached((producer,), trace)
+        cons = linears[consumer]
+        h = cons.in_features
+        fused = n == 2 * h and len(self.baseline.inputs[consumer]) == 1
+        if (h != n and not fused) or len(self.baseline.inputs[consumer]) != 1:
+            raise JunctionError(
+                f"the output of {producer!r} ({n} features) reaches {consumer!r}, which reads "
+                f"{h} features in {len(self.baseline.inputs[consumer])} call(s); a junction "
+                "needs a one-to-one path (or the two halves of a fused gate/up producer) to a "
+                "consumer that runs once"
+            )
+        self._check_output(producer, consumer, trace)
+        patterns = list(bit_patterns(h))
+        # one pattern first (it refuses most feature mixes), then the narrowing (it refuses
+        # attention heads at once), then the other patterns, on every producer together
+        self._feature_map((producer,), consumer, h, fused, patterns[:1])
+        path, batchnorm = self._path(producer, consumer, h, trace)
+        partners = [] if fused else self._partners(producer, consumer, h, linears, patterns[:1])
+        order = {name: i for i, name in enumerate(linears)}
+        producers = tuple(sorted([producer, *partners], key=order.__getitem__))
+        self._narrow(producers, consumer, batchnorm, h, path, fused)
+        self._feature_map(producers, consumer, h, fused, patterns[1:])
+        return ProbeResult(
+            producers[0], consumer, batchnorm, path, self.passes - start, producers, fused
+        )
+
+    def _runs_once(self, producer: str) -> None:
         calls = len(self.baseline.inputs.get(producer, []))
         if calls != 1:
             raise JunctionError(
                 f"layer {producer!r} runs {calls} times in the probe's forward pass; a layer "
                 "must run exactly once to be reduced"
             )
-        start = self.passes
-        everything = torch.ones(n, dtype=torch.bool)
-        trace = self._run(producer, everything, fingerprints=True)
-        consumer, changed = self._reached(producer, trace)
-        cons = linears[consumer]
-        if cons.in_features != n or len(self.baseline.inputs[consumer]) != 1:
-            raise JunctionError(
-                f"the output of {producer!r} ({n} features) reaches {consumer!r}, which reads "
-                f"{cons.in_features} features in {len(self.baseline.inputs[consumer])} call(s); "
-                "a junction needs a one-to-one path to a consumer that runs once"
-            )
+
+    def _check_output(self, producer: str, consumer: str, trace: Trace) -> None:
         if self._output_changed(trace):
             raise JunctionError(
                 f"the output of {producer!r} reaches the network output other than through its "
-                f"consumer {consumer!r} (a residual connection, or the activations are returned); "
-                "its neurons cannot be removed"
+                f"consumer {consumer!r} (a residual connection, or the activations are "
+                "returned); its neurons cannot be removed"
             )
-        for pattern in _bit_patterns(n):
-            patterned = self._run(producer, pattern)
-            reached, changed = self._reached(producer, patterned)
-            if reached != consumer or bool((changed & ~pattern).any()):
-                raise JunctionError(
-                    f"the path from {producer!r} to {consumer!r} mixes features: perturbing "
-                    f"features {_indices(pattern)} of {producer!r} changed features "
-                    f"{_indices(changed)} of the input of {reached!r}; only elementwise modules "
-                    "may lie between the two (LayerNorm, softmax and attention mix features)"
-                )
-        path, batchnorm = self._path(producer, consumer, n, trace)
-        self._narrow(producer, consumer, batchnorm, n, path)
-        return ProbeResult(producer, consumer, batchnorm, path, self.passes - start)
 
-    def _output_changed(self, trace: _Trace) -> bool:
+    def _feature_map(
+        self,
+        producers: tuple[str, ...],
+        consumer: str,
+        h: int,
+        fused: bool,
+        patterns: list[Tensor],
+    ) -> None:
+        """Perturbing features P of every producer (in each half of a fused one in turn) may
+        change only consumer features P. Over the bit patterns and their complements this pins
+        producer feature j (of each producer) to consumer feature j."""
+        none = torch.zeros(h, dtype=torch.bool)
+        names = " and ".join(repr(p) for p in producers)
+        for pattern in patterns:
+            masks = [torch.cat([pattern, none]), torch.cat([none, pattern])] if fused else [pattern]
+            for mask in masks:
+                trace = self._run(dict.fromkeys(producers, mask))
+                reached, changed = self._reached(producers, trace)
+                if reached != consumer or bool((changed & ~pattern).any()):
+                    raise JunctionError(
+                        f"the path from {names} to {consumer!r} mixes features: perturbing "
+                        f"features {describe_indices(mask)} of {names} changed features "
+                        f"{describe_indices(changed)} of the input of {reached!r}; only "
+                        "elementwise modules may lie between the two (LayerNorm, softmax and "
+                        "attention mix features)"
+                    )
+
+    def _partners(
+        self,
+        producer: str,
+        consumer: str,
+        n: int,
+        linears: dict[str, nn.Linear],
+        patterns: list[Tensor],
+    ) -> list[str]:
+        """The other producers of a gated junction: layers of width n that read the same input
+        as ``producer`` and reach ``consumer`` (one reach pass per candidate), checked on
+        ``patterns`` (the rest are checked on all producers together)."""
+        x = self.baseline.inputs[producer][0]
+        found = []
+        for name, m in linears.items():
+            inputs = self.baseline.inputs.get(name, [])
+            if (
+                name == producer
+                or m.out_features != n
+                or len(inputs) != 1
+                or inputs[0].shape != x.shape
+                or differs(inputs[0], x, self.tolerance)
+            ):
+                continue
+            trace = self._run({name: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
+            try:
+                reached, _ = self._reached((name,), trace)
+            except JunctionError:
+                continue
+            if reached != consumer:
+                continue
+            self._check_output(name, consumer, trace)
+            self._feature_map((name,), consumer, n, False, patterns)
+            if self._path(name, consumer, n, trace)[1] is not None:
+                raise JunctionError(
+                    f"a BatchNorm1d lies on the gated path from {name!r} to {consumer!r}; gated "
+                    "junctions with a batch norm are not supported"
+                )
+            found.append(name)
+        return found
+
+    def _output_changed(self, trace: Trace) -> bool:
         old = self.baseline.output
         return len(trace.output) != len(old) or any(
-            _differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
+            differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
         )
 
-    def _reached(self, producer: str, trace: _Trace) -> tuple[str, Tensor]:
+    def _reached(self, perturbed: tuple[str, ...], trace: Trace) -> tuple[str, Tensor]:
+        producer = " and ".join(repr(p) for p in perturbed)
         reached: dict[str, Tensor] = {}
         for name, per_call in trace.changed.items():
-            if name == producer:
+            if name in perturbed:
                 continue
             for changed in per_call:
                 if changed.any():
@@ -346,7 +333,7 @@ class JunctionProbe:
         if not reached:
             out_changed = self._output_changed(trace)
             raise JunctionError(
-                f"the output of {producer!r} reaches no nn.Linear"
+                f"the output of {producer} reaches no nn.Linear"
                 + (
                     ": it is (or flows into) the network output, so it has no consumer"
                     if out_changed
@@ -355,14 +342,15 @@ class JunctionProbe:
             )
         if len(reached) > 1:
             raise JunctionError(
-                f"the output of {producer!r} feeds {len(reached)} nn.Linear layers "
-                f"{sorted(reached)}; a junction must have exactly one consumer nn.Linear"
+                f"the output of {producer} feeds {len(reached)} nn.Linear layers "
+                f"{sorted(reached)}; a junction must have exactly one consumer nn.Linear (a gate "
+                "read twice cannot be reduced)"
             )
         ((name, changed),) = reached.items()
         return name, changed
 
     def _path(
-        self, producer: str, consumer: str, n: int, trace: _Trace
+        self, producer: str, consumer: str, n: int, trace: Trace
     ) -> tuple[tuple[str, ...], str | None]:
         modules = dict(self.model.named_modules())
         base = self.baseline.fingerprints
@@ -374,15 +362,15 @@ class JunctionProbe:
         path: list[str] = []
         batchnorm = None
         pairs = zip(base, trace.fingerprints, strict=True)
-        differ = _host([_differ(new, old, self.tolerance) for (_, old), (_, new) in pairs])
-        for (name, _), changed in zip(base, differ, strict=True):
+        changed = to_host([differ(new, old, self.tolerance) for (_, old), (_, new) in pairs])
+        for (name, _), moved in zip(base, changed, strict=True):
             m = modules[name]
-            if not changed or any(True for _ in m.children()):
+            if not moved or any(True for _ in m.children()):
                 continue
             path.append(f"{name} ({type(m).__name__})")
             if isinstance(m, nn.BatchNorm1d) and m.num_features == n and batchnorm is None:
                 batchnorm = name
-            elif _per_feature_state(m, n):
+            elif per_feature_state(m, n):
                 raise JunctionError(
                     f"between {producer!r} and {consumer!r} lies {name!r} "
                     f"({type(m).__name__}) with per-feature parameters; only one BatchNorm1d "
@@ -391,17 +379,27 @@ class JunctionProbe:
         return tuple(path), batchnorm
 
     def _narrow(
-        self, producer: str, consumer: str, batchnorm: str | None, n: int, path: tuple[str, ...]
+        self,
+        producers: tuple[str, ...],
+        consumer: str,
+        batchnorm: str | None,
+        n: int,
+        path: tuple[str, ...],
+        fused: bool,
     ) -> None:
-        """Run the network with feature ``n // 2`` removed; the consumer must read the rest."""
+        """Run the network with feature ``n // 2`` removed from every producer (both halves of a
+        fused one); the consumer must read the rest."""
         if n < 2:
             return
         dropped = n // 2
         kept = torch.tensor([j for j in range(n) if j != dropped])
         cons = self.model.get_submodule(consumer)
-        names = [x for x in (producer, batchnorm, consumer) if x is not None]
-        originals = {x: self.model.get_submodule(x) for x in names}
-        junction = Junction(producer, "producer", producer, consumer, batchnorm, n)
+        gated = fused or len(producers) > 1
+        junction = Junction(
+            producers[0], "gated" if gated else "producer", producers[0], consumer, batchnorm, n,
+            producers=producers, fused=fused,
+        )  # fmt: skip
+        originals = {x: self.model.get_submodule(x) for x in junction.modules}
         seen: list[Tensor] = []
         error: Exception | None = None
         try:
@@ -422,21 +420,22 @@ class JunctionProbe:
             for x, m in originals.items():
                 replace_module(self.model, x, m)
         self.passes += 1
+        names = " and ".join(repr(p) for p in producers)
         hint = (
             "the features are reshaped (into attention heads, say) or combined with another "
-            "layer's output of the same width (a gated MLP such as SwiGLU, act(gate(x)) * up(x), "
-            "whose gate and up projections would have to be reduced together; not supported)"
+            "layer's output of the same width that the probe did not find as a gate/up partner "
+            "(a gated product whose partner reads another input)"
         )
         if error is not None:
             raise JunctionError(
-                f"the network fails with {producer!r} narrowed to {n - 1} of {n} features "
+                f"the network fails with {names} narrowed to {n - 1} of {n} features "
                 f"({type(error).__name__}: {error}); {hint}"
             ) from error
         expected = self.baseline.inputs[consumer][0].index_select(
             -1, kept.to(self.baseline.inputs[consumer][0].device)
         )
-        if len(seen) != 1 or _differs(seen[0], expected, self.tolerance):
+        if len(seen) != 1 or differs(seen[0], expected, self.tolerance):
             raise JunctionError(
-                f"with {producer!r} narrowed to {n - 1} of {n} features, {consumer!r} no longer "
+                f"with {names} narrowed to {n - 1} of {n} features, {consumer!r} no longer "
                 f"reads the same values in the remaining features (path: {list(path)}); {hint}"
             )

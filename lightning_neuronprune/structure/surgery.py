@@ -7,6 +7,9 @@ and the re-fitted consumer weight ``W_p`` (m × p), :func:`apply_reduction` swap
 
 * the producer with only the kept rows of its weight and bias (``kind="producer"``), and a
   ``BatchNorm1d`` between the two with only the kept features;
+* in a gated junction (``kind="gated"``), every producer with only the kept rows (a fused
+  ``gate_up_proj`` of 2n outputs keeps rows ``kept`` and ``n + kept``, so its halves stay
+  aligned);
 * the consumer with the new weight; where there is no producer row to delete (``kind="gather"``:
   the consumer reads the network input or a flattened conv output), a :class:`GatheredLinear`
   that selects the kept input features itself.
@@ -18,13 +21,24 @@ tensors as their parameters. Replaying a saved plan on a fresh model is
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 
-__all__ = ["apply_reduction"]
+__all__ = ["WIDTH_ATTRIBUTES", "apply_reduction", "update_config"]
+
+log = logging.getLogger(__name__)
+
+#: Configuration attributes that hold the FFN width (Llama, Mistral, Qwen2, Gemma, Phi-3: the
+#: first; T5: ``d_ff``; OPT, BART: ``ffn_dim``).
+WIDTH_ATTRIBUTES = ("intermediate_size", "d_ff", "ffn_dim")
 
 
 def _reduced_producer(prod: nn.Linear, kept: Tensor) -> nn.Linear:
@@ -86,7 +100,7 @@ def apply_reduction(
     Args:
         model: the network that holds the junction.
         junction: from :func:`find_junction`.
-        kept: (p,) sorted indices of the kept features.
+        kept: (p,) sorted indices of the kept features (of the consumer's input).
         W_p: (m × p) new consumer weight.
         b_p: (m,) new consumer bias, or ``None``.
 
@@ -94,10 +108,9 @@ def apply_reduction(
         The names of the replaced modules.
     """
     replaced: dict[str, nn.Module] = {}
-    if junction.producer is not None:
-        replaced[junction.producer] = _reduced_producer(
-            model.get_submodule(junction.producer), kept
-        )
+    rows = junction.producer_rows(kept)
+    for producer in junction.producers:
+        replaced[producer] = _reduced_producer(model.get_submodule(producer), rows)
     if junction.batchnorm is not None:
         replaced[junction.batchnorm] = _reduced_batchnorm(
             model.get_submodule(junction.batchnorm), kept
@@ -108,3 +121,59 @@ def apply_reduction(
     for name, module in replaced.items():
         replace_module(model, name, module)
     return list(replaced)
+
+
+def _in_block(name: str) -> str:
+    """The name inside the innermost numbered block: ``"mlp.down_proj"`` for
+    ``"model.layers.3.mlp.down_proj"``, ``"DenseReluDense.wo"`` for T5's encoder and decoder."""
+    return re.split(r"(?:^|\.)\d+\.", name)[-1]
+
+
+def update_config(model: nn.Module, plan: Sequence[Mapping[str, Any]]) -> int | None:
+    """Write the new FFN width into a Hugging Face ``model.config`` when every FFN has it.
+
+    ``save_pretrained`` then writes a ``config.json`` from which ``from_pretrained`` builds the
+    reduced shapes, so the reduced weights load as they are. The width is updated only when
+    every consumer of the plan's junctions started at the config's width n (its
+    ``intermediate_size``, ``d_ff`` or ``ffn_dim``), and every ``nn.Linear`` of the model with the
+    same name inside its block (``mlp.down_proj``, BERT's ``output.dense``, T5's
+    ``DenseReluDense.wo`` in encoder and decoder) now reads the same p features.
+    With per-layer widths the config is left alone: reload with
+    :func:`~lightning_neuronprune.structure.persistence.load_reduced`, which replays the plan.
+
+    Args:
+        model: the reduced model (anything without a ``config`` is left alone).
+        plan: its plan records (``read_plan(model)``), in order.
+
+    Returns:
+        The width written, or ``None`` when the config was not changed.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not plan:
+        return None
+    first: dict[str, Mapping[str, Any]] = {}
+    for rec in plan:
+        first.setdefault(rec["consumer"], rec)
+    widths = {rec["n"] for rec in first.values()}
+    attr = next(
+        (a for a in WIDTH_ATTRIBUTES if len(widths) == 1 and getattr(config, a, None) in widths),
+        None,
+    )
+    if attr is None:
+        return None
+    suffixes = {_in_block(name) for name in first}
+    now = {
+        m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and _in_block(name) in suffixes
+    }
+    if len(now) != 1:
+        log.info(
+            "config.%s left at %s: the FFNs now have different widths %s; reload the model "
+            "with load_reduced (the plan), not from_pretrained",
+            attr, getattr(config, attr), sorted(now),
+        )  # fmt: skip
+        return None
+    (p,) = now
+    setattr(config, attr, p)
+    return p

@@ -2,7 +2,10 @@
 
 A junction has three names: the ``target`` the user gave (``"fc2:in"`` or ``"fc1"``), its
 canonical ``layer`` (the producer whose neurons are removed, ``"fc1"``, or ``"<consumer>:in"``
-when there is no producer) and its ``consumer`` (where statistics are recorded). The mapping is
+when there is no producer) and its ``consumer`` (where statistics are recorded). A gated FFN's
+junction is named by its first producer in module order (``"model.layers.0.mlp.gate_proj"``,
+Phi-3's ``"...mlp.gate_up_proj"``, T5's ``"...DenseReluDense.wi_0"``) and answers to each of its
+producers and to ``"<down_proj>:in"`` where tracing finds the producers. The mapping is
 made once, when the junctions are resolved; everything downstream speaks canonical layer names.
 """
 
@@ -21,7 +24,7 @@ from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.discovery import (
     Junction,
     auto_junctions,
-    find_junction,
+    find_junctions,
     linear_layer_names,
 )
 from lightning_neuronprune.structure.probe import JunctionProbe
@@ -65,6 +68,9 @@ class Targets(Sequence[Junction]):
             self._by_name[j.layer] = j
         for j in self._junctions:
             self._by_name.setdefault(j.target, j)
+        for j in self._junctions:  # a gated junction answers to each of its producers
+            for name in j.producers:
+                self._by_name.setdefault(name, j)
 
     def __len__(self) -> int:
         return len(self._junctions)
@@ -147,17 +153,7 @@ def resolve_targets(
         probe = JunctionProbe(model, example, call=call)
     if targets == "auto":
         undecided: list[str] = []
-        if probe is not None:
-            junctions = auto_junctions(model, probe=probe)
-        else:
-            junctions = []
-            for name in linear_layer_names(model):
-                try:
-                    junctions.append(find_junction(model, name))
-                except UndecidedJunctionError:
-                    undecided.append(name)
-                except JunctionError as err:
-                    log.debug("auto targets: skipping %s (%s)", name, err)
+        junctions = auto_junctions(model, probe=probe, undecided=undecided)
         if undecided:
             log.debug("auto targets: %s undecided by tracing", undecided)
             return Targets(junctions, undecided)
@@ -168,7 +164,7 @@ def resolve_targets(
             )
         return Targets(junctions)
     consumers = dict(targets) if isinstance(targets, Mapping) else {}
-    return Targets(find_junction(model, t, consumers.get(t), probe=probe) for t in targets)
+    return Targets(find_junctions(model, list(targets), consumers, probe=probe))
 
 
 def traced_targets(

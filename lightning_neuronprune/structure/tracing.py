@@ -4,7 +4,14 @@ The structural half of junction finding: :func:`traced_consumer` traces the modu
 producer ``nn.Linear``, innermost first, and follows the producer's output through elementwise
 modules, functions and methods (the ``ELEMENTWISE_*`` lists) and at most one ``BatchNorm1d`` to
 the consumer ``nn.Linear``; :func:`traced_producer` walks back from a consumer. Anything else on
-the path (a feature mix, several users, a secondary argument) refuses the junction. The
+the path (a feature mix, several users, a secondary argument) refuses the junction.
+
+Gated FFNs are followed too (:func:`traced_junction`): a product ``a * b`` on the path whose other
+factor comes, through single-use elementwise ops, from another ``nn.Linear`` makes that layer a
+second producer (SwiGLU's ``down(act(gate(x)) * up(x))``, T5's ``wi_0``/``wi_1``); a producer
+whose output is cut in halves (``chunk(2, dim=-1)``) that are multiplied together is a fused
+``gate_up_proj`` (Phi-3). A factor that is read twice, or that comes from anything but an
+``nn.Linear`` through elementwise ops, refuses the junction. The
 behavioural half is :mod:`lightning_neuronprune.structure.probe`, and
 :mod:`lightning_neuronprune.structure.discovery` combines the two into a
 :class:`~lightning_neuronprune.structure.junction.Junction`. :class:`LeafTracer` is also the
@@ -14,7 +21,9 @@ cached evaluator (:mod:`lightning_neuronprune.search.evaluation`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +39,9 @@ __all__ = [
     "ELEMENTWISE_METHODS",
     "ELEMENTWISE_MODULES",
     "LeafTracer",
+    "TracedJunction",
     "traced_consumer",
+    "traced_junction",
     "traced_producer",
 ]
 
@@ -47,6 +58,33 @@ ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset({
 ELEMENTWISE_METHODS: frozenset[str] = frozenset(
     {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "flatten", "contiguous"}
 )
+
+
+_MUL_FUNCTIONS: frozenset[Any] = frozenset({operator.mul, torch.mul})
+
+
+@dataclass(frozen=True)
+class TracedJunction:
+    """What the traced code shows from a producer to its consumer.
+
+    Attributes:
+        consumer: qualified name of the consumer ``nn.Linear``.
+        batchnorm: a ``BatchNorm1d`` on the path, or ``None``.
+        path: the ops between the producer(s) and the consumer, for messages.
+        producers: every ``nn.Linear`` whose outputs are combined before the consumer, in module
+            order: one for a plain (or fused) junction, several for a gated one.
+        fused: the one producer's output is cut in two halves that are multiplied together.
+    """
+
+    consumer: str
+    batchnorm: str | None
+    path: tuple[str, ...]
+    producers: tuple[str, ...]
+    fused: bool = False
+
+    @property
+    def gated(self) -> bool:
+        return self.fused or len(self.producers) > 1
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -107,17 +145,114 @@ class _Outward(Exception):
     """The walk left the traced scope; retry in the enclosing one."""
 
 
+def _is_mul(node: torch.fx.Node) -> bool:
+    return (
+        (
+            (node.op == "call_function" and node.target in _MUL_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "mul")
+        )
+        and len(node.args) == 2
+        and not node.kwargs
+    )
+
+
+def _is_halving(node: torch.fx.Node) -> bool:
+    """``x.chunk(2, dim=-1)`` or ``torch.chunk(x, 2, -1)``."""
+    if not (
+        (node.op == "call_method" and node.target == "chunk")
+        or (node.op == "call_function" and node.target is torch.chunk)
+    ):
+        return False
+    chunks = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return chunks == 2 and dim == -1
+
+
+def _forward_chain(
+    node: torch.fx.Node, modules: Mapping[str, nn.Module], path: list[str]
+) -> torch.fx.Node:
+    """Follow single users through elementwise ops; the last node of the chain."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "output" or not _is_elementwise(user, modules) or user.args[0] is not node:
+            return node
+        path.append(_describe(user, modules))
+        node = user
+    return node
+
+
+def _fused_halves(
+    halving: torch.fx.Node, modules: Mapping[str, nn.Module], producer: str, path: list[str]
+) -> torch.fx.Node:
+    """The product node of a fused producer's two halves, or a :class:`JunctionError`."""
+    halves = sorted(halving.users, key=lambda u: str(u.args[1:2]))
+    if len(halves) != 2 or any(
+        h.op != "call_function" or h.target is not operator.getitem or h.args[1] != i
+        for i, h in enumerate(halves)
+    ):
+        raise JunctionError(
+            f"the output of {producer!r} is cut in halves, but the halves are not each used "
+            "once; only a fused gate/up producer whose halves are multiplied can be reduced"
+        )
+    path.append(f"chunk(2) of {producer!r}")
+    ends = [_forward_chain(h, modules, path) for h in halves]
+    users = [list(e.users) for e in ends]
+    mul = users[0][0] if len(users[0]) == 1 else None
+    if mul is None or users[1] != [mul] or not _is_mul(mul) or set(mul.args) != set(ends):
+        raise JunctionError(
+            f"the two halves of {producer!r} are not multiplied together through single-use "
+            "elementwise ops; a fused gate/up producer needs act(gate) * up (a gate read twice "
+            "cannot be reduced)"
+        )
+    path.append("mul")
+    return mul
+
+
+def _gate_partner(factor: torch.fx.Node, modules: Mapping[str, nn.Module], producer: str) -> str:
+    """The ``nn.Linear`` whose output, through single-use elementwise ops, is ``factor``."""
+    node = factor
+    while True:
+        if len(node.users) != 1:
+            raise JunctionError(
+                f"the factor multiplied with the output of {producer!r} ("
+                f"{_describe(node, modules)}) is read {len(node.users)} times; a gate read "
+                "twice cannot be reduced"
+            )
+        if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Linear):
+            return str(node.target)
+        if not _is_elementwise(node, modules) or not node.args:
+            raise UndecidedJunctionError(
+                f"the output of {producer!r} is multiplied with {_describe(node, modules)}, "
+                "which does not come from an nn.Linear through elementwise ops; only gated "
+                "products of nn.Linear outputs (act(gate(x)) * up(x)) can be reduced"
+            )
+        arg = node.args[0]
+        if not isinstance(arg, torch.fx.Node):
+            raise UndecidedJunctionError(
+                f"the output of {producer!r} is multiplied with a value that no nn.Linear produces"
+            )
+        node = arg
+
+
+def _calls(graph: torch.fx.Graph, rel: str) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_module" and n.target == rel]
+
+
 def _walk_forward(
     graph: torch.fx.Graph, modules: Mapping[str, nn.Module], producer_rel: str, producer: str
-) -> tuple[str, str | None, tuple[str, ...]]:
-    """From the producer's call, follow single users through elementwise ops to a Linear."""
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == producer_rel]
+) -> TracedJunction:
+    """From the producer's call, follow single users through elementwise ops (and gated
+    products) to a Linear. Names in the result are relative to the traced scope."""
+    calls = _calls(graph, producer_rel)
     if len(calls) != 1:
         raise JunctionError(
             f"layer {producer!r} is called {len(calls)} times in the forward pass; a layer used "
             "more than once cannot be reduced"
         )
     node, batchnorm, path = calls[0], None, []
+    producers, fused = [producer_rel], False
+    if len(node.users) == 1 and _is_halving(next(iter(node.users))):
+        node, fused = _fused_halves(next(iter(node.users)), modules, producer, path), True
     while True:
         users = list(node.users)
         if not users:
@@ -126,11 +261,27 @@ def _walk_forward(
             raise UndecidedJunctionError(
                 f"the output of {producer!r} (after {path or 'nothing'}) feeds "
                 f"{len(users)} consumers: {[_describe(u, modules) for u in users]}; a junction "
-                "must have exactly one consumer nn.Linear"
+                "must have exactly one consumer nn.Linear (and a gate read twice cannot be "
+                "reduced)"
             )
         user = users[0]
         if user.op == "output":
             raise _Outward
+        if _is_mul(user) and not fused:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, torch.fx.Node):
+                partner = _gate_partner(other, modules, producer)
+                if partner in producers or len(_calls(graph, partner)) != 1:
+                    raise JunctionError(
+                        f"the output of {producer!r} is multiplied with that of {partner!r}, "
+                        "which runs more than once or is read twice; it cannot be reduced"
+                    )
+                producers.append(partner)
+                path.append(f"mul with {partner}")
+            else:
+                path.append("mul")
+            node = user
+            continue
         if (
             user.args
             and user.args[0] is not node
@@ -143,7 +294,11 @@ def _walk_forward(
         if user.op == "call_module":
             m = modules[str(user.target)]
             if isinstance(m, nn.Linear):
-                return str(user.target), batchnorm, tuple(path)
+                order = {name: i for i, name in enumerate(modules)}
+                producers.sort(key=order.__getitem__)
+                return TracedJunction(
+                    str(user.target), batchnorm, tuple(path), tuple(producers), fused
+                )
             if isinstance(m, nn.BatchNorm1d) and batchnorm is None:
                 batchnorm = str(user.target)
                 path.append(_describe(user, modules))
@@ -156,8 +311,8 @@ def _walk_forward(
         raise UndecidedJunctionError(
             f"between {producer!r} and its consumer lies {_describe(user, modules)}, which mixes "
             "features or is not known to act elementwise; only elementwise modules (ReLU, GELU, "
-            "Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten) and one BatchNorm1d may lie "
-            "between the two Linear layers"
+            "Tanh, Sigmoid, LeakyReLU, Dropout, Identity, flatten), gated products of nn.Linear "
+            "outputs and one BatchNorm1d may lie between the two Linear layers"
         )
 
 
@@ -169,7 +324,12 @@ def _walk_backward(
     if len(calls) != 1:
         return None
     node = calls[0].args[0] if calls[0].args else None
-    while isinstance(node, torch.fx.Node) and len(node.users) == 1:
+    while isinstance(node, torch.fx.Node) and (len(node.users) == 1 or _is_halving(node)):
+        if _is_mul(node) or (
+            node.op == "call_function" and node.target is operator.getitem or _is_halving(node)
+        ):  # a gated product: the forward walk from the producer checks the rest
+            node = node.args[0]
+            continue
         if node.op == "call_module":
             m = modules[str(node.target)]
             if isinstance(m, nn.Linear):
@@ -182,29 +342,44 @@ def _walk_backward(
     return None
 
 
-def traced_consumer(
-    model: nn.Module, producer: str
-) -> tuple[str, str | None, tuple[str, ...]] | None:
-    """``(consumer, batchnorm, path)`` by :mod:`torch.fx`, or ``None`` if no scope traced.
+def traced_junction(model: nn.Module, producer: str) -> TracedJunction | None:
+    """The junction of ``producer`` by :mod:`torch.fx` (gated ones included), or ``None`` if no
+    enclosing scope traced.
 
     Raises:
         JunctionError: the traced code refuses the junction (the output is the network output,
-            or feeds several users or a feature-mixing op).
+            or feeds several users or a feature-mixing op; a gate read twice or made by anything
+            but an ``nn.Linear``).
     """
     root_traced = False
     for scope, graph, modules, rel in _traced_scopes(model, producer):
         root_traced = root_traced or scope == ""
         try:
-            cons_rel, bn_rel, path = _walk_forward(graph, modules, rel, producer)
+            found = _walk_forward(graph, modules, rel, producer)
         except _Outward:
             continue
-        bn = _qualify(scope, bn_rel) if bn_rel is not None else None
-        return _qualify(scope, cons_rel), bn, path
+        bn = _qualify(scope, found.batchnorm) if found.batchnorm is not None else None
+        return TracedJunction(
+            _qualify(scope, found.consumer),
+            bn,
+            found.path,
+            tuple(_qualify(scope, p) for p in found.producers),
+            found.fused,
+        )
     if root_traced:
         raise JunctionError(
             f"could not find the consumer of {producer!r}: its output is the network output"
         )
     return None
+
+
+def traced_consumer(
+    model: nn.Module, producer: str
+) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """``(consumer, batchnorm, path)`` of :func:`traced_junction`, or ``None`` if no scope
+    traced."""
+    found = traced_junction(model, producer)
+    return None if found is None else (found.consumer, found.batchnorm, found.path)
 
 
 def traced_producer(model: nn.Module, consumer: str) -> str | None:

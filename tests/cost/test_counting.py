@@ -46,3 +46,17 @@ def test_rules_called_directly() -> None:
 def test_bad_batch_size_is_refused() -> None:
     with pytest.raises(ValueError, match="`batch_size`"):
         count_inference(nn.Linear(2, 2), torch.zeros(2, 2), batch_size=0)
+
+
+def test_rms_norms_are_counted_like_layer_norm() -> None:
+    class LlamaRMSNorm(nn.Module):  # a Hugging Face decoder's own class, no torch base
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    model = nn.Sequential(nn.Linear(4, 8), LlamaRMSNorm(8), nn.RMSNorm(8), nn.Linear(8, 2))
+    per_layer, _ = count_inference(model, torch.randn(3, 5, 4))
+    assert per_layer["1"] == per_layer["2"] == LayerCount(macs=40, weights=8, activations=40)

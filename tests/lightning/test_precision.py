@@ -67,7 +67,9 @@ def test_statistics_accumulate_float64_from_low_precision_activations(seed: int)
     model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)).to(torch.bfloat16)
     data = [torch.randn(16, 6) for _ in range(3)]
     convert = HalfPrecision("bf16-true").convert_input
-    with pytest.raises(RuntimeError, match="dtype"):  # raw float32 batches fail without the conversion
+    with pytest.raises(
+        RuntimeError, match="dtype"
+    ):  # raw float32 batches fail without the conversion
         collect_statistics(model, ["2"], data)
     stats = collect_statistics(model, ["2"], data, transfer=convert)["2"]
     X = torch.cat([model[1](model[0](x.to(torch.bfloat16))) for x in data]).double()

@@ -92,6 +92,14 @@ class Reused(nn.Module):
         return self.out(self.fc(torch.relu(self.fc(x))))
 
 
+class GateReadTwice(SwiGLU):
+    """The gate's output also bypasses the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        return self.down(F.silu(g) * self.up(x)) + g[..., : x.shape[-1]]
+
+
 class Permuted(FFN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(x)).flip(-1)
@@ -109,13 +117,13 @@ class Permuted(FFN):
         (Residual(), "fc1", "reaches the network output other than through its consumer"),
         (FFN(nn.GELU()), "out", "it is \\(or flows into\\) the network output"),
         (Reused(), "fc", "runs 2 times"),
-        (Encoder([TimmBlock(mlp=SwiGLU(16, 32))], untraceable=True), "blocks.0.mlp.gate",
-         "gated MLP such as SwiGLU"),
+        (Encoder([TimmBlock(mlp=GateReadTwice(16, 32))], untraceable=True), "blocks.0.mlp.gate",
+         "feeds 2 nn.Linear layers \\['blocks.0.mlp.down', 'head'\\].*a gate read twice"),
         (Encoder([TimmBlock()], untraceable=True), "blocks.0.attn.qkv",
          "reaches 'blocks.0.attn.proj', which reads 16 features"),
     ],
     ids=["layernorm", "softmax", "permutation", "scale", "two-consumers", "residual", "output",
-         "reused", "swiglu", "attention-qkv"],
+         "reused", "gate-read-twice", "attention-qkv"],
 )  # fmt: skip
 def test_refusals_name_the_problem(seed: int, model: nn.Module, target: str, message: str) -> None:
     x = torch.randn(4, 5, 6) if isinstance(model, Encoder) else torch.randn(5, 6)
@@ -193,6 +201,7 @@ def test_auto_finds_torchvision_and_timm_ffn_pairs(seed: int, untraceable: bool)
         ("blocks.0.mlp.0", "blocks.0.mlp.3"),
         ("blocks.1.mlp.fc1", "blocks.1.mlp.fc2"),
         ("blocks.2.mlp.fc1", "blocks.2.mlp.fc2"),
+        ("blocks.3.mlp.gate", "blocks.3.mlp.down"),
     ]
 
 
@@ -210,7 +219,7 @@ def _hf(kind: str):
         return transformers.ViTModel(cfg)
     if kind == "llama":
         cfg = transformers.LlamaConfig(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             intermediate_size=32, **common,
         )  # fmt: skip
         return transformers.LlamaModel(cfg)
@@ -238,7 +247,7 @@ def _hf_input(kind: str) -> dict[str, torch.Tensor]:
         ("roberta", [("encoder.layer.{i}.intermediate.dense", "encoder.layer.{i}.output.dense")]),
         ("distilbert", [("transformer.layer.{i}.ffn.lin1", "transformer.layer.{i}.ffn.lin2")]),
         ("vit", None),
-        ("llama", []),
+        ("llama", [("layers.{i}.mlp.gate_proj", "layers.{i}.mlp.down_proj")]),
     ],
 )
 def test_auto_on_tiny_hugging_face_models(seed: int, kind: str, pairs: list | None) -> None:
@@ -344,7 +353,8 @@ def test_probe_reads_the_host_per_pass_not_per_layer(seed: int, host_reads) -> N
 
 def test_changed_features_match_the_host_rule(generator: torch.Generator) -> None:
     """Feature j changed where ``max |new - old| > tol (max |old| + tol)``, as read on the host."""
-    from lightning_neuronprune.structure.probe import TOLERANCE, _changed_features
+    from lightning_neuronprune.structure.perturbation import TOLERANCE
+    from lightning_neuronprune.structure.perturbation import changed_features as _changed_features
 
     old = torch.randn(4, 3, 7, generator=generator)
     new = old.clone()
@@ -356,3 +366,44 @@ def test_changed_features_match_the_host_rule(generator: torch.Generator) -> Non
     expected[1] = True
     assert _changed_features(new, old).tolist() == expected.tolist()
     assert _changed_features(new[..., :5], old).tolist() == [True] * 5  # another shape
+
+
+class FusedGLU(nn.Module):
+    """Phi-3's MLP behind an untraceable forward: ``down(up * silu(gate))`` on the halves of one
+    producer."""
+
+    def __init__(self, n: int = 12) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(6, 2 * n)
+        self.down = nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # data-dependent control flow: fx cannot trace
+            x = x + 0
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.silu(gate))
+
+
+def test_gated_junctions_are_found_from_either_producer_at_a_known_cost(seed: int) -> None:
+    model = Encoder([TimmBlock(mlp=SwiGLU(16, 32))], untraceable=True).eval()
+    probe = JunctionProbe(model, torch.randn(2, 5, 6))
+    bits = math.ceil(math.log2(32))
+    for producer in ("blocks.0.mlp.gate", "blocks.0.mlp.up"):
+        found = probe.find(producer)
+        assert found.producers == ("blocks.0.mlp.gate", "blocks.0.mlp.up")
+        assert (found.producer, found.consumer, found.fused) == (
+            "blocks.0.mlp.gate", "blocks.0.mlp.down", False
+        )  # fmt: skip
+        # reach and first pattern of each producer, narrowing, the other patterns on both
+        assert found.passes == 4 + 2 * bits
+
+    fused = JunctionProbe(FusedGLU(), torch.randn(5, 6)).find("gate_up")
+    assert (fused.producers, fused.consumer, fused.fused) == (("gate_up",), "down", True)
+    assert fused.passes == 2 + 4 * math.ceil(math.log2(12))  # each half mapped in turn
+    j = find_junction(FusedGLU(), "gate_up", example=torch.randn(5, 6))
+    assert (j.kind, j.num_features, j.modules) == ("gated", 12, ("gate_up", "down"))
+
+
+def test_a_model_that_fails_on_the_example_is_a_junction_error(seed: int) -> None:
+    with pytest.raises(JunctionError, match="fails on the probe's example .*RuntimeError"):
+        JunctionProbe(FFN(nn.ReLU()), torch.randn(5, 7))

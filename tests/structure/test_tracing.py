@@ -7,7 +7,12 @@ from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.modules import GatheredLinear
-from lightning_neuronprune.structure.tracing import LeafTracer, traced_consumer, traced_producer
+from lightning_neuronprune.structure.tracing import (
+    LeafTracer,
+    traced_consumer,
+    traced_junction,
+    traced_producer,
+)
 
 
 class Inner(nn.Module):
@@ -73,3 +78,28 @@ def test_gathered_linear_is_a_leaf() -> None:
     graph = LeafTracer().trace(model)
     assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
     assert traced_consumer(model, "0")[0] == "1"
+
+
+class _Gated(nn.Module):
+    def __init__(self, fused: bool = False, factor: str = "linear") -> None:
+        super().__init__()
+        self.fused, self.factor = fused, factor
+        self.gate, self.up = nn.Linear(4, 8), nn.Linear(4, 8)
+        self.gate_up, self.down = nn.Linear(4, 16), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(u * torch.sigmoid(g) * g)  # SiLU written out: g is read twice
+        other = self.up(x) if self.factor == "linear" else x.repeat(1, 2)
+        return self.down(torch.nn.functional.gelu(self.gate(x)) * other)
+
+
+def test_gated_products_are_followed() -> None:
+    found = traced_junction(_Gated(), "up")
+    assert (found.consumer, found.producers, found.fused) == ("down", ("gate", "up"), False)
+    assert traced_producer(_Gated(), "down") == "gate"
+    with pytest.raises(UndecidedJunctionError, match="does not come from an nn.Linear"):
+        traced_junction(_Gated(factor="repeat"), "gate")
+    with pytest.raises(JunctionError, match="halves of 'gate_up' are not multiplied"):
+        traced_junction(_Gated(fused=True), "gate_up")
