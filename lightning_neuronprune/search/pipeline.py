@@ -212,10 +212,18 @@ class ReductionSearch:
         }  # fmt: skip
         try:
             if s.joint is not None and s.joint.strategy == "allocate":
-                # no per-layer sweeps (a full pass per grid point): the baseline only
+                # no per-layer sweeps (a full pass per grid point): each layer's baseline only
                 first = self.junctions[0].consumer
-                self._baseline(self.io.evaluator(self.model, first, eval_data, metric), example)
-                points: dict[str, list[SweepPoint]] = {j.layer: [] for j in self.junctions}
+                acc, energy = self._baseline(
+                    self.io.evaluator(self.model, first, eval_data, metric), example
+                )
+                points = {
+                    j.layer: [
+                        SweepPoint(j.layer, n, n, acc, 0.0, energy, 1.0, 1.0, tuple(range(n)))
+                    ]
+                    for j in self.junctions
+                    for n in (j.num_features,)
+                }
             else:
                 points = self._sweep(fitters, eval_data, metric, example)
             joint_points = self._joint_search(
