@@ -21,6 +21,7 @@ from lightning_neuronprune import (
     NeuronEliminationCallback,
 )
 from lightning_neuronprune.errors import NeuronEliminationError
+from lightning_neuronprune.search.evaluation import batch_target
 
 BLOCKS = 30
 
@@ -150,14 +151,16 @@ class LitCausalLM(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-@pytest.mark.parametrize("joint", ["allocate", "greedy"])
-def test_relative_perplexity_budget_end_to_end(tmp_path: Path, seed: int, joint: str) -> None:
+@pytest.mark.parametrize(("joint", "confirm"), [("allocate", False), ("greedy", True)])
+def test_relative_perplexity_budget_end_to_end(
+    tmp_path: Path, seed: int, joint: str, confirm: bool
+) -> None:
     pytest.importorskip("transformers")
     targets = [f"lm.model.decoder.layers.{i}.fc1" for i in range(2)]
     callback = NeuronEliminationCallback(
         targets=targets, ranks=[48, 32, 24, 16, 8], max_degradation="5%",
         joint=joint, metric=CausalLMPerplexity(),
-        confirm=ConfirmSettings(confidence=None, reserve=0.0),
+        confirm=ConfirmSettings(confidence=None, reserve=0.0) if confirm else None,
     )  # fmt: skip
     model, data = LitCausalLM(), TokenSequences()
     tiny_trainer(tmp_path, callback, max_epochs=4).fit(model, datamodule=data)
@@ -175,10 +178,14 @@ def test_relative_perplexity_budget_end_to_end(tmp_path: Path, seed: int, joint:
     for layer, p in applied(callback).items():
         assert model.get_submodule(layer).out_features == p
     model.eval()
-    batch = next(iter(data.val_dataloader()))
+    metric = CausalLMPerplexity()
     with torch.no_grad():
-        out = model(batch)
-    assert out.logits.shape == (*batch["input_ids"].shape, 40)
+        for batch in data.val_dataloader():
+            out = model(batch)
+            assert out.logits.shape == (*batch["input_ids"].shape, 40)
+            metric.update(out.logits, batch_target(batch))
+    if not confirm:  # the whole validation set was the search part: applied as evaluated
+        assert float(metric.compute()) == pytest.approx(chosen.accuracy, rel=1e-5)
 
 
 def test_perplexity_on_a_classifier_names_the_shapes_and_leaves_the_model(
