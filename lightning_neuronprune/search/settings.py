@@ -268,7 +268,8 @@ class SearchSettings:
         ranks: the grid of p of every junction (see
             :func:`~lightning_neuronprune.search.sweep.rank_grid`).
         max_degradation: the budget: how much worse the metric may get, in its own units, or
-            relative to the unreduced model's value with ``relative`` (see :func:`parse_budget`).
+            relative to the unreduced model's value with ``relative`` (see :func:`parse_budget`);
+            a string ``"N%"`` stands for ``N / 100`` with ``relative=True``.
         relative: whether ``max_degradation`` is a fraction of the baseline metric.
         options: the selection and least-squares options.
         apply: ``"max_energy_saving"``, ``None`` or ``{layer: p}`` (see
@@ -294,7 +295,10 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         rank_grid(10**6, self.ranks)
-        parse_budget(self.max_degradation)
+        amount, relative = parse_budget(self.max_degradation)
+        if relative:  # "5%" reads as 0.05 relative to the baseline
+            object.__setattr__(self, "max_degradation", amount)
+            object.__setattr__(self, "relative", True)
         if not isinstance(self.relative, bool):
             raise ValueError(f"`relative` must be a bool, got {self.relative!r}")
         if not isinstance(self.options, FitOptions):

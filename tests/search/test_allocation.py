@@ -214,6 +214,12 @@ def test_allocate_warns_and_leaves_the_model_when_nothing_meets_the_budget(deep:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_relative_budget_string_in_search_settings() -> None:
+    s = SearchSettings(max_degradation="5%", joint=JointSettings("allocate"))
+    assert (s.max_degradation, s.relative) == (0.05, True)
+    assert s.absolute(2.0).max_degradation == pytest.approx(0.1)
+
+
 def test_joint_settings_refuse_allocate_options_elsewhere() -> None:
     with pytest.raises(ValueError, match="`multiple` must be a positive integer"):
         JointSettings("allocate", multiple=0)
