@@ -28,12 +28,14 @@ faster on); the unreduced width is always allowed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_neuronprune.core.fitting import JunctionFitter
+from lightning_neuronprune.errors import NumericalWarning
 from lightning_neuronprune.search.sweep import Ranks, rank_grid
 from lightning_neuronprune.structure.junction import Junction
 
@@ -64,19 +66,24 @@ def _explained(W_M: Tensor, M: Tensor, order: Tensor) -> Tensor:
     """Cumulative explained output energy ``E(order[:k])`` for k = 1..len(order), (len(order),).
 
     ``W_M`` is ``W M`` (m × n). A small jitter keeps the Cholesky factor defined where features
-    are linear combinations of earlier ones; they then add (almost) nothing.
+    are linear combinations of earlier ones; they then add (almost) nothing. Where even a larger
+    jitter fails (non-finite statistics), nothing counts as explained, with a warning.
     """
     A = M[order][:, order]
-    jitter = A.diagonal().abs().max().clamp_min(torch.finfo(M.dtype).tiny) * 1e-10
+    scale = A.diagonal().abs().max().clamp_min(torch.finfo(M.dtype).tiny)
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    L, info = torch.linalg.cholesky_ex(A + jitter * eye)
-    if int(info) != 0:  # not positive definite even with the jitter: an eigen-decomposition
-        w, V = torch.linalg.eigh(A)
-        keep = w > jitter
-        C = (V[:, keep] / w[keep].sqrt()).T @ W_M[:, order].T
-        return (C**2).sum().expand(order.numel())
-    C = torch.linalg.solve_triangular(L, W_M[:, order].T, upper=False)  # (len × m)
-    return torch.cumsum((C**2).sum(1), 0)
+    for relative in (1e-10, 1e-7, 1e-4):
+        L, info = torch.linalg.cholesky_ex(A + relative * scale * eye)
+        if int(info) == 0:
+            C = torch.linalg.solve_triangular(L, W_M[:, order].T, upper=False)  # (len × m)
+            return torch.cumsum((C**2).sum(1), 0)
+    warnings.warn(
+        f"the second moment of {A.shape[0]} kept features has no Cholesky factor; the allocation "
+        "proxy counts nothing as explained for this junction",
+        NumericalWarning,
+        stacklevel=3,
+    )
+    return torch.zeros(order.numel(), dtype=M.dtype, device=M.device)
 
 
 def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor]) -> list[float]:

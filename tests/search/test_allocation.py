@@ -25,6 +25,7 @@ from lightning_neuronprune import (
 )
 from lightning_neuronprune.core.selection import explained_output_energy, nested_order
 from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.errors import NumericalWarning
 from lightning_neuronprune.search.allocation import (
     allocation_path,
     allowed_widths,
@@ -123,6 +124,13 @@ def test_unexplained_share_matches_the_pseudo_inverse_reference(dtype: torch.dty
     loose = [torch.tensor([0, 1, 2]), torch.tensor([3, 4])]
     expected = [1 - float(explained_output_energy(st, W, S)) / total for S in loose]
     assert unexplained_share(M, W, loose) == pytest.approx(expected, abs=1e-6)
+
+
+def test_unexplained_share_warns_without_a_cholesky_factor() -> None:
+    M = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # indefinite
+    W = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    with pytest.warns(NumericalWarning, match="no Cholesky factor"):
+        assert unexplained_share(M, W, [torch.tensor([0, 1])]) == [1.0]
 
 
 def test_allowed_widths_and_paths() -> None:
