@@ -98,6 +98,14 @@ def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor
     W = weight.detach().to(device=M.device, dtype=M.dtype)
     W_M = W @ M
     total = float((W_M * W).sum())
+    if not math.isfinite(total):
+        warnings.warn(
+            "the consumer output energy tr(W M Wᵀ) is not finite; the allocation proxy counts "
+            "every reduction of this junction as losing all of it",
+            NumericalWarning,
+            stacklevel=2,
+        )
+        return [1.0] * len(kept_sets)
     if total <= 0 or not kept_sets:
         return [0.0] * len(kept_sets)
     sets = [s.to(device=M.device, dtype=torch.long) for s in kept_sets]

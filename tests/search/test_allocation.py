@@ -131,6 +131,10 @@ def test_unexplained_share_warns_without_a_cholesky_factor() -> None:
     W = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     with pytest.warns(NumericalWarning, match="no Cholesky factor"):
         assert unexplained_share(M, W, [torch.tensor([0, 1])]) == [1.0]
+    M = torch.eye(2, dtype=torch.float64)
+    M[0, 0] = float("nan")
+    with pytest.warns(NumericalWarning, match="not finite"):
+        assert unexplained_share(M, W, [torch.tensor([1])]) == [1.0]
 
 
 def test_allowed_widths_and_paths() -> None:
