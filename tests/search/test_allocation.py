@@ -239,3 +239,15 @@ def test_joint_settings_refuse_allocate_options_elsewhere() -> None:
         JointSettings("allocate", max_evaluations=0)
     with pytest.raises(ValueError, match="apply to the 'allocate' strategy"):
         JointSettings("greedy", uniform=True)
+
+
+def test_allocate_settings_from_a_mapping() -> None:
+    from lightning_neuronprune.search.settings import settings_from
+
+    joint = settings_from(JointSettings, {"strategy": "allocate", "multiple": 64}, "joint")
+    assert (joint.strategy, joint.multiple, joint.uniform, joint.max_evaluations) == (
+        "allocate",
+        64,
+        False,
+        20,
+    )
