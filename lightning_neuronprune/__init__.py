@@ -41,6 +41,7 @@ from lightning_neuronprune.search.elimination import (
     eliminate_neurons,
     reduce_junction,
 )
+from lightning_neuronprune.search.metrics import CausalLMPerplexity
 from lightning_neuronprune.search.pipeline import ModelIO, ReductionSearch, SearchResult
 from lightning_neuronprune.search.settings import (
     ConfirmSettings,
@@ -63,6 +64,7 @@ from lightning_neuronprune.structure.persistence import (
 )
 
 __all__ = [
+    "CausalLMPerplexity",
     "CheckpointMismatchError",
     "ConfirmSettings",
     "DataOptions",

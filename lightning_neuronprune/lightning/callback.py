@@ -124,7 +124,9 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             paper's drops in all five MNIST rows (docs/RESULTS.md).
         joint: with several targets, also search joint configurations of all of them under the
             one budget (:class:`~lightning_neuronprune.search.settings.JointSettings`, or its
-            strategy name ``"greedy"``/``"sequential"``), or ``None`` for single layers only.
+            strategy name ``"greedy"``/``"sequential"``/``"allocate"``; ``"allocate"`` runs no
+            per-layer sweep and at most ``max_evaluations`` evaluations, for many junctions), or
+            ``None`` for single layers only.
         confirm: the held-out confirmation of the choice
             (:class:`~lightning_neuronprune.search.settings.ConfirmSettings`). By default half of
             the evaluation samples are held out and the chosen configuration must keep the

@@ -41,13 +41,26 @@ log = logging.getLogger(__name__)
 
 def batch_target(batch: Any) -> Tensor:
     """The target of a batch: the second element of a tuple/list, or a ``y``/``target``/``label(s)``
-    key of a mapping (Hugging Face-style batches carry ``labels``)."""
+    key of a mapping (Hugging Face-style batches carry ``labels``).
+
+    Token labels (B, T) of a mapping that also holds an ``attention_mask`` of the same shape are
+    set to -100 (Hugging Face's ignored label) where the mask is 0, so padding never counts.
+    """
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return batch[1]
     if isinstance(batch, Mapping):
         for key in TARGET_KEYS:
             if key in batch:
-                return batch[key]
+                target, mask = batch[key], batch.get("attention_mask")
+                if (
+                    isinstance(target, Tensor)
+                    and isinstance(mask, Tensor)
+                    and not target.is_floating_point()
+                    and target.shape == mask.shape
+                    and target.ndim == 2
+                ):
+                    return target.masked_fill(mask == 0, -100)
+                return target
     raise NeuronEliminationError(
         f"cannot find the target in a batch of type {type(batch).__name__}; pass `target_fn`"
     )

@@ -162,6 +162,7 @@ class JointSearch:
         self.train_data = train_data
         self.method, self.affine, self.ridge = method, affine, ridge
         self.max_samples = max_samples
+        self.ranks = ranks
         self.on_point = on_point
         options = FitOptions(method=method, affine=affine, ridge=ridge)
         given = {
@@ -207,6 +208,10 @@ class JointSearch:
         self._selectors: dict[str, Any] = {}
 
     # ------------------------------------------------------------ building blocks
+
+    def fitter(self, layer: str) -> JunctionFitter:
+        """The fitter of ``layer``'s junction on the original statistics."""
+        return self._fitters[layer]
 
     def _reduction(self, layer: str, p: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """Kept indices and the consumer's new weights for one junction, on original stats."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_neuronprune.core.fitting import JunctionFitter
 from lightning_neuronprune.core.statistics import JunctionStatistics
-from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.search.confirmation import (
     Confirmation,
@@ -48,7 +48,7 @@ from lightning_neuronprune.search.joint import JointPoint, JointSearch
 from lightning_neuronprune.search.pareto import point_label
 from lightning_neuronprune.search.progress import Bar, no_progress
 from lightning_neuronprune.search.settings import SearchSettings
-from lightning_neuronprune.search.strategies import greedy, sequential
+from lightning_neuronprune.search.strategies import allocate, greedy, sequential
 from lightning_neuronprune.search.sweep import SweepPoint, rank_grid, sweep_junction
 from lightning_neuronprune.structure.junction import Junction
 
@@ -169,6 +169,7 @@ class ReductionSearch:
         self.settings = settings
         self.io = io or ModelIO()
         self._joint: JointSearch | None = None
+        self._base: tuple[float, EnergyReport] | None = None
 
     def run(
         self,
@@ -210,7 +211,21 @@ class ReductionSearch:
             for j in self.junctions
         }  # fmt: skip
         try:
-            points = self._sweep(fitters, eval_data, metric, example)
+            if s.joint is not None and s.joint.strategy == "allocate":
+                # no per-layer sweeps (a full pass per grid point): each layer's baseline only
+                first = self.junctions[0].consumer
+                acc, energy = self._baseline(
+                    self.io.evaluator(self.model, first, eval_data, metric), example
+                )
+                points = {
+                    j.layer: [
+                        SweepPoint(j.layer, n, n, acc, 0.0, energy, 1.0, 1.0, tuple(range(n)))
+                    ]
+                    for j in self.junctions
+                    for n in (j.num_features,)
+                }
+            else:
+                points = self._sweep(fitters, eval_data, metric, example)
             joint_points = self._joint_search(
                 fitters, points, eval_data, train_data, metric, example
             )
@@ -264,14 +279,8 @@ class ReductionSearch:
             for i, j in enumerate(self.junctions, 1):
                 evaluator = self.io.evaluator(self.model, j.consumer, data, metric)
                 if baseline is None:
-                    baseline = (evaluator(), self.energy_model.estimate(self.model, example))
-                    say(
-                        f"neuron elimination: baseline metric {baseline[0]:.4f}, energy "
-                        f"{baseline[1].total * 1e6:.3f} µJ"
-                    )
-                    if s.relative:
-                        s = self.settings = s.absolute(baseline[0])
-                        say(f"neuron elimination: budget {s.max_degradation:.4g} in metric units")
+                    baseline = self._baseline(evaluator, example)
+                    s = self.settings
 
                 def progress(pt: SweepPoint, i: int = i) -> None:
                     bar.advance()
@@ -289,6 +298,20 @@ class ReductionSearch:
                 bar.update(sum(sizes[:i]))  # the points after an early stop are skipped
         return points
 
+    def _baseline(self, evaluator: CachedEvaluator, example: Any) -> tuple[float, EnergyReport]:
+        """The unreduced model's metric and energy; a relative budget becomes absolute."""
+        s, say = self.settings, self.io.info
+        baseline = (float(evaluator()), self.energy_model.estimate(self.model, example))
+        self._base = baseline
+        say(
+            f"neuron elimination: baseline metric {baseline[0]:.4f}, energy "
+            f"{baseline[1].total * 1e6:.3f} µJ"
+        )
+        if s.relative:
+            s = self.settings = s.absolute(baseline[0])
+            say(f"neuron elimination: budget {s.max_degradation:.4g} in metric units")
+        return baseline
+
     def _joint_search(
         self, fitters: Mapping[str, JunctionFitter], points: Mapping[str, list[SweepPoint]],
         data: Iterable[Any], train_data: Iterable[Any] | None, metric: Any, example: Any,
@@ -297,7 +320,7 @@ class ReductionSearch:
         for :meth:`apply`."""
         s, o, say = self.settings, self.settings.options, self.io.info
         self._joint = None
-        if s.joint is None or len(self.junctions) < 2:
+        if s.joint is None or (len(self.junctions) < 2 and s.joint.strategy != "allocate"):
             return []
         layers, name = [j.layer for j in self.junctions], s.joint.strategy
         say(f"neuron elimination: joint search ({name}) over {layers}")
@@ -312,15 +335,24 @@ class ReductionSearch:
                     f"{pt.energy_ratio:.2f}× lower"
                 )
 
-            first = points[self.junctions[0].layer][0]  # the unreduced baseline
+            ranks = s.ranks
+            if name == "allocate" and s.joint.multiple is not None:  # select only those widths
+                m, widest = s.joint.multiple, max(j.num_features for j in self.junctions)
+                ranks = list(range(m, widest, m)) or [widest]
             self._joint = JointSearch(
                 self.model, self.junctions, self.stats, data, metric, self.energy_model, example,
                 train_data=train_data, method=o.method, affine=o.affine, ridge=o.ridge,
-                ranks=s.ranks, max_samples=s.max_samples, on_point=progress,
-                baseline=(first.accuracy, first.energy), fitters=fitters,
+                ranks=ranks, max_samples=s.max_samples, on_point=progress,
+                baseline=self._base, fitters=fitters,
                 **self.io.forward_kwargs(),
                 data_fns={**self.io.eval_fns(), "mask_fn": self.io.mask_fn},
             )  # fmt: skip
+            if name == "allocate":
+                j = s.joint
+                return allocate(
+                    self._joint, s.max_degradation, uniform=j.uniform, multiple=j.multiple,
+                    max_evaluations=j.max_evaluations,
+                )  # fmt: skip
             if name == "greedy":
                 return greedy(
                     self._joint, s.max_degradation, compensate=s.joint.compensate,

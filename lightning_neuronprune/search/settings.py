@@ -139,18 +139,29 @@ class JointSettings:
 
     Attributes:
         strategy: ``"greedy"`` (by marginal energy saved per accuracy lost, then re-fitted on
-            data) or ``"sequential"`` (junction by junction, statistics re-collected on the
-            network reduced so far).
+            data), ``"sequential"`` (junction by junction, statistics re-collected on the
+            network reduced so far) or ``"allocate"`` (widths allocated by a local proxy that
+            needs no forward pass, then at most ``max_evaluations`` evaluations; no per-layer
+            sweeps, for many junctions).
         order: the sequential strategy's layer order (default: network order).
         shares: the sequential strategy's budget shares (default: equal).
         compensate: the greedy strategy also re-fits its path with compensating fits (each
             consumer fitted to the original network's output), up to 1.5 × the budget.
+        uniform: the allocate strategy gives every layer the same fraction of its width (the
+            same p where widths agree).
+        multiple: the allocate strategy's widths are multiples of this (e.g. 64 or 128; the
+            unreduced width is always allowed), or ``None`` for the rank grid.
+        max_evaluations: the most full evaluations the allocate strategy spends (the baseline
+            and the held-out confirmation come on top).
     """
 
     strategy: str = "greedy"
     order: Sequence[str] | None = None
     shares: Sequence[float] | None = None
     compensate: bool = False
+    uniform: bool = False
+    multiple: int | None = None
+    max_evaluations: int = 20
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -188,6 +199,22 @@ class JointSettings:
             object.__setattr__(self, "shares", tuple(float(w) for w in shares))
         if not isinstance(self.compensate, bool):
             raise ValueError(f"`compensate` must be a bool, got {self.compensate!r}")
+        if not isinstance(self.uniform, bool):
+            raise ValueError(f"`uniform` must be a bool, got {self.uniform!r}")
+        if self.multiple is not None and (not _is_int(self.multiple) or self.multiple < 1):
+            raise ValueError(
+                f"`multiple` must be a positive integer or None, got {self.multiple!r}"
+            )
+        if not _is_int(self.max_evaluations) or self.max_evaluations < 1:
+            raise ValueError(
+                f"`max_evaluations` must be a positive integer, got {self.max_evaluations!r}"
+            )
+        given = self.uniform or self.multiple is not None or self.max_evaluations != 20
+        if given and self.strategy != "allocate":
+            raise ValueError(
+                f"`uniform`, `multiple` and `max_evaluations` apply to the 'allocate' strategy, "
+                f"got strategy={self.strategy!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -241,7 +268,8 @@ class SearchSettings:
         ranks: the grid of p of every junction (see
             :func:`~lightning_neuronprune.search.sweep.rank_grid`).
         max_degradation: the budget: how much worse the metric may get, in its own units, or
-            relative to the unreduced model's value with ``relative`` (see :func:`parse_budget`).
+            relative to the unreduced model's value with ``relative`` (see :func:`parse_budget`);
+            a string ``"N%"`` stands for ``N / 100`` with ``relative=True``.
         relative: whether ``max_degradation`` is a fraction of the baseline metric.
         options: the selection and least-squares options.
         apply: ``"max_energy_saving"``, ``None`` or ``{layer: p}`` (see
@@ -267,7 +295,10 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         rank_grid(10**6, self.ranks)
-        parse_budget(self.max_degradation)
+        amount, relative = parse_budget(self.max_degradation)
+        if relative:  # "5%" reads as 0.05 relative to the baseline
+            object.__setattr__(self, "max_degradation", amount)
+            object.__setattr__(self, "relative", True)
         if not isinstance(self.relative, bool):
             raise ValueError(f"`relative` must be a bool, got {self.relative!r}")
         if not isinstance(self.options, FitOptions):

@@ -24,6 +24,9 @@ given. Every strategy is a function ``strategy(search, budget, **options) -> lis
 * ``"sequential"`` (data-driven): reduce one junction after another (``order``); the statistics of
   each junction are collected on the network reduced so far, so that its least-squares fit
   compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
+* ``"allocate"`` (budgeted, for many junctions): widths are allocated across layers by a local
+  proxy that needs no forward pass, and bisection along the resulting path spends at most
+  ``max_evaluations`` full evaluations (:mod:`~lightning_neuronprune.search.allocation`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from typing import Any, Protocol
 import torch
 
 from lightning_neuronprune.core.statistics import JunctionStatistics
+from lightning_neuronprune.search.allocation import (
+    allocation_path,
+    allowed_widths,
+    bisect_path,
+    proxy_curve,
+    uniform_path,
+    weights_per_feature,
+)
 from lightning_neuronprune.search.compensation import collect_cross_statistics, compensate_junction
 from lightning_neuronprune.search.elimination import reduce_junction
 from lightning_neuronprune.search.evaluation import CachedEvaluator
@@ -44,6 +55,7 @@ from lightning_neuronprune.search.sweep import sweep_junction
 __all__ = [
     "STRATEGIES",
     "Strategy",
+    "allocate",
     "compensated_refit",
     "greedy",
     "sequential",
@@ -261,5 +273,61 @@ def sequential(
     return points
 
 
+def allocate(
+    search: JointSearch,
+    budget: float,
+    *,
+    uniform: bool = False,
+    multiple: int | None = None,
+    max_evaluations: int = 20,
+) -> list[JointPoint]:
+    """Budgeted allocation: proxy curves, a path of joint configurations, bisection on it.
+
+    No junction is swept: the per-layer proxy (the unexplained share of the consumer output
+    energy after the fit, :func:`~lightning_neuronprune.search.allocation.proxy_curve`) orders
+    the reductions, and only the configurations that the bisection visits are evaluated, each
+    fitted on the original statistics. Returns the evaluated points (at most
+    ``max_evaluations``).
+
+    Args:
+        search: the search whose fitters, grids and evaluator are used.
+        budget: the largest accepted drop.
+        uniform: every layer keeps the same fraction of its width (the same p for equal widths).
+        multiple: widths are multiples of this (the unreduced width is always allowed);
+            otherwise the rank grid of each junction.
+        max_evaluations: the most full evaluations spent.
+    """
+    if max_evaluations < 1:
+        raise ValueError(f"`max_evaluations` must be a positive integer, got {max_evaluations!r}")
+    if multiple is not None and multiple < 1:
+        raise ValueError(f"`multiple` must be a positive integer or None, got {multiple!r}")
+    if uniform or multiple is not None:
+        widths = {
+            j.layer: allowed_widths(j.num_features, search.ranks, multiple)
+            for j in search.junctions
+        }
+    else:
+        widths = {layer: list(grid) for layer, grid in search.grids.items()}
+    if uniform:
+        path = uniform_path(widths)
+    else:
+        curves = {layer: proxy_curve(search.fitter(layer), ws) for layer, ws in widths.items()}
+        cost = {j.layer: weights_per_feature(search.model, j) for j in search.junctions}
+        path = allocation_path(widths, curves, cost)
+    points: list[JointPoint] = []
+
+    def within(i: int) -> bool:
+        pt = search.evaluate(path[i], "allocate")
+        points.append(pt)
+        return pt.accuracy_drop <= budget
+
+    bisect_path(len(path), within, max_evaluations)
+    return points
+
+
 #: The strategies by name, as the ``joint`` setting names them.
-STRATEGIES: dict[str, Strategy] = {"greedy": greedy, "sequential": sequential}
+STRATEGIES: dict[str, Strategy] = {
+    "allocate": allocate,
+    "greedy": greedy,
+    "sequential": sequential,
+}
