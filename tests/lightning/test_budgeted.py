@@ -210,3 +210,56 @@ def test_perplexity_on_a_classifier_names_the_shapes_and_leaves_the_model(
     after = model.state_dict()
     assert after.keys() == states[0].keys()
     assert all(torch.equal(after[k].cpu(), v.cpu()) for k, v in states[0].items())
+
+
+class LitLlama(LitCausalLM):
+    """A tiny random-init Llama (gated SwiGLU FFNs) on the same dict batches."""
+
+    def __init__(self, vocab: int = 40, layers: int = 3) -> None:
+        pl.LightningModule.__init__(self)
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+            pad_token_id=1,
+        )  # fmt: skip
+        self.lm = transformers.LlamaForCausalLM(config)
+
+
+def test_gated_llama_under_a_relative_perplexity_budget(tmp_path: Path, seed: int) -> None:
+    """``targets="auto"`` finds every SwiGLU FFN, the allocation search spends a handful of
+    evaluations, and the reduced model's perplexity on the search data is the evaluated one."""
+    pytest.importorskip("transformers")
+    CountingPerplexity.computes = 0
+    callback = NeuronEliminationCallback(
+        targets="auto", max_degradation="5%", metric=CountingPerplexity(), confirm=None,
+        joint=JointSettings(strategy="allocate", max_evaluations=8),
+    )  # fmt: skip
+    model, data = LitLlama(), TokenSequences()
+    tiny_trainer(tmp_path, callback, max_epochs=4).fit(model, datamodule=data)
+    result = callback.result
+    assert result is not None
+    gates = {f"lm.model.layers.{i}.mlp.gate_proj" for i in range(3)}
+    assert set(result.points) == gates  # the attention projections are not junctions
+    assert CountingPerplexity.computes == 1 + len(result.joint_points) <= 1 + 8
+    chosen = result.decision.chosen
+    assert chosen is not None and chosen.accuracy_drop <= result.budget
+    for layer, p in applied(callback).items():
+        mlp = model.get_submodule(layer.rsplit(".", 1)[0])
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == p
+        assert mlp.down_proj.in_features == p
+    model.eval()
+    check = CausalLMPerplexity()
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            check.update(model(batch).logits, batch_target(batch))
+    assert float(check.compute()) == pytest.approx(chosen.accuracy, rel=1e-5)
+
+
+class CountingPerplexity(CausalLMPerplexity):
+    computes = 0
+
+    def compute(self) -> torch.Tensor:
+        type(self).computes += 1
+        return super().compute()
