@@ -31,6 +31,7 @@ __all__ = [
     "batch_input",
     "batch_mask",
     "call_model",
+    "channel_rows",
     "collect_statistics",
     "first_input",
 ]
@@ -130,6 +131,27 @@ class JunctionStatistics:
                 f"no samples were recorded for these {self.num_features}-feature statistics; "
                 "the data iterable was empty or `max_samples` was 0"
             )
+
+
+#: Consumers whose input channels are recorded with every position a sample (a conv reads
+#: ``(B, n, *spatial)``).
+CHANNEL_CONSUMERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+
+
+def channel_rows(x: Tensor, n: int) -> Tensor:
+    """The samples of n channels: ``(B, n, *spatial)``, or a flattened ``(B, n·P)`` map, as
+    ``(B·P, n)`` rows, every position a sample.
+
+    A channels-last input is reshaped without a copy. Example:
+
+        >>> channel_rows(torch.arange(8.0).reshape(1, 2, 4), 2).tolist()
+        [[0.0, 4.0], [1.0, 5.0], [2.0, 6.0], [3.0, 7.0]]
+        >>> channel_rows(torch.arange(8.0).reshape(1, 8), 2).shape
+        torch.Size([4, 2])
+    """
+    if x.dim() == 2:
+        x = x.reshape(x.shape[0], n, -1)
+    return x.movedim(1, -1).reshape(-1, n)
 
 
 def batch_input(batch: Any) -> Any:
@@ -246,6 +268,36 @@ def first_input(
     return to_device(x, device)
 
 
+def _channel_widths(
+    modules: Mapping[str, nn.Module], consumers: Sequence[str], channels: Mapping[str, int]
+) -> dict[str, int]:
+    """n for every consumer whose statistics are over channels (convs, and ``channels``)."""
+    widths = {
+        name: modules[name].in_channels  # type: ignore[union-attr]
+        for name in consumers
+        if isinstance(modules.get(name), CHANNEL_CONSUMERS)
+    }
+    for name, n in channels.items():
+        module = modules.get(name)
+        width = getattr(module, "in_features", None)
+        if (
+            name not in consumers
+            or not isinstance(module, nn.Linear)
+            or hasattr(module, "index")
+            or isinstance(n, bool)
+            or not isinstance(n, int)
+            or n < 1
+            or width % n
+        ):
+            raise StatisticsError(
+                f"`channels` gives {name!r} {n!r} channels, but it must name a consumer "
+                f"`nn.Linear` (not a gathering one) whose {width} input features are a "
+                "multiple of its channels"
+            )
+        widths[name] = n
+    return widths
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -260,6 +312,7 @@ def collect_statistics(
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> dict[str, JunctionStatistics]:
     """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
 
@@ -268,7 +321,12 @@ def collect_statistics(
     real tokens only: where the batch's padding mask (B, T) (``attention_mask`` by default, see
     :func:`batch_mask`) has the activations' leading shape, only the rows it marks are added, so
     ``K`` counts real tokens and the least-squares fit ignores padding. A consumer whose input
-    has another leading shape (after pooling, say) counts every row. The model runs in ``eval()``
+    has another leading shape (after pooling, say) counts every row.
+
+    Conv consumers (``nn.Conv1d``, ``nn.Conv2d``) record their n input channels with every
+    spatial position a sample, ``G = Σ_positions x xᵀ`` (see :func:`channel_rows`; channels-last
+    inputs too); so does an ``nn.Linear`` named in ``channels``, whose input is a flattened
+    ``(n, *spatial)`` conv output. No mask applies to them. The model runs in ``eval()``
     mode under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
     when an error is raised.
 
@@ -293,12 +351,16 @@ def collect_statistics(
             are accumulated in float64 whatever the activations' dtype.
         progress: called after each batch with the number of samples seen so far (e.g. to move
             a progress bar).
+        channels: ``{consumer: n}`` for ``nn.Linear`` consumers that read a flattened
+            ``(n, *spatial)`` map: their statistics are over the n channels, each position a
+            sample.
 
     Returns:
         ``{consumer name: JunctionStatistics}``.
 
     Raises:
-        StatisticsError: a consumer is not an ``nn.Linear``, no sample was seen, or an
+        StatisticsError: a consumer is not an ``nn.Linear`` or a conv, ``channels`` does not
+            divide its input features, no sample was seen, or an
             activation is NaN or infinite (the message names the layer).
     """
     if max_samples is not None and max_samples < 1:
@@ -306,19 +368,25 @@ def collect_statistics(
     device = torch.device(device) if device is not None else model_device(model)
     modules = dict(model.named_modules())
     stats: dict[str, JunctionStatistics] = {}
+    widths = _channel_widths(modules, consumers, channels or {})
     for name in consumers:
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, *CHANNEL_CONSUMERS)):
             raise StatisticsError(
-                f"statistics are recorded at the input of an `nn.Linear`, but {name!r} is "
-                f"{type(module).__name__ if module is not None else 'not a module of the model'}"
+                f"statistics are recorded at the input of an `nn.Linear` or a conv, but {name!r} "
+                f"is {type(module).__name__ if module is not None else 'not a module of the model'}"
             )
-        stats[name] = JunctionStatistics.zeros(module.in_features, device)
+        n = widths.get(name, getattr(module, "in_features", 0))
+        stats[name] = JunctionStatistics.zeros(n, device)
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             shape = tuple(x.shape)
+            if name in widths:  # channels: every position a sample, no mask
+                stats[name].update(channel_rows(x, widths[name]).to(device))
+                shapes[name] = shape
+                return
             rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
             index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
             if isinstance(index, Tensor):
