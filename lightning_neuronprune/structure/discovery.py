@@ -42,6 +42,7 @@ from typing import Any
 from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
+from lightning_neuronprune.structure.conv_tracing import conv_junction, conv_layer_names
 from lightning_neuronprune.structure.junction import (
     INPUT_SUFFIX,
     Junction,
@@ -55,7 +56,7 @@ from lightning_neuronprune.structure.tracing import traced_consumer, traced_prod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["auto_junctions", "find_junction"]
+__all__ = ["auto_conv_junctions", "auto_junctions", "find_junction"]
 
 
 def _check_not_shared(model: nn.Module, name: str) -> None:
@@ -199,6 +200,11 @@ def find_junction(
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
+    conv = conv_junction(model, target, consumer)  # a conv's channels (by tracing only)
+    if conv is not None:
+        for name in filter(None, (conv.producer, conv.batchnorm, conv.consumer)):
+            _check_not_shared(model, name)
+        return conv
     if probe is None and example is not None and not target.endswith(INPUT_SUFFIX):
         probe = JunctionProbe(model, example)
     if target.endswith(INPUT_SUFFIX):
@@ -236,4 +242,19 @@ def auto_junctions(
             junctions.append(find_junction(model, name, probe=probe))
         except JunctionError as err:
             log.debug("auto targets: skipping %s (%s)", name, err)
+    return junctions
+
+
+def auto_conv_junctions(model: nn.Module) -> list[Junction]:
+    """Every conv of ``model`` whose output channels have a consumer (``kind="conv"``), in module
+    order, found by tracing. Refused convs are skipped and logged at debug level: in a ResNet this
+    keeps the inner channels of each block (``conv1 → conv2``, and ``conv2 → conv3`` of a
+    bottleneck) and skips the stem, the last conv of each block and the downsampling convs
+    (residual stream)."""
+    junctions = []
+    for name in conv_layer_names(model):
+        try:
+            junctions.append(find_junction(model, name))
+        except JunctionError as err:
+            log.debug("auto conv targets: skipping %s (%s)", name, err)
     return junctions

@@ -3,7 +3,9 @@ that every stage shares.
 
 A :class:`Junction` is where a producer's outputs reach a consumer's inputs one to one. Keeping p
 of its n features deletes producer rows (``kind="producer"``) or, where there is no producer row
-to delete, gathers the kept inputs in front of the consumer (``kind="gather"``). Junctions are
+to delete, gathers the kept inputs in front of the consumer (``kind="gather"``). A
+``kind="conv"`` junction keeps p of a conv producer's n output channels
+(:mod:`lightning_neuronprune.structure.conv`). Junctions are
 found by :mod:`lightning_neuronprune.structure.discovery` and reduced by
 :mod:`lightning_neuronprune.structure.surgery`.
 """
@@ -22,7 +24,7 @@ __all__ = ["INPUT_SUFFIX", "Junction", "Kind", "get_linear", "linear_layer_names
 
 INPUT_SUFFIX = ":in"
 
-Kind = Literal["producer", "gather"]
+Kind = Literal["producer", "gather", "conv"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,15 @@ class Junction:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"`` (rows of ``producer`` are deleted) or ``"gather"``.
-        producer: qualified name of the producer ``nn.Linear``, or ``None`` for a gather junction.
-        consumer: qualified name of the consumer ``nn.Linear``.
-        batchnorm: qualified name of a ``BatchNorm1d`` between the two, or ``None``.
-        num_features: n.
+        kind: ``"producer"`` (rows of ``producer`` are deleted), ``"gather"``, or ``"conv"``
+            (output channels of a conv ``producer`` are deleted; the consumer is a conv, or an
+            ``nn.Linear`` that reads the flattened channels).
+        producer: qualified name of the producer ``nn.Linear`` (a conv for ``"conv"``), or
+            ``None`` for a gather junction.
+        consumer: qualified name of the consumer ``nn.Linear`` (or conv).
+        batchnorm: qualified name of a ``BatchNorm1d`` between the two (``BatchNorm2d`` after a
+            ``Conv2d``), or ``None``.
+        num_features: n (channels for ``"conv"``).
         path: what lies between producer and consumer, for messages.
     """
 

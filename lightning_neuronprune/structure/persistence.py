@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import CheckpointMismatchError
+from lightning_neuronprune.structure.conv import placeholder_fit
 from lightning_neuronprune.structure.junction import Junction, get_linear
 from lightning_neuronprune.structure.modules import replace_module
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -266,6 +267,12 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
             num_features=rec["n"],
         )
         kept = torch.as_tensor(rec["kept"], dtype=torch.long)
+        if junction.kind == "conv":
+            bias = rec.get("consumer_bias")
+            apply_reduction(
+                model, junction, kept, *placeholder_fit(model, junction, kept, bias=bias)
+            )
+            continue
         cons = get_linear(model, junction.consumer)
         W_p = cons.weight.detach()[:, : kept.numel()]
         b_p = cons.bias.detach() if cons.bias is not None else None

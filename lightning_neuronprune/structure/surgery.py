@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune.structure.conv import reduced_conv_modules
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 
@@ -93,6 +94,11 @@ def apply_reduction(
     Returns:
         The names of the replaced modules.
     """
+    if junction.kind == "conv":  # W_p: (m, p, *kernel), or (m, p·P) for a Linear consumer
+        convs = reduced_conv_modules(model, junction, kept, W_p, b_p)
+        for name, module in convs.items():
+            replace_module(model, name, module)
+        return list(convs)
     replaced: dict[str, nn.Module] = {}
     if junction.producer is not None:
         replaced[junction.producer] = _reduced_producer(
