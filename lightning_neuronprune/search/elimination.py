@@ -18,6 +18,7 @@ from lightning_neuronprune.core.reconstruction import least_squares_transform, r
 from lightning_neuronprune.core.selection import Method
 from lightning_neuronprune.core.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
+from lightning_neuronprune.structure.conv import channel_fitter, statistics_channels
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan
@@ -34,11 +35,11 @@ class EliminationRecord:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"`` or ``"gather"``.
+        kind: ``"producer"``, ``"gather"`` or ``"conv"``.
         producer: the layer whose output neurons were removed, or ``None``.
         consumer: the layer whose weights were re-fitted.
-        batchnorm: a sliced ``BatchNorm1d`` between them, or ``None``.
-        n: features before.
+        batchnorm: a sliced ``BatchNorm1d`` (or ``BatchNorm2d``) between them, or ``None``.
+        n: features (channels of a conv junction) before.
         p: features kept.
         kept: sorted indices of the kept features.
         method: the selection method.
@@ -132,7 +133,14 @@ def reduce_junction(
         )
     consumer = model.get_submodule(junction.consumer)
     options = FitOptions(method=method, affine=affine, ridge=ridge)
-    if kept is None:
+    if junction.kind == "conv":  # the consumer's every tap re-fitted (structure.conv)
+        fitter = channel_fitter(model, junction, stats, options)
+        if kept is None:
+            kept, W_p, b_p, _ = fitter.fit(p)
+        else:
+            kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
+            _, W_p, b_p, _ = fitter.refit(kept)
+    elif kept is None:
         kept, W_p, b_p, _ = fit_junction(stats, consumer.weight, consumer.bias, p, options)
     else:
         kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
@@ -315,6 +323,7 @@ def eliminate_neurons(
                 transfer=transfer,
                 forward_context=forward_context,
                 mask_fn=mask_fn,
+                channels=statistics_channels(work, [junction]),
             )[junction.consumer]
         records.append(
             reduce_junction(
