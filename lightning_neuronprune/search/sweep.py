@@ -32,7 +32,7 @@ from lightning_neuronprune.search.evaluation import (
     model_output,
 )
 from lightning_neuronprune.search.pareto import choose, pareto_front
-from lightning_neuronprune.structure.conv import channel_fitter, full_width_consumer
+from lightning_neuronprune.structure.conv import full_width_consumer, junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -233,10 +233,8 @@ def sweep_junction(
     ]
     if on_point is not None:
         on_point(points[0])
-    if fitter is None and junction.kind == "conv":
-        fitter = channel_fitter(model, junction, stats, options)
-    elif fitter is None:
-        fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
+    if fitter is None:
+        fitter = junction_fitter(model, junction, stats, options)
     grid = [p for p in rank_grid(n, ranks, start=fitter.rank) if p != n]
     fitter.prepare(grid)
     fitter.release()  # the fits need the second moment only

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.core.conv import ChannelFitter
-from lightning_neuronprune.core.fitting import FitOptions
+from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.junction import Junction
@@ -39,6 +39,7 @@ __all__ = [
     "channel_fitter",
     "conv_from",
     "full_width_consumer",
+    "junction_fitter",
     "pads_with_zeros",
     "placeholder_fit",
     "reduced_conv_modules",
@@ -92,6 +93,20 @@ def channel_fitter(
         )
     except ValueError as err:
         raise JunctionError(f"consumer {junction.consumer!r} of {junction.layer!r}: {err}") from err
+
+
+def junction_fitter(
+    model: nn.Module,
+    junction: Junction,
+    stats: JunctionStatistics,
+    options: FitOptions | None = None,
+) -> JunctionFitter:
+    """The fitter of any junction: :func:`channel_fitter` for ``kind="conv"``, else a
+    :class:`~lightning_neuronprune.core.fitting.JunctionFitter` of the consumer's weight."""
+    if junction.kind == "conv":
+        return channel_fitter(model, junction, stats, options)
+    consumer = model.get_submodule(junction.consumer)
+    return JunctionFitter(stats, consumer.weight, consumer.bias, options)
 
 
 def _parameter(t: Tensor, like: Tensor) -> nn.Parameter:
@@ -231,14 +246,18 @@ def placeholder_fit(
 def full_width_consumer(
     consumer: nn.Module, n: int, kept: Tensor, W_p: Tensor, b_p: Tensor | None
 ) -> nn.Module:
-    """The reduced consumer as it reads the consumer's full original input of n channels: its
+    """The reduced consumer (``consumer`` gives the type and geometry) as it reads the full
+    original input of n channels: its
     weight is ``W_p`` at the kept channels and zero at the others, which gives exactly the
     reduced network's output (what the cached evaluator of a sweep runs). No sync, no copy of
     the model."""
-    m = W_p.shape[0]
-    shape = consumer.weight.shape
-    W = W_p.new_zeros(m, n, *shape[2:]) if W_p.dim() > 2 else W_p.new_zeros(m, n, shape[1] // n)
-    W[:, kept.to(W.device)] = W_p.reshape(m, kept.numel(), *W.shape[2:])
+    m, p = W_p.shape[0], kept.numel()
+    W = (
+        W_p.new_zeros(m, n, *W_p.shape[2:])
+        if W_p.dim() > 2
+        else W_p.new_zeros(m, n, W_p.shape[1] // p)
+    )
+    W[:, kept.to(W.device)] = W_p.reshape(m, p, *W.shape[2:])
     if isinstance(consumer, nn.Linear):
         return linear_from(W.reshape(m, -1), b_p, like=consumer)
     return conv_from(consumer, W, b_p)
