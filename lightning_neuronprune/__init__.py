@@ -9,6 +9,7 @@ confirmation without a Trainer, and :class:`NeuronEliminationCallback` is the Li
 around it.
 """
 
+from lightning_neuronprune.core.conv import ChannelFitter
 from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
 from lightning_neuronprune.core.selection import nested_order, select_neurons
@@ -40,7 +41,7 @@ from lightning_neuronprune.search.pipeline import (
     SearchResult,
     SearchSettings,
 )
-from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear
 from lightning_neuronprune.structure.persistence import (
@@ -55,6 +56,7 @@ from lightning_neuronprune.structure.persistence import (
 )
 
 __all__ = [
+    "ChannelFitter",
     "CheckpointMismatchError",
     "ConfirmSettings",
     "Elimination",
@@ -75,6 +77,7 @@ __all__ = [
     "SearchSettings",
     "StatisticsError",
     "UnsupportedLayerError",
+    "auto_conv_junctions",
     "batch_input",
     "collect_statistics",
     "eliminate_neurons",

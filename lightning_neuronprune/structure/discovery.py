@@ -19,7 +19,11 @@ Targets are named like this:
   a junction by its consumer);
 * ``"fc2:in"``: the input features of ``fc2``. This resolves to the same junction as ``"fc1"``
   when ``fc1`` feeds ``fc2`` directly, and to a gather junction otherwise. The paper's "FCk" is
-  ``"fck:in"``.
+  ``"fck:in"``;
+* ``"conv1"`` (a ``Conv1d``/``Conv2d``): its output channels, a ``kind="conv"`` junction found by
+  :func:`~lightning_neuronprune.structure.conv_tracing.conv_junction` (tracing only);
+  ``"conv2:in"`` names the same junction from a conv consumer. :func:`auto_conv_junctions` lists
+  every conv junction of a model (``targets="auto"`` lists Linear layers only).
 
 :func:`find_junction` checks the names (the layers exist, are ``nn.Linear`` and are not shared
 or tied) and finds the consumer by tracing the model with :mod:`torch.fx`
