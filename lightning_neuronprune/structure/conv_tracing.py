@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.fx
@@ -34,6 +35,7 @@ from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.conv import CHANNEL_NORMS, CONV_LAYERS
+from lightning_neuronprune.structure.conv_probe import ConvProbe
 from lightning_neuronprune.structure.junction import INPUT_SUFFIX, Junction
 from lightning_neuronprune.structure.modules import GatheredLinear
 from lightning_neuronprune.structure.tracing import (
@@ -271,12 +273,21 @@ def _grouped(name: str, module: nn.Module, role: str) -> JunctionError:
     )
 
 
-def conv_junction(model: nn.Module, target: str, consumer: str | None = None) -> Junction | None:
+def conv_junction(
+    model: nn.Module,
+    target: str,
+    consumer: str | None = None,
+    *,
+    example: Any = None,
+    call: Callable[[nn.Module, Any], Any] | None = None,
+) -> Junction | None:
     """The conv junction of ``target``, or ``None`` when ``target`` names no conv.
 
     ``"<conv>"`` names the conv's output channels; ``"<conv>:in"`` the input channels of a conv
-    consumer (the same junction, found from its producer). The caller checks that the layers are
-    not shared.
+    consumer (the same junction, found from its producer by tracing). The caller checks that the
+    layers are not shared. With an ``example`` input, a
+    :class:`~lightning_neuronprune.structure.conv_probe.ConvProbe` decides (it reaches models that
+    do not trace) and must agree with tracing where the model traces.
 
     Raises:
         JunctionError: the junction is refused (see the module docstring), or ``consumer`` is
@@ -302,13 +313,16 @@ def conv_junction(model: nn.Module, target: str, consumer: str | None = None) ->
         return None
     if prod.groups > 1:
         raise _grouped(target, prod, "producer")
-    traced = traced_conv_consumer(model, target)
-    if traced is None:
-        raise UndecidedJunctionError(
-            f"could not find the consumer of conv {target!r}: the model could not be traced "
-            "with torch.fx"
-        )
-    found, bn, path = traced
+    if example is not None:
+        found, bn, path = _probed(model, target, example, call)
+    else:
+        traced = traced_conv_consumer(model, target)
+        if traced is None:
+            raise UndecidedJunctionError(
+                f"could not find the consumer of conv {target!r}: the model could not be traced "
+                "with torch.fx; give an example batch (`example=`) to find it by probing"
+            )
+        found, bn, path = traced
     if consumer is not None and consumer != found:
         raise JunctionError(
             f"the consumer of {target!r} is {found!r}, not the given consumer {consumer!r}"
@@ -334,3 +348,22 @@ def conv_junction(model: nn.Module, target: str, consumer: str | None = None) ->
     if bn is not None and modules[bn].num_features != n:
         raise JunctionError(f"batch norm {bn!r} does not have the {n} channels of {target!r}")
     return Junction(target, "conv", target, found, bn, n, path)
+
+
+def _probed(
+    model: nn.Module, producer: str, example: Any, call: Callable[[nn.Module, Any], Any] | None
+) -> tuple[str, str | None, tuple[str, ...]]:
+    """The probe decides where tracing cannot; a successful trace must agree with it, and a
+    refusal that tracing proves on the code (residual stream, concatenation...) stands."""
+    try:
+        traced = traced_conv_consumer(model, producer)
+    except UndecidedJunctionError:  # the probe may accept what tracing cannot prove
+        traced = None
+    found = ConvProbe(model, example, call=call).find(producer)
+    if traced is not None and traced[:2] != found[:2]:
+        raise JunctionError(
+            f"tracing and probing disagree on {producer!r}: the traced code gives consumer "
+            f"{traced[0]!r} (batch norm {traced[1]!r}), the probe {found[0]!r} (batch norm "
+            f"{found[1]!r})"
+        )
+    return traced if traced is not None else found

@@ -21,7 +21,8 @@ Targets are named like this:
   when ``fc1`` feeds ``fc2`` directly, and to a gather junction otherwise. The paper's "FCk" is
   ``"fck:in"``;
 * ``"conv1"`` (a ``Conv1d``/``Conv2d``): its output channels, a ``kind="conv"`` junction found by
-  :func:`~lightning_neuronprune.structure.conv_tracing.conv_junction` (tracing only);
+  :func:`~lightning_neuronprune.structure.conv_tracing.conv_junction` (by tracing, or by a
+  :class:`~lightning_neuronprune.structure.conv_probe.ConvProbe` given an example);
   ``"conv2:in"`` names the same junction from a conv consumer. :func:`auto_conv_junctions` lists
   every conv junction of a model (``targets="auto"`` lists Linear layers only).
 
@@ -204,7 +205,10 @@ def find_junction(
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
-    conv = conv_junction(model, target, consumer)  # a conv's channels (by tracing only)
+    conv = conv_junction(  # a conv's channels: by tracing, or by a ConvProbe on the example
+        model, target, consumer, example=getattr(probe, "example", example),
+        call=getattr(probe, "call", None),
+    )  # fmt: skip
     if conv is not None:
         for name in filter(None, (conv.producer, conv.batchnorm, conv.consumer)):
             _check_not_shared(model, name)
