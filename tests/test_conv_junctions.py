@@ -302,3 +302,23 @@ def test_bad_inputs_are_refused_and_leave_the_model(generator: torch.Generator) 
     reflect = _vgg(nn.ReLU(), nn.MaxPool2d(2), "reflect")
     reduced, (rec,) = eliminate_neurons(reflect, "0", 4, data=[x], affine=True)
     assert rec.affine and reduced[4].in_channels == 4
+
+
+@pytest.mark.parametrize("head", ["avgpool", "conv1d"])
+def test_global_pool_head_and_conv1d_are_lossless(generator: torch.Generator, head: str) -> None:
+    if head == "avgpool":  # the head of a ResNet/VGG: conv → ReLU → global pool → flatten → fc
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+        )
+        x = torch.randn(16, 3, 6, 6, generator=generator)
+    else:
+        model = nn.Sequential(
+            nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.GELU(), nn.Conv1d(8, 2, 3, padding=1,
+            padding_mode="circular"),
+        )  # fmt: skip
+        x = torch.randn(4, 3, 12, generator=generator)
+    model = _duplicated(model.double().eval(), "0", "1" if head == "conv1d" else None)
+    x = x.double()
+    reduced, (rec,) = eliminate_neurons(model, "0", 5, data=[x], method="qr")
+    assert rec.kind == "conv" and reduced[0].out_channels == 5
+    torch.testing.assert_close(reduced(x), model(x), rtol=1e-9, atol=1e-9)
