@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.core.statistics import collect_statistics
+from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.search.elimination import eliminate_neurons
 from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.structure.persistence import load_reduced, read_plan
@@ -298,6 +299,9 @@ def test_bad_inputs_are_refused_and_leave_the_model(generator: torch.Generator) 
     with pytest.raises(JunctionError, match="distinct indices in \\[0, 8\\)"):
         apply_reduction(model, j, torch.tensor([0, 0, 1, 9]), W[:, :4], None)
     assert _same_state(model, before) and isinstance(model[0], nn.Conv2d)
+    flat = collect_statistics(model, ["7"], [x])  # 96 flattened features, not 6 channels
+    with pytest.raises(StatisticsError, match=r"reads 6 channels \(collect them with `channels="):
+        eliminate_neurons(model, "4", 3, stats=flat)
     # an intercept is fine where the consumer pads by copying real positions
     reflect = _vgg(nn.ReLU(), nn.MaxPool2d(2), "reflect")
     reduced, (rec,) = eliminate_neurons(reflect, "0", 4, data=[x], affine=True)

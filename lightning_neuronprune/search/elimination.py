@@ -127,9 +127,15 @@ def reduce_junction(
         The :class:`EliminationRecord`.
     """
     if stats.num_features != junction.num_features:
+        hint = (
+            f" channels (collect them with `channels={{{junction.consumer!r}: "
+            f"{junction.num_features}}}`, see `statistics_channels`)"
+            if junction.kind == "conv"
+            else ""
+        )
         raise StatisticsError(
             f"statistics for {junction.consumer!r} have {stats.num_features} features, but the "
-            f"layer reads {junction.num_features}"
+            f"layer reads {junction.num_features}{hint}"
         )
     consumer = model.get_submodule(junction.consumer)
     options = FitOptions(method=method, affine=affine, ridge=ridge)
