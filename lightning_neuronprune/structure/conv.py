@@ -189,7 +189,7 @@ def reduced_conv_modules(
     Args:
         model: holds the junction.
         junction: a ``kind="conv"`` junction.
-        kept: (p,) sorted indices of the kept channels.
+        kept: (p,) sorted indices of the kept channels (checked with one host read).
         W_p: the consumer's new weight, (m, p, *kernel) for a conv or (m, p·P) for a Linear.
         b_p: its new bias, (m,), or ``None``.
 
@@ -201,10 +201,11 @@ def reduced_conv_modules(
     cons = model.get_submodule(junction.consumer)
     kept = kept.to(device=prod.weight.device, dtype=torch.long).reshape(-1)
     p = int(kept.numel())
-    if p < 1 or int(kept.min()) < 0 or int(kept.max()) >= n or kept.unique().numel() != p:
+    # one host read: increasing (so distinct) and in range
+    if p < 1 or not bool((kept.diff() > 0).all() & (kept[0] >= 0) & (kept[-1] < n)):
         raise JunctionError(
-            f"the kept channels of {junction.layer!r} must be distinct indices in [0, {n}), got "
-            f"{kept.tolist()}"
+            f"the kept channels of {junction.layer!r} must be increasing indices in [0, {n}), "
+            f"got {kept.tolist()}"
         )
     expected = _consumer_shape(cons, n, p)
     if tuple(W_p.shape) != expected:
