@@ -314,7 +314,7 @@ def collect_statistics(
     progress: Callable[[int], None] | None = None,
     channels: Mapping[str, int] | None = None,
 ) -> dict[str, JunctionStatistics]:
-    """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
+    """Stream the input statistics of the named ``nn.Linear`` (or conv) consumers over ``data``.
 
     A forward pre-hook on each consumer flattens its input ``(*, n)`` to ``(K_b, n)`` rows and
     adds them to that consumer's :class:`JunctionStatistics`. Token activations (B, T, n) count
@@ -332,7 +332,8 @@ def collect_statistics(
 
     Args:
         model: the network; it is not modified.
-        consumers: qualified names of the ``nn.Linear`` modules whose inputs are recorded.
+        consumers: qualified names of the ``nn.Linear`` (or ``nn.Conv1d``/``nn.Conv2d``) modules
+            whose inputs are recorded.
         data: any iterable of batches (a ``DataLoader``, a list of tensors...). See
             :func:`batch_input` for how the input is found in a batch.
         max_samples: stop after this many samples (per process). The last batch is truncated.
