@@ -151,6 +151,38 @@ def test_functional_pooling_and_conv1d() -> None:
     assert (j.consumer, j.batchnorm, j.num_features) == ("b", "bn", 6)
 
 
+class _ViewNet(nn.Module):
+    """The older idiom: a flatten written as a view or a reshape."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        if self.how == "size":
+            h = h.view(h.size(0), -1)
+        elif self.how == "shape":
+            h = h.reshape(h.shape[0], -1)
+        elif self.how == "count":
+            h = h.view(-1, 4 * 9)
+        elif self.how == "function":
+            h = torch.reshape(h, (h.size(0), -1))
+        else:
+            h = h.view(h.size(0), 4, 9)[:, :, 0]
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("how", ["size", "shape", "count", "function"])
+def test_a_view_to_batch_rows_is_a_flatten(how: str) -> None:
+    j = find_junction(_ViewNet(how), "conv")
+    assert (j.consumer, j.num_features) == ("fc", 4)
+    with pytest.raises(JunctionError, match="lies view"):
+        find_junction(_ViewNet("other"), "conv")
+
+
 def test_resnet_blocks_keep_inner_channels_only() -> None:
     found = {j.producer: j.consumer for j in auto_conv_junctions(TinyResNet())}
     assert found == {

@@ -3,7 +3,8 @@
 From a producer conv (``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``) the walk follows the output
 through per-channel maps (the elementwise ops of
 :mod:`~lightning_neuronprune.structure.tracing`, pooling, channel dropout) and at most one batch
-norm to the consumer: a conv, or an ``nn.Linear`` after a ``flatten`` from dimension 1. It
+norm to the consumer: a conv, or an ``nn.Linear`` after a flatten from dimension 1
+(``flatten(x, 1)``, ``nn.Flatten()``, ``x.view(x.size(0), -1)``, ``x.view(-1, C·H·W)``). It
 refuses, naming the cause:
 
 * channels on a residual stream: the output (or what it became on the way) is read by an
@@ -117,8 +118,53 @@ def _is_cat(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in _CATS
 
 
+def _is_metadata(node: torch.fx.Node) -> bool:
+    """A read of the shape (``x.size(0)``, ``x.shape``), not of the values."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in ("shape", "ndim")
+    )
+
+
+def _is_batch_size(arg: Any) -> bool:
+    """``x.size(0)`` or ``x.shape[0]`` in a traced graph."""
+    if not isinstance(arg, torch.fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return arg.args[1:] == (0,) or arg.kwargs.get("dim") == 0
+    return (
+        arg.op == "call_function"
+        and arg.target is operator.getitem
+        and arg.args[1] == 0
+        and isinstance(arg.args[0], torch.fx.Node)
+        and _is_metadata(arg.args[0])
+    )
+
+
+def _view_flattens(node: torch.fx.Node) -> bool:
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x.view(-1, k)`` or
+    ``torch.reshape(x, (B, -1))``: a flatten from dimension 1 (``k`` = C·H·W, or the consumer
+    could not run)."""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = tuple(node.args[1:])
+    elif node.op == "call_function" and node.target is torch.reshape and len(node.args) > 1:
+        shape = (node.args[1],)
+    else:
+        return False
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return len(shape) == 2 and (
+        (shape[1] == -1 and _is_batch_size(shape[0]))
+        or (shape[0] == -1 and isinstance(shape[1], int) and shape[1] > 0)
+    )
+
+
 def _flatten_dims(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> tuple[int, int] | None:
     """``(start_dim, end_dim)`` of a flatten node, or ``None`` if it is no flatten."""
+    if _view_flattens(node):
+        return 1, -1
     if node.op == "call_module" and isinstance(modules[str(node.target)], nn.Flatten):
         m = modules[str(node.target)]
         return m.start_dim, m.end_dim
@@ -154,7 +200,7 @@ def _walk_forward(
         )
     node, batchnorm, path, flat = calls[0], None, [], False
     while True:
-        users = list(node.users)
+        users = [u for u in node.users if not _is_metadata(u)]  # x.size(0) reads no values
         where = f"the output channels of {producer!r} (after {path or 'nothing'})"
         if not users:
             raise JunctionError(f"the output of {producer!r} is never used, so it has no consumer")
