@@ -170,3 +170,18 @@ def test_weight_must_read_the_channels(generator: torch.Generator) -> None:
     stats = collect_statistics(nn.Sequential(conv2), ["0"], [h.detach()])["0"]
     with pytest.raises(ValueError, match=r"shape \(4, 7\) does not read n=8 channels"):
         ChannelFitter(stats, torch.zeros(4, 7), None)
+
+
+def test_output_scale_weighs_selection_only(generator: torch.Generator) -> None:
+    conv2, h = _duplicated_pair("zeros", torch.float64, generator)
+    stats = collect_statistics(nn.Sequential(conv2), ["0"], [h.detach()])["0"]
+    scale = torch.rand(4, generator=generator, dtype=torch.float64) * 10
+    options = FitOptions(method="output")
+    scaled = ChannelFitter(stats, conv2.weight, conv2.bias, options, output_scale=scale)
+    by_hand = ChannelFitter(stats, conv2.weight * scale[:, None, None, None], None, options)
+    for p in (2, 3):
+        assert torch.equal(scaled.kept(p), by_hand.kept(p))
+        plain = ChannelFitter(stats, conv2.weight, conv2.bias, options).refit(scaled.kept(p))
+        torch.testing.assert_close(scaled.fit(p).weight, plain.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`output_scale` must have shape \(4,\)"):
+        ChannelFitter(stats, conv2.weight, None, options, output_scale=torch.ones(3))

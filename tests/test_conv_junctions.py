@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_neuronprune.core.conv import tap_matrix
+from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.core.statistics import collect_statistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
 from lightning_neuronprune.search.elimination import eliminate_neurons
@@ -358,3 +360,22 @@ def test_global_pool_head_and_conv1d_are_lossless(generator: torch.Generator, he
     reduced, (rec,) = eliminate_neurons(model, "0", 5, data=[x], method="qr")
     assert rec.kind == "conv" and reduced[0].out_channels == 5
     torch.testing.assert_close(reduced(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_output_selection_weighs_the_following_batchnorm(generator: torch.Generator) -> None:
+    from lightning_neuronprune.structure.conv_fit import batchnorm_scale, channel_fitter
+    from lightning_neuronprune.structure.conv_tracing import output_batchnorm
+
+    model = _randomise_bn(TinyResNet(), generator)
+    assert output_batchnorm(model, "layer1.0.conv2") == "layer1.0.bn2"
+    assert output_batchnorm(model, "fc") is None
+    assert output_batchnorm(_vgg(nn.ReLU(), nn.MaxPool2d(2)), "4") is None
+    j = find_junction(model, "layer1.0.conv1")
+    x = torch.randn(2, 3, 16, 16, generator=generator)
+    stats = collect_statistics(model, [j.consumer], [x])[j.consumer]
+    fitter = channel_fitter(model, j, stats, FitOptions(method="output"))
+    bn = model.layer1[0].bn2
+    expected = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    torch.testing.assert_close(batchnorm_scale(bn), expected.detach())
+    W = model.layer1[0].conv2.weight.detach().double() * expected[:, None, None, None].detach()
+    torch.testing.assert_close(fitter.weight.double(), tap_matrix(W, 8), rtol=1e-6, atol=1e-6)

@@ -93,6 +93,9 @@ class ChannelFitter(JunctionFitter):
         bias: its bias, (m,), or ``None``.
         options: the :class:`~.fitting.FitOptions`.
         zero_padding: the consumer pads its input with zeros; then no intercept can be fitted.
+        output_scale: (m,) factors applied to the consumer's output channels after it (a
+            following BatchNorm's ``γ / σ``); ``method="output"`` then explains the scaled
+            output ``diag(output_scale) W X``. The refit does not depend on it.
 
     Raises:
         ValueError: ``affine`` with ``zero_padding``, or a weight that does not read n channels.
@@ -106,6 +109,7 @@ class ChannelFitter(JunctionFitter):
         options: FitOptions | None = None,
         *,
         zero_padding: bool = False,
+        output_scale: Tensor | None = None,
     ) -> None:
         options = options or FitOptions()
         if options.affine and zero_padding:
@@ -114,7 +118,16 @@ class ChannelFitter(JunctionFitter):
                 "not the intercept; use `affine=False` (or a consumer with padding_mode "
                 "'reflect', 'replicate' or 'circular', or no padding)"
             )
-        super().__init__(stats, tap_matrix(weight, stats.num_features), None, options)
+        selected = weight.detach()
+        if output_scale is not None:
+            if output_scale.shape != (weight.shape[0],):
+                raise ValueError(
+                    f"`output_scale` must have shape ({weight.shape[0]},), one factor per output "
+                    f"channel, got {tuple(output_scale.shape)}"
+                )
+            scale = output_scale.detach().to(selected)
+            selected = selected * scale.reshape(-1, *[1] * (selected.dim() - 1))
+        super().__init__(stats, tap_matrix(selected, stats.num_features), None, options)
         self.consumer_weight = weight
         self.consumer_bias = bias
 

@@ -18,7 +18,8 @@ from lightning_neuronprune.core.reconstruction import least_squares_transform, r
 from lightning_neuronprune.core.selection import Method
 from lightning_neuronprune.core.statistics import JunctionStatistics, collect_statistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
-from lightning_neuronprune.structure.conv import channel_fitter, statistics_channels
+from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv_fit import channel_fitter
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan

@@ -31,11 +31,8 @@ from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.elimination import Elimination, eliminate_neurons
 from lightning_neuronprune.search.evaluation import CachedEvaluator
 from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid
-from lightning_neuronprune.structure.conv import (
-    full_width_consumer,
-    junction_fitter,
-    statistics_channels,
-)
+from lightning_neuronprune.structure.conv import full_width_consumer, statistics_channels
+from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from
 from lightning_neuronprune.structure.surgery import apply_reduction

@@ -32,7 +32,8 @@ from lightning_neuronprune.search.evaluation import (
     model_output,
 )
 from lightning_neuronprune.search.pareto import choose, pareto_front
-from lightning_neuronprune.structure.conv import full_width_consumer, junction_fitter
+from lightning_neuronprune.structure.conv import full_width_consumer
+from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 from lightning_neuronprune.structure.surgery import apply_reduction

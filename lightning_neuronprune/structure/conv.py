@@ -26,9 +26,6 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune.core.conv import ChannelFitter
-from lightning_neuronprune.core.fitting import FitOptions, JunctionFitter
-from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import linear_from
@@ -36,10 +33,8 @@ from lightning_neuronprune.structure.modules import linear_from
 __all__ = [
     "CHANNEL_NORMS",
     "CONV_LAYERS",
-    "channel_fitter",
     "conv_from",
     "full_width_consumer",
-    "junction_fitter",
     "pads_with_zeros",
     "placeholder_fit",
     "reduced_conv_modules",
@@ -73,40 +68,6 @@ def statistics_channels(model: nn.Module, junctions: Iterable[Junction]) -> dict
         for j in junctions
         if j.kind == "conv" and isinstance(model.get_submodule(j.consumer), nn.Linear)
     }
-
-
-def channel_fitter(
-    model: nn.Module,
-    junction: Junction,
-    stats: JunctionStatistics,
-    options: FitOptions | None = None,
-) -> ChannelFitter:
-    """The :class:`~lightning_neuronprune.core.conv.ChannelFitter` of a conv junction's consumer.
-
-    Raises:
-        JunctionError: ``affine`` where the consumer pads with zeros (naming the layer).
-    """
-    consumer = model.get_submodule(junction.consumer)
-    try:
-        return ChannelFitter(
-            stats, consumer.weight, consumer.bias, options, zero_padding=pads_with_zeros(consumer)
-        )
-    except ValueError as err:
-        raise JunctionError(f"consumer {junction.consumer!r} of {junction.layer!r}: {err}") from err
-
-
-def junction_fitter(
-    model: nn.Module,
-    junction: Junction,
-    stats: JunctionStatistics,
-    options: FitOptions | None = None,
-) -> JunctionFitter:
-    """The fitter of any junction: :func:`channel_fitter` for ``kind="conv"``, else a
-    :class:`~lightning_neuronprune.core.fitting.JunctionFitter` of the consumer's weight."""
-    if junction.kind == "conv":
-        return channel_fitter(model, junction, stats, options)
-    consumer = model.get_submodule(junction.consumer)
-    return JunctionFitter(stats, consumer.weight, consumer.bias, options)
 
 
 def _parameter(t: Tensor, like: Tensor) -> nn.Parameter:

@@ -51,6 +51,7 @@ __all__ = [
     "PER_CHANNEL_MODULES",
     "conv_junction",
     "conv_layer_names",
+    "output_batchnorm",
     "traced_conv_consumer",
     "traced_conv_producer",
 ]
@@ -306,6 +307,23 @@ def traced_conv_producer(model: nn.Module, consumer: str) -> str | None:
             if not (isinstance(m, CHANNEL_NORMS) or _per_channel(node, modules)):
                 return None
             node = node.args[0] if node.args else None
+        return None
+    return None
+
+
+def output_batchnorm(model: nn.Module, layer: str) -> str | None:
+    """The batch norm that directly and only reads ``layer``'s output (``conv → BatchNorm2d``),
+    found by tracing the innermost enclosing module that traces, or ``None``."""
+    out = getattr(model.get_submodule(layer), "out_channels", None)
+    out = getattr(model.get_submodule(layer), "out_features", out)
+    for scope, graph, modules, rel in _traced_scopes(model, layer):
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == rel]
+        users = [u for c in calls for u in c.users if not _is_metadata(u)]
+        if len(calls) != 1 or len(users) != 1 or users[0].op != "call_module":
+            return None
+        bn = modules[str(users[0].target)]
+        if isinstance(bn, CHANNEL_NORMS) and bn.num_features == out:
+            return f"{scope}.{users[0].target}" if scope else str(users[0].target)
         return None
     return None
 
