@@ -15,7 +15,9 @@ LeNet-5's ``conv2 → fc1``). Keeping the channels S:
 The statistics are over channels, every spatial position a sample (:func:`statistics_channels`
 says which ``nn.Linear`` consumers need ``channels=`` in
 :func:`~lightning_neuronprune.core.statistics.collect_statistics`). The junctions are found by
-:mod:`lightning_neuronprune.structure.conv_tracing`. New modules are built on the meta device and
+:mod:`lightning_neuronprune.structure.conv_tracing` (or
+:mod:`lightning_neuronprune.structure.conv_probe`) and fitted by
+:mod:`lightning_neuronprune.structure.conv_fit`. New modules are built on the meta device and
 take the computed tensors as their parameters.
 """
 
