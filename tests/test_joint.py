@@ -218,7 +218,7 @@ def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> 
 def test_conv_chain_joint_search_is_exact_and_applies(generator: torch.Generator) -> None:
     """conv → ReLU → conv → ReLU → flatten → Linear; each conv's last 3 channels copy its first 3:
     keeping 5 of 8 and 3 of 6 is lossless, on the cached path and once applied."""
-    from lightning_neuronprune.search.strategies import sequential
+    from lightning_neuronprune.search.strategies import greedy, sequential
 
     model = nn.Sequential(
         nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
@@ -246,3 +246,13 @@ def test_conv_chain_joint_search_is_exact_and_applies(generator: torch.Generator
     assert ((applied(x) - y).norm() / y.norm()).item() < 1e-10
     points = sequential(search, 1e-9)
     assert any(pt.config == {"0": 5, "2": 3} for pt in points)
+    points = greedy(search, 1e-9, compensate=True, slack=0.5)
+    compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
+    assert compensated
+    for pt in compensated[:2]:  # a compensated conv point applies exactly as it was evaluated
+        applied = copy.deepcopy(model)
+        search.apply(applied, pt)
+        metric = _Agreement(model, x)
+        for xb in x.split(32):  # the evaluation batches
+            metric.update(applied(xb), None)
+        assert float(metric.compute()) == pytest.approx(pt.accuracy, abs=1e-9)

@@ -26,9 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune.core.reconstruction import solve_psd
+from lightning_neuronprune.core.conv import reconstruct_channels, tap_matrix
+from lightning_neuronprune.core.reconstruction import Reconstruction, solve_psd
 from lightning_neuronprune.core.selection import greedy_output, output_factor
-from lightning_neuronprune.core.statistics import JunctionStatistics, batch_input, model_device
+from lightning_neuronprune.core.statistics import (
+    CHANNEL_CONSUMERS,
+    JunctionStatistics,
+    batch_input,
+    channel_rows,
+    model_device,
+)
 from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -67,24 +74,30 @@ def collect_cross_statistics(
     max_samples: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
     device: torch.device | str | None = None,
+    channels: int | None = None,
 ) -> CrossStatistics:
     """Run both networks on the same batches and stream ``G̃`` and ``C`` at ``consumer``'s input.
 
     Both models run in ``eval()`` under ``torch.no_grad()``; their modes are restored and the hooks
     removed afterwards, also on error. ``consumer`` must read the same n features in both (it is
-    the junction about to be reduced, untouched so far in ``reduced``).
+    the junction about to be reduced, untouched so far in ``reduced``). A conv consumer's moments
+    are over its input channels, every position a sample; so are an ``nn.Linear``'s when
+    ``channels`` gives n for its flattened ``(n, *spatial)`` input (a conv junction).
     """
     device = torch.device(device) if device is not None else model_device(original)
     mods = [m.get_submodule(consumer) for m in (original, reduced)]
+    widths = [getattr(m, "in_features", getattr(m, "in_channels", None)) for m in mods]
     if (
-        not all(isinstance(m, nn.Linear) for m in mods)
-        or mods[0].in_features != mods[1].in_features
+        not all(isinstance(m, (nn.Linear, *CHANNEL_CONSUMERS)) for m in mods)
+        or type(mods[0]) is not type(mods[1])
+        or widths[0] != widths[1]
     ):
         raise StatisticsError(
-            f"{consumer!r} must be an nn.Linear reading the same features in both networks, got "
-            f"{[type(m).__name__ for m in mods]}"
+            f"{consumer!r} must be an nn.Linear or a conv reading the same features in both "
+            f"networks, got {[type(m).__name__ for m in mods]}"
         )
-    n = mods[0].in_features
+    conv = isinstance(mods[0], CHANNEL_CONSUMERS)
+    n = widths[0] if channels is None or conv else channels
     stats = JunctionStatistics.zeros(n, device)
     cross = torch.zeros(n, n, dtype=torch.float64, device=device)
     captured: list[Tensor | None] = [None, None]
@@ -92,6 +105,9 @@ def collect_cross_statistics(
     def make_hook(slot: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            if conv or channels is not None:  # channels: every position a sample
+                captured[slot] = channel_rows(x, n).to(device, torch.float64)
+                return
             index = getattr(module, "index", None)
             if isinstance(index, Tensor):
                 x = x.index_select(-1, index)
@@ -147,6 +163,8 @@ def compensated_order(cs: CrossStatistics, weight: Tensor, *, steps: int | None 
     G = cs.reduced.gram
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
+    if weight.dim() > 2 or weight.shape[1] != n:  # a conv junction: its taps stacked as rows
+        weight = tap_matrix(weight, n)
     F = output_factor(weight, n, G)
     return greedy_output(G, F @ cs.cross, steps, n * torch.finfo(torch.float32).eps)
 
@@ -180,8 +198,11 @@ def compensate_junction(
     kept = torch.sort(kept.to(cs.cross.device, torch.long)).values
     G = cs.reduced.gram
     T = solve_psd(G[kept][:, kept], cs.cross[:, kept])  # (n × p)
-    W = consumer.weight.detach().to(T)
-    W_p = (W @ T).to(consumer.weight.device, consumer.weight.dtype)
-    b_p = consumer.bias.detach().clone() if consumer.bias is not None else None
+    if junction.kind == "conv":  # every tap: W_p[:, s, t] = Σ_j W[:, j, t] T[j, s]
+        W_p, b_p = reconstruct_channels(consumer.weight, consumer.bias, Reconstruction(T, None))
+    else:
+        W = consumer.weight.detach().to(T)
+        W_p = (W @ T).to(consumer.weight.device, consumer.weight.dtype)
+        b_p = consumer.bias.detach().clone() if consumer.bias is not None else None
     apply_reduction(reduced, junction, kept.to(consumer.weight.device), W_p, b_p)
     return kept
