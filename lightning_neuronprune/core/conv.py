@@ -4,7 +4,7 @@ A convolution is linear in its input channels. With the consumer's weight seen p
 ``W`` of shape (m, n, P) (a conv's P = k_h·k_w kernel taps; a ``Linear`` that reads a flattened
 ``(n, *spatial)`` map has one "tap" per position, P = H·W), its output is
 ``y = Σ_taps W[:, :, t] x_t``. Every spatial position is a sample of the n channels, so the
-statistics are ``G = Σ_positions x xᵀ`` (n × n, :func:`~.statistics.channel_rows`) and the
+statistics are ``G = Σ_positions x xᵀ`` (n × n, :func:`~.recording.channel_rows`) and the
 least-squares map is the one of Eq. 6, ``x ≈ T x_S`` with ``T = G[:, S] G[S, S]⁻¹`` (n × p).
 It holds at every position, so every tap is re-fitted by it::
 

@@ -14,7 +14,7 @@ LeNet-5's ``conv2 → fc1``). Keeping the channels S:
 
 The statistics are over channels, every spatial position a sample (:func:`statistics_channels`
 says which ``nn.Linear`` consumers need ``channels=`` in
-:func:`~lightning_neuronprune.core.statistics.collect_statistics`). The junctions are found by
+:func:`~lightning_neuronprune.core.recording.collect_statistics`). The junctions are found by
 :mod:`lightning_neuronprune.structure.conv_tracing` (or
 :mod:`lightning_neuronprune.structure.conv_probe`) and fitted by
 :mod:`lightning_neuronprune.structure.conv_fit`. New modules are built on the meta device and
@@ -64,7 +64,7 @@ def pads_with_zeros(module: nn.Module) -> bool:
 def statistics_channels(model: nn.Module, junctions: Iterable[Junction]) -> dict[str, int]:
     """``{consumer: n}`` for the conv junctions whose consumer is an ``nn.Linear`` over the
     flattened channels: the ``channels`` argument of
-    :func:`~lightning_neuronprune.core.statistics.collect_statistics`."""
+    :func:`~lightning_neuronprune.core.recording.collect_statistics`."""
     return {
         j.consumer: j.num_features
         for j in junctions

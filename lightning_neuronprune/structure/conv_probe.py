@@ -111,7 +111,7 @@ class ConvProbe:
         model: the network; run in ``eval()`` mode under ``torch.no_grad()`` and left unchanged.
         example: one model input, on the model's device (a few samples are enough).
         call: runs the model on ``example`` (default
-            :func:`~lightning_neuronprune.core.statistics.call_model`).
+            :func:`~lightning_neuronprune.core.batches.call_model`).
         tolerance: relative change below which a value counts as unchanged.
     """
 
