@@ -47,6 +47,7 @@ class Targets(Sequence[Junction]):
         JunctionError: two targets name the same junction.
 
     Example:
+        >>> from lightning_neuronprune.structure.discovery import find_junction
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> targets = Targets([find_junction(net, "2:in")])
         >>> targets.layer("2:in"), targets["0"].consumer
