@@ -1,4 +1,4 @@
-"""What the two examples share: where MNIST is looked for, and a snapshot of the trained weights."""
+"""What the MNIST examples share: where MNIST lies, and a snapshot of the trained weights."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ examples, benchmarks and tests.
 """
 
 from lightning_neuronprune.core.batches import batch_input
+from lightning_neuronprune.core.conv import ChannelFitter
 from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.core.linalg import pivoted_cholesky, pivoted_qr
 from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
@@ -49,7 +50,7 @@ from lightning_neuronprune.search.settings import (
     JointSettings,
     SearchSettings,
 )
-from lightning_neuronprune.structure.discovery import find_junction
+from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear
 from lightning_neuronprune.structure.persistence import (
@@ -65,6 +66,7 @@ from lightning_neuronprune.structure.persistence import (
 
 __all__ = [
     "CausalLMPerplexity",
+    "ChannelFitter",
     "CheckpointMismatchError",
     "ConfirmSettings",
     "DataOptions",
@@ -88,6 +90,7 @@ __all__ = [
     "SearchSettings",
     "StatisticsError",
     "UnsupportedLayerError",
+    "auto_conv_junctions",
     "batch_input",
     "collect_statistics",
     "eliminate_neurons",

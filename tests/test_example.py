@@ -1,4 +1,5 @@
-"""End-to-end run of ``examples/mnist_lenet.py`` as a subprocess, on real MNIST."""
+"""End-to-end runs of ``examples/mnist_lenet.py`` and ``examples/cnn.py`` as subprocesses, on
+real MNIST."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning_neuronprune import load_reduced, read_plan
 from lightning_neuronprune.testing.models import LitClassifier
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet.py"
+CNN_EXAMPLE = EXAMPLE.with_name("cnn.py")
 
 
 @pytest.mark.slow
@@ -77,3 +79,26 @@ def test_transformer_example(mnist_dir: Path, tmp_path: Path) -> None:
     assert "found junctions: ['net.blocks.0.mlp.fc1', 'net.blocks.1.mlp.fc1']" in out
     assert "FFN neurons removed:" in out
     assert "test set (held out): accuracy" in out
+
+
+@pytest.mark.slow
+def test_cnn_example_reduces_conv_channels(mnist_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "cnn.pt"
+    cmd = [
+        sys.executable, str(CNN_EXAMPLE), "--data-dir", str(mnist_dir), "--epochs", "1",
+        "--limit-train", "3000", "--val-size", "1000", "--max-samples", "2000",
+        "--targets", "net.conv1", "net.conv2", "--joint", "none", "--ranks", "3",
+        "--max-degradation", "0.05", "--output", str(output),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    assert "targets: ['net.conv1', 'net.conv2']" in out
+    assert re.search(r"applied: \{'net\.conv[12]': \d+\}", out), out
+    assert re.search(r"energy ratio: \d+\.\d\d× lower", out)
+    assert re.search(r"test accuracy: 0\.\d{4} before, 0\.\d{4} after", out)
+    assert "outputs match" in out
+    fresh = load_reduced(LitClassifier("lenet5"), output)
+    assert [r["kind"] for r in read_plan(fresh)] == ["conv"]

@@ -10,7 +10,7 @@ compensating fits; :func:`all_reduce` makes every rank hold the same numbers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
@@ -28,9 +28,36 @@ from lightning_neuronprune.core.runtime import evaluating, model_device, to_devi
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import StatisticsError
 
-__all__ = ["all_reduce", "collect_statistics", "first_input", "stream_inputs"]
+__all__ = [
+    "CHANNEL_CONSUMERS",
+    "all_reduce",
+    "channel_rows",
+    "collect_statistics",
+    "first_input",
+    "stream_inputs",
+]
 
 log = logging.getLogger(__name__)
+
+#: Consumers whose input channels are recorded with every position a sample (a conv reads
+#: ``(B, n, *spatial)``).
+CHANNEL_CONSUMERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+
+
+def channel_rows(x: Tensor, n: int) -> Tensor:
+    """The samples of n channels: ``(B, n, *spatial)``, or a flattened ``(B, n·P)`` map, as
+    ``(B·P, n)`` rows, every position a sample.
+
+    A channels-last input is reshaped without a copy. Example:
+
+        >>> channel_rows(torch.arange(8.0).reshape(1, 2, 4), 2).tolist()
+        [[0.0, 4.0], [1.0, 5.0], [2.0, 6.0], [3.0, 7.0]]
+        >>> channel_rows(torch.arange(8.0).reshape(1, 8), 2).shape
+        torch.Size([4, 2])
+    """
+    if x.dim() == 2:
+        x = x.reshape(x.shape[0], n, -1)
+    return x.movedim(1, -1).reshape(-1, n)
 
 
 def all_reduce(stats: JunctionStatistics, group: Any = None) -> None:
@@ -76,6 +103,7 @@ def stream_inputs(
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
+    channels: Mapping[int, int] | None = None,
 ) -> int:
     """Run every model on each batch of ``data`` and pass the input rows of tapped modules on.
 
@@ -91,7 +119,9 @@ def stream_inputs(
     tap's position in ``taps``, ``shape`` the input's shape and ``padding`` the number of zeroed
     rows as a 0-d device tensor (``None`` without a mask), so that a zeroed row adds nothing to
     ``G`` or the sums and the sink can take the padding off ``K`` once, after the loop.
-    ``end_batch`` runs after every model has seen the batch.
+    ``end_batch`` runs after every model has seen the batch. A tap named in ``channels`` (a conv
+    consumer, or an ``nn.Linear`` over a flattened ``(n, *spatial)`` map) is passed its n input
+    channels instead, every spatial position a row (:func:`channel_rows`), with no mask.
 
     The models run in ``eval()`` under ``torch.no_grad()``; every module's mode is restored and
     the hooks are removed afterwards, even on error. Nothing here waits for the device.
@@ -105,6 +135,7 @@ def stream_inputs(
         end_batch: called after each batch.
         max_samples, input_fn, mask_fn, device, transfer, forward_context, progress: as in
             :func:`collect_statistics`; ``device`` defaults to the first model's device.
+        channels: ``{tap: n}`` for the taps recorded over n channels.
 
     Returns:
         The number of samples fed (per process).
@@ -116,11 +147,15 @@ def stream_inputs(
         raise StatisticsError(f"`max_samples` must be a positive integer, got {max_samples!r}")
     device = torch.device(device) if device is not None else model_device(models[0])
     current: dict[str, Tensor | None] = {"mask": None}
+    widths = dict(channels or {})
 
     def make_hook(tap: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             shape = tuple(x.shape)
+            if tap in widths:  # channels: every position a sample, no mask
+                sink(tap, channel_rows(x, widths[tap]), shape, None)
+                return
             rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
             index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
             if isinstance(index, Tensor):
@@ -170,6 +205,36 @@ def stream_inputs(
     return seen
 
 
+def _channel_widths(
+    modules: Mapping[str, nn.Module], consumers: Sequence[str], channels: Mapping[str, int]
+) -> dict[str, int]:
+    """n for every consumer whose statistics are over channels (convs, and ``channels``)."""
+    widths = {
+        name: modules[name].in_channels  # type: ignore[union-attr]
+        for name in consumers
+        if isinstance(modules.get(name), CHANNEL_CONSUMERS)
+    }
+    for name, n in channels.items():
+        module = modules.get(name)
+        width = getattr(module, "in_features", None)
+        if (
+            name not in consumers
+            or not isinstance(module, nn.Linear)
+            or hasattr(module, "index")
+            or isinstance(n, bool)
+            or not isinstance(n, int)
+            or n < 1
+            or width % n
+        ):
+            raise StatisticsError(
+                f"`channels` gives {name!r} {n!r} channels, but it must name a consumer "
+                "`nn.Linear` (not a gathering one) whose "
+                f"{width} input features are a multiple of its channels"
+            )
+        widths[name] = n
+    return widths
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -184,21 +249,28 @@ def collect_statistics(
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> dict[str, JunctionStatistics]:
-    """Stream the input statistics of the named ``nn.Linear`` consumers over ``data``.
+    """Stream the input statistics of the named ``nn.Linear`` (or conv) consumers over ``data``.
 
     A forward pre-hook on each consumer flattens its input ``(*, n)`` to ``(K_b, n)`` rows and
     adds them to that consumer's :class:`JunctionStatistics`. Token activations (B, T, n) count
     real tokens only: where the batch's padding mask (B, T) (``attention_mask`` by default, see
     :func:`batch_mask`) has the activations' leading shape, only the rows it marks are added, so
     ``K`` counts real tokens and the least-squares fit ignores padding. A consumer whose input
-    has another leading shape (after pooling, say) counts every row. The model runs in ``eval()``
+    has another leading shape (after pooling, say) counts every row.
+
+    Conv consumers (``nn.Conv1d``, ``nn.Conv2d``) record their n input channels with every
+    spatial position a sample, ``G = Σ_positions x xᵀ`` (see :func:`channel_rows`; channels-last
+    inputs too); so does an ``nn.Linear`` named in ``channels``, whose input is a flattened
+    ``(n, *spatial)`` conv output. No mask applies to them. The model runs in ``eval()``
     mode under ``torch.no_grad()``; its mode is restored and the hooks are removed afterwards, even
     when an error is raised.
 
     Args:
         model: the network; it is not modified.
-        consumers: qualified names of the ``nn.Linear`` modules whose inputs are recorded.
+        consumers: qualified names of the ``nn.Linear`` (or ``nn.Conv1d``/``nn.Conv2d``) modules
+            whose inputs are recorded.
         data: any iterable of batches (a ``DataLoader``, a list of tensors...). See
             :func:`batch_input` for how the input is found in a batch.
         max_samples: stop after this many samples (per process). The last batch is truncated.
@@ -217,27 +289,33 @@ def collect_statistics(
             are accumulated in float64 whatever the activations' dtype.
         progress: called after each batch with the number of samples seen so far (e.g. to move
             a progress bar).
+        channels: ``{consumer: n}`` for ``nn.Linear`` consumers that read a flattened
+            ``(n, *spatial)`` map: their statistics are over the n channels, each position a
+            sample.
 
     Returns:
         ``{consumer name: JunctionStatistics}``.
 
     Raises:
-        StatisticsError: a consumer is not an ``nn.Linear``, no sample was seen, or an
-            activation is NaN or infinite (the message names the layer).
+        StatisticsError: a consumer is not an ``nn.Linear`` or a conv, ``channels`` does not
+            divide its input features, no sample was seen, or an activation is NaN or infinite
+            (the message names the layer).
     """
     if max_samples is not None and max_samples < 1:
         raise StatisticsError(f"`max_samples` must be a positive integer, got {max_samples!r}")
     device = torch.device(device) if device is not None else model_device(model)
     modules = dict(model.named_modules())
     stats: dict[str, JunctionStatistics] = {}
+    widths = _channel_widths(modules, consumers, channels or {})
     for name in consumers:
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, *CHANNEL_CONSUMERS)):
             raise StatisticsError(
-                f"statistics are recorded at the input of an `nn.Linear`, but {name!r} is "
-                f"{type(module).__name__ if module is not None else 'not a module of the model'}"
+                f"statistics are recorded at the input of an `nn.Linear` or a conv, but {name!r} "
+                f"is {type(module).__name__ if module is not None else 'not a module of the model'}"
             )
-        stats[name] = JunctionStatistics.zeros(module.in_features, device)
+        n = widths.get(name, getattr(module, "in_features", 0))
+        stats[name] = JunctionStatistics.zeros(n, device)
     names = list(stats)
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -253,6 +331,7 @@ def collect_statistics(
         [model], [(0, name) for name in names], data, record, max_samples=max_samples,
         input_fn=input_fn, mask_fn=mask_fn, device=device, transfer=transfer,
         forward_context=forward_context, progress=progress,
+        channels={i: widths[name] for i, name in enumerate(names) if name in widths},
     )  # fmt: skip
 
     for name, rows in padding.items():  # one read per consumer, after the loop

@@ -50,6 +50,7 @@ from lightning_neuronprune.search.validation import (
     check_choice,
     check_targets,
 )
+from lightning_neuronprune.structure.conv import statistics_channels
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import install_plan_hook
 from lightning_neuronprune.structure.targets import Targets, resolve_targets, traced_targets
@@ -98,16 +99,17 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
     process group is alive. Every rank performs the same reduction; only rank zero reports.
 
     Args:
-        targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons have a
-            consumer. ``"fc1"`` removes fc1's output neurons; ``"fc1:in"`` removes fc1's input
-            features (the paper's "FC1" row of LeNet-300-100). A mapping ``{target: consumer}``
-            names the consumers too (checked by the probe). Junctions are found by a probe on a
-            few samples of the first training batch (see
+        targets: layer names, or ``"auto"`` for every ``nn.Linear`` whose output neurons (and
+            every ``Conv1d``/``Conv2d`` whose output channels) have a consumer. ``"fc1"`` removes
+            fc1's output neurons, ``"conv1"`` conv1's output channels; ``"fc1:in"`` removes fc1's
+            input features (the paper's "FC1" row of LeNet-300-100). A mapping
+            ``{target: consumer}`` names the consumers too (checked by the probe). Junctions are
+            found by a probe on a few samples of the first training batch (see
             :mod:`~lightning_neuronprune.structure.probe`), cross-checked by :mod:`torch.fx`
-            where the model traces: ``"auto"`` finds the FFN pairs of transformer blocks
-            (BERT's ``intermediate.dense`` → ``output.dense``, DistilBERT's ``lin1`` → ``lin2``,
-            ``fc1`` → ``fc2``) through custom activation modules and untraceable
-            ``forward``\ s.
+            where the model traces (``"auto"`` finds conv junctions by tracing only): it finds
+            the FFN pairs of transformer blocks (BERT's ``intermediate.dense`` →
+            ``output.dense``, DistilBERT's ``lin1`` → ``lin2``, ``fc1`` → ``fc2``) through custom
+            activation modules and untraceable ``forward``\ s.
         max_degradation: the budget: how much worse the metric may get. A number is in the
             metric's units (``0.02`` = 2 points of accuracy; for a loss or perplexity, whose
             ``higher_is_better`` is ``False``, an increase); a string ``"N%"`` is relative to the
@@ -406,7 +408,7 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             return collect_statistics(
                 pl_module, [j.consumer for j in junctions], loader, max_samples=limit,
                 device=io.device, progress=bar.update, input_fn=io.input_fn, mask_fn=io.mask_fn,
-                **io.forward_kwargs(),
+                channels=statistics_channels(pl_module, junctions), **io.forward_kwargs(),
             )  # fmt: skip
 
     def _metric(self, pl_module: pl.LightningModule, example: Any, io: ModelIO) -> Metric:

@@ -32,12 +32,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune.core.conv import reconstruct_channels, tap_matrix
 from lightning_neuronprune.core.reconstruction import (
     Reconstruction,
     reconstruct_consumer,
     solve_psd,
 )
-from lightning_neuronprune.core.recording import all_reduce, stream_inputs
+from lightning_neuronprune.core.recording import (
+    CHANNEL_CONSUMERS,
+    all_reduce,
+    stream_inputs,
+)
 from lightning_neuronprune.core.runtime import model_device
 from lightning_neuronprune.core.selection import greedy_output, output_factor
 from lightning_neuronprune.core.statistics import JunctionStatistics
@@ -106,6 +111,7 @@ def collect_cross_statistics(
     device: torch.device | str | None = None,
     transfer: Callable[[Any], Any] | None = None,
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+    channels: int | None = None,
 ) -> CrossStatistics:
     """Run both networks on the same batches and stream ``G̃``, ``C`` and the sums at
     ``consumer``'s input.
@@ -118,15 +124,18 @@ def collect_cross_statistics(
     the real tokens that ``mask_fn`` marks counted. Both models run in ``eval()`` under
     ``torch.no_grad()``; their modes are restored and the hooks removed afterwards, also on
     error. ``consumer`` must read the same n features in both (it is the
-    junction about to be reduced, untouched so far in ``reduced``).
+    junction about to be reduced, untouched so far in ``reduced``). A conv consumer's moments
+    are over its input channels, every position a sample; so are an ``nn.Linear``'s when
+    ``channels`` gives n for its flattened ``(n, *spatial)`` input (a conv junction).
 
     Args:
         original: the unreduced network (``X``).
         reduced: the network reduced so far (``X̃``).
-        consumer: the qualified name of the ``nn.Linear`` consumer, the same in both.
+        consumer: the qualified name of the ``nn.Linear`` (or conv) consumer, the same in both.
         data: batches, fed to both networks.
         max_samples, input_fn, mask_fn, device, transfer, forward_context: as in
             :func:`~lightning_neuronprune.core.recording.collect_statistics`.
+        channels: n, the channels of an ``nn.Linear`` consumer's flattened input.
 
     Returns:
         The :class:`CrossStatistics`, all-reduced over the ranks of an initialised process group.
@@ -137,15 +146,18 @@ def collect_cross_statistics(
     """
     device = torch.device(device) if device is not None else model_device(original)
     mods = [m.get_submodule(consumer) for m in (original, reduced)]
+    widths = [getattr(m, "in_features", getattr(m, "in_channels", None)) for m in mods]
     if (
-        not all(isinstance(m, nn.Linear) for m in mods)
-        or mods[0].in_features != mods[1].in_features
+        not all(isinstance(m, (nn.Linear, *CHANNEL_CONSUMERS)) for m in mods)
+        or type(mods[0]) is not type(mods[1])
+        or widths[0] != widths[1]
     ):
         raise StatisticsError(
-            f"{consumer!r} must be an nn.Linear reading the same features in both networks, got "
-            f"{[type(m).__name__ for m in mods]}"
+            f"{consumer!r} must be an nn.Linear or a conv reading the same features in both "
+            f"networks, got {[type(m).__name__ for m in mods]}"
         )
-    n = mods[0].in_features
+    conv = isinstance(mods[0], CHANNEL_CONSUMERS)
+    n = widths[0] if channels is None or conv else channels
     stats = JunctionStatistics.zeros(n, device)
     cross = torch.zeros(n, n, dtype=torch.float64, device=device)
     total = torch.zeros(n, dtype=torch.float64, device=device)
@@ -174,6 +186,7 @@ def collect_cross_statistics(
         [original, reduced], [(0, consumer), (1, consumer)], data, capture, end_batch=accumulate,
         max_samples=max_samples, input_fn=input_fn, mask_fn=mask_fn, device=device,
         transfer=transfer, forward_context=forward_context,
+        channels={0: n, 1: n} if conv or channels is not None else None,
     )  # fmt: skip
     if padding:  # one read after the loop
         stats.count -= int(torch.stack(padding).sum())
@@ -202,6 +215,8 @@ def compensated_order(
     G, C = cs.moments(centered=affine)
     n = G.shape[0]
     steps = n if steps is None else max(0, min(int(steps), n))
+    if weight.dim() > 2 or weight.shape[1] != n:  # a conv junction: its taps stacked as rows
+        weight = tap_matrix(weight, n)
     F = output_factor(weight, n, G)
     return greedy_output(G, F @ C, steps, n * torch.finfo(torch.float32).eps)
 
@@ -243,6 +258,9 @@ def compensate_junction(
     c = None
     if affine:  # x ≈ T x̃_S + c in the mean: c = μ - T μ̃_S, (n,)
         c = cs.original_total / cs.reduced.count - T @ cs.reduced.mean()[kept]
-    W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, Reconstruction(T, c))
+    if junction.kind == "conv":  # every tap: W_p[:, s, t] = Σ_j W[:, j, t] T[j, s]
+        W_p, b_p = reconstruct_channels(consumer.weight, consumer.bias, Reconstruction(T, c))
+    else:
+        W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, Reconstruction(T, c))
     apply_reduction(reduced, junction, kept.to(consumer.weight.device), W_p, b_p)
     return kept

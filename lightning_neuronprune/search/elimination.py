@@ -19,6 +19,8 @@ from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.core.selection import Method
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.errors import JunctionError, StatisticsError
+from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv_fit import channel_fitter
 from lightning_neuronprune.structure.discovery import find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.persistence import read_plan, write_plan
@@ -35,12 +37,12 @@ class EliminationRecord:
 
     Attributes:
         target: the name the user gave.
-        kind: ``"producer"``, ``"gated"`` or ``"gather"``.
+        kind: ``"producer"``, ``"gated"``, ``"gather"`` or ``"conv"``.
         producer: the layer whose output neurons were removed (a gated junction's first
             producer), or ``None``.
         consumer: the layer whose weights were re-fitted.
-        batchnorm: a sliced ``BatchNorm1d`` between them, or ``None``.
-        n: features before.
+        batchnorm: a sliced ``BatchNorm1d`` (or ``BatchNorm2d``) between them, or ``None``.
+        n: features (channels of a conv junction) before.
         p: features kept.
         kept: sorted indices of the kept features.
         method: the selection method.
@@ -141,13 +143,26 @@ def reduce_junction(
         The :class:`EliminationRecord`.
     """
     if stats.num_features != junction.num_features:
+        hint = (
+            f" channels (collect them with `channels={{{junction.consumer!r}: "
+            f"{junction.num_features}}}`, see `statistics_channels`)"
+            if junction.kind == "conv"
+            else ""
+        )
         raise StatisticsError(
             f"statistics for {junction.consumer!r} have {stats.num_features} features, but the "
-            f"layer reads {junction.num_features}"
+            f"layer reads {junction.num_features}{hint}"
         )
     consumer = model.get_submodule(junction.consumer)
     options = FitOptions(method=method, affine=affine, ridge=ridge)
-    if kept is None:
+    if junction.kind == "conv":  # the consumer's every tap re-fitted (structure.conv)
+        fitter = channel_fitter(model, junction, stats, options)
+        if kept is None:
+            kept, W_p, b_p, _ = fitter.fit(p)
+        else:
+            kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
+            _, W_p, b_p, _ = fitter.refit(kept)
+    elif kept is None:
         kept, W_p, b_p, _ = fit_junction(stats, consumer.weight, consumer.bias, p, options)
     else:
         kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
@@ -335,6 +350,7 @@ def eliminate_neurons(
                 transfer=transfer,
                 forward_context=forward_context,
                 mask_fn=mask_fn,
+                channels=statistics_channels(work, [junction]),
             )[junction.consumer]
         records.append(
             reduce_junction(

@@ -32,6 +32,8 @@ from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.elimination import Elimination, eliminate_neurons
 from lightning_neuronprune.search.evaluation import CachedEvaluator
 from lightning_neuronprune.search.sweep import Ranks, SweepPoint, rank_grid
+from lightning_neuronprune.structure.conv import full_width_consumer, statistics_channels
+from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -169,12 +171,7 @@ class JointSearch:
             layer: f for layer, f in (fitters or {}).items() if f.options == options
         }  # fitters built for the same options (e.g. by the sweep) are reused
         self._fitters = given | {
-            j.layer: JunctionFitter(
-                self.stats[j.consumer],
-                model.get_submodule(j.consumer).weight,
-                model.get_submodule(j.consumer).bias,
-                options,
-            )
+            j.layer: junction_fitter(model, j, self.stats[j.consumer], options)
             for j in self.junctions
             if j.layer not in given
         }
@@ -250,7 +247,13 @@ class JointSearch:
                     swaps[name] = reduced.get_submodule(name)
         c0 = reduced.get_submodule(first.consumer)
         p0 = config.get(first.layer, first.num_features)
-        if self.evaluator.cached and p0 < first.num_features and not isinstance(c0, GatheredLinear):
+        if self.evaluator.cached and p0 < first.num_features and first.kind == "conv":
+            # The cache holds all the channels the first consumer read: zero the dropped ones.
+            index = torch.as_tensor(kept[first.layer], device=c0.weight.device)
+            c0 = full_width_consumer(c0, first.num_features, index, c0.weight, c0.bias)
+        elif (
+            self.evaluator.cached and p0 < first.num_features and not isinstance(c0, GatheredLinear)
+        ):
             # The cache holds the full-width input of the first consumer: gather the kept part.
             c0 = linear_from(
                 c0.weight, c0.bias, like=c0, source_features=first.num_features,
@@ -360,6 +363,8 @@ class JointSearch:
 
     def statistics(self, model: nn.Module, consumer: str) -> JunctionStatistics:
         """Statistics of ``consumer``'s input in ``model`` (a reduced copy) on ``train_data``."""
+        channels = statistics_channels(model, [j for j in self.junctions if j.consumer == consumer])
         return collect_statistics(
-            model, [consumer], self.train_data, max_samples=self.max_samples, **self.stat_options
-        )[consumer]
+            model, [consumer], self.train_data, max_samples=self.max_samples,
+            channels=channels, **self.stat_options,
+        )[consumer]  # fmt: skip

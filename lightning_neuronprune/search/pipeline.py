@@ -50,6 +50,7 @@ from lightning_neuronprune.search.progress import Bar, no_progress
 from lightning_neuronprune.search.settings import SearchSettings
 from lightning_neuronprune.search.strategies import allocate, greedy, sequential
 from lightning_neuronprune.search.sweep import SweepPoint, rank_grid, sweep_junction
+from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 
 __all__ = ["ModelIO", "ReductionSearch", "SearchResult"]
@@ -205,11 +206,9 @@ class ReductionSearch:
                 f"for the search, {s.confirm.fraction:.0%} held out to confirm the choice"
             )
         fitters = {
-            j.layer: JunctionFitter(
-                self.stats[j.consumer], *self._consumer_weights(j), s.options
-            )
+            j.layer: junction_fitter(self.model, j, self.stats[j.consumer], s.options)
             for j in self.junctions
-        }  # fmt: skip
+        }  # per-tap channel fitters for conv junctions
         try:
             if s.joint is not None and s.joint.strategy == "allocate":
                 # no per-layer sweeps (a full pass per grid point): each layer's baseline only
@@ -257,10 +256,6 @@ class ReductionSearch:
         self._joint = None
 
     # ------------------------------------------------------------------ steps
-
-    def _consumer_weights(self, j: Junction) -> tuple[torch.Tensor, torch.Tensor | None]:
-        consumer = self.model.get_submodule(j.consumer)
-        return consumer.weight, consumer.bias
 
     def _sweep(
         self, fitters: Mapping[str, JunctionFitter], data: Iterable[Any], metric: Any,

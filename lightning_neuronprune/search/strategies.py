@@ -51,6 +51,7 @@ from lightning_neuronprune.search.elimination import reduce_junction
 from lightning_neuronprune.search.evaluation import CachedEvaluator
 from lightning_neuronprune.search.joint import JointPoint, JointSearch
 from lightning_neuronprune.search.sweep import sweep_junction
+from lightning_neuronprune.structure.conv import statistics_channels
 
 __all__ = [
     "STRATEGIES",
@@ -178,6 +179,7 @@ def compensated_refit(search: JointSearch, point: JointPoint) -> JointPoint:
         cs = collect_cross_statistics(
             search.model, work, j.consumer, search.train_data, max_samples=search.max_samples,
             **search.stat_options,
+            channels=statistics_channels(search.model, [j]).get(j.consumer),
         )  # fmt: skip
         given = None if search.method == "output" else torch.as_tensor(point.kept[j.layer])
         chosen = compensate_junction(work, j, cs, p, kept=given, affine=search.affine)

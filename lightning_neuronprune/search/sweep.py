@@ -32,6 +32,8 @@ from lightning_neuronprune.search.evaluation import (
     model_output,
 )
 from lightning_neuronprune.search.pareto import choose, pareto_front
+from lightning_neuronprune.structure.conv import full_width_consumer
+from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 from lightning_neuronprune.structure.surgery import apply_reduction
@@ -233,13 +235,17 @@ def sweep_junction(
     if on_point is not None:
         on_point(points[0])
     if fitter is None:
-        fitter = JunctionFitter(stats, consumer.weight, consumer.bias, options)
+        fitter = junction_fitter(model, junction, stats, options)
     grid = [p for p in rank_grid(n, ranks, start=fitter.rank) if p != n]
     fitter.prepare(grid)
     fitter.release()  # the fits need the second moment only
 
     def measure(fit: Fit, sync: bool) -> tuple[Any, EnergyReport]:
-        acc = evaluator(_probe(consumer, fit), sync=sync)
+        if junction.kind == "conv":  # reads all n channels, zero weights at the dropped ones
+            probe = full_width_consumer(consumer, n, fit.kept, fit.weight, fit.bias)
+        else:
+            probe = _probe(consumer, fit)
+        acc = evaluator(probe, sync=sync)
         with _temporarily_reduced(model, junction, fit.kept, fit.weight, fit.bias) as reduced:
             return acc, energy_model.estimate(reduced, example_input)
 

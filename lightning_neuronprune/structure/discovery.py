@@ -27,7 +27,12 @@ Targets are named like this:
   :mod:`torch.fx` traces the MLP (Llama, Mistral, Qwen2, Gemma, Phi-3); in a model it cannot
   trace (T5) it is a gather junction, so name a producer there. Expert FFNs of a
   mixture-of-experts block, gates read twice, shared or tied weights and gate/up producers of
-  different widths are refused, with the cause named.
+  different widths are refused, with the cause named;
+* ``"conv1"`` (a ``Conv1d``/``Conv2d``): its output channels, a ``kind="conv"`` junction found by
+  :func:`~lightning_neuronprune.structure.conv_tracing.conv_junction` (by tracing, or by a
+  :class:`~lightning_neuronprune.structure.conv_probe.ConvProbe` given an example);
+  ``"conv2:in"`` names the same junction from a conv consumer. :func:`auto_conv_junctions` lists
+  every conv junction of a model.
 
 :func:`find_junction` checks the names (the layers exist, are ``nn.Linear`` and are not shared
 or tied) and finds the consumer by tracing the model with :mod:`torch.fx`
@@ -53,6 +58,7 @@ from torch import nn
 
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.blocks import RepeatedBlocks
+from lightning_neuronprune.structure.conv_tracing import conv_junction, conv_layer_names
 from lightning_neuronprune.structure.junction import (
     INPUT_SUFFIX,
     Junction,
@@ -66,7 +72,7 @@ from lightning_neuronprune.structure.tracing import TracedJunction, traced_junct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["auto_junctions", "find_junction", "find_junctions"]
+__all__ = ["auto_conv_junctions", "auto_junctions", "find_junction", "find_junctions"]
 
 
 def _check_not_shared(model: nn.Module, name: str) -> None:
@@ -281,6 +287,14 @@ def find_junction(
     """
     if not isinstance(target, str) or not target:
         raise JunctionError(f"a target must be a non-empty layer name, got {target!r}")
+    conv = conv_junction(  # a conv's channels: by tracing, or by a ConvProbe on the example
+        model, target, consumer, example=getattr(probe, "example", example),
+        call=getattr(probe, "call", None),
+    )  # fmt: skip
+    if conv is not None:
+        for name in filter(None, (conv.producer, conv.batchnorm, conv.consumer)):
+            _check_not_shared(model, name)
+        return conv
     if probe is None and example is not None and not target.endswith(INPUT_SUFFIX):
         probe = JunctionProbe(model, example)
     if target.endswith(INPUT_SUFFIX):
@@ -366,9 +380,15 @@ def find_junctions(
     """
     consumers = dict(consumers or {})
     blocks = RepeatedBlocks(model)
+    convs = set(conv_layer_names(model))  # decided one by one: a moved junction is a Linear's
     found = []
     for target in targets:
-        if target in consumers or not isinstance(target, str) or target.endswith(INPUT_SUFFIX):
+        if (
+            target in consumers
+            or not isinstance(target, str)
+            or target.endswith(INPUT_SUFFIX)
+            or target in convs
+        ):
             found.append(find_junction(model, target, consumers.get(target), probe=probe))
         else:
             find = lambda n: find_junction(model, n, probe=probe)  # noqa: E731
@@ -388,3 +408,18 @@ def _skip(
         undecided.append(name)
     else:
         log.debug("auto targets: skipping %s (%s)", name, err)
+
+
+def auto_conv_junctions(model: nn.Module) -> list[Junction]:
+    """Every conv of ``model`` whose output channels have a consumer (``kind="conv"``), in module
+    order, found by tracing. Refused convs are skipped and logged at debug level: in a ResNet this
+    keeps the inner channels of each block (``conv1 → conv2``, and ``conv2 → conv3`` of a
+    bottleneck) and skips the stem, the last conv of each block and the downsampling convs
+    (residual stream)."""
+    junctions = []
+    for name in conv_layer_names(model):
+        try:
+            junctions.append(find_junction(model, name))
+        except JunctionError as err:
+            log.debug("auto conv targets: skipping %s (%s)", name, err)
+    return junctions

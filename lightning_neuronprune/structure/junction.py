@@ -7,7 +7,8 @@ every producer whose outputs are combined elementwise before the consumer (``kin
 SwiGLU/GeGLU ``down(act(gate(x)) * up(x))``, T5's ``wi_0``/``wi_1`` → ``wo``, or one fused
 ``gate_up_proj`` of 2n outputs split in halves, whose rows j and n + j go together); where there
 is no producer row to delete, it gathers the kept inputs in front of the consumer
-(``kind="gather"``). Junctions are
+(``kind="gather"``). A ``kind="conv"`` junction keeps p of a conv producer's n output channels
+(:mod:`lightning_neuronprune.structure.conv`). Junctions are
 found by :mod:`lightning_neuronprune.structure.discovery` and reduced by
 :mod:`lightning_neuronprune.structure.surgery`.
 """
@@ -27,7 +28,7 @@ __all__ = ["INPUT_SUFFIX", "Junction", "Kind", "get_linear", "linear_layer_names
 
 INPUT_SUFFIX = ":in"
 
-Kind = Literal["producer", "gather", "gated"]
+Kind = Literal["producer", "gather", "gated", "conv"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,16 @@ class Junction:
     Attributes:
         target: the name the user gave.
         kind: ``"producer"`` (rows of ``producer`` are deleted), ``"gated"`` (rows of every
-            producer in ``producers`` are deleted) or ``"gather"``.
-        producer: qualified name of the producer ``nn.Linear`` (of a gated junction: the first of
-            ``producers``, the gate, which names the junction), or ``None`` for a gather
-            junction.
-        consumer: qualified name of the consumer ``nn.Linear``.
-        batchnorm: qualified name of a ``BatchNorm1d`` between the two, or ``None``.
-        num_features: n, the consumer's input features.
+            producer in ``producers`` are deleted), ``"gather"``, or ``"conv"`` (output channels
+            of a conv ``producer`` are deleted; the consumer is a conv, or an ``nn.Linear`` that
+            reads the flattened channels).
+        producer: qualified name of the producer ``nn.Linear`` (a conv for ``"conv"``; of a gated
+            junction: the first of ``producers``, the gate, which names the junction), or
+            ``None`` for a gather junction.
+        consumer: qualified name of the consumer ``nn.Linear`` (or conv).
+        batchnorm: qualified name of a ``BatchNorm1d`` between the two (``BatchNorm2d`` after a
+            ``Conv2d``), or ``None``.
+        num_features: n, the consumer's input features (channels for ``"conv"``).
         path: what lies between producer and consumer, for messages.
         producers: every producer whose rows are deleted, ``producer`` first: ``(producer,)``
             for ``kind="producer"``, e.g. ``("mlp.gate_proj", "mlp.up_proj")`` for a gated one,
@@ -73,7 +77,7 @@ class Junction:
         object.__setattr__(self, "producers", producers)
         if self.kind == "gather":
             bad = self.producer is not None or producers or self.fused
-        elif self.kind == "producer":
+        elif self.kind in ("producer", "conv"):
             bad = producers != (self.producer,) or self.fused
         elif self.kind == "gated":
             bad = (

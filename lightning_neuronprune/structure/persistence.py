@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.errors import CheckpointMismatchError
+from lightning_neuronprune.structure.conv import placeholder_fit
 from lightning_neuronprune.structure.junction import Junction, get_linear
 from lightning_neuronprune.structure.modules import replace_module
 from lightning_neuronprune.structure.surgery import apply_reduction, update_config
@@ -269,12 +270,15 @@ def rebuild_shapes(model: nn.Module, plan: list[Mapping[str, Any]]) -> None:
     Args:
         model: a fresh instance of the unreduced architecture.
         plan: the records of :func:`~lightning_neuronprune.search.elimination.eliminate_neurons`,
-        as plain
-            dicts (``model.neuron_elimination_plan``), applied in order.
+            as plain dicts (``model.neuron_elimination_plan``), applied in order.
     """
     for rec in plan:
         junction = _junction(rec)
         kept = torch.as_tensor(rec["kept"], dtype=torch.long)
+        if junction.kind == "conv":  # placeholder shapes from the consumer's first columns
+            fit = placeholder_fit(model, junction, kept, bias=rec.get("consumer_bias"))
+            apply_reduction(model, junction, kept, *fit)
+            continue
         cons = get_linear(model, junction.consumer)
         W_p = cons.weight.detach()[:, : kept.numel()]
         b_p = cons.bias.detach() if cons.bias is not None else None

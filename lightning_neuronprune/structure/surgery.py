@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_neuronprune.structure.conv import reduced_conv_modules
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
 
@@ -107,6 +108,11 @@ def apply_reduction(
     Returns:
         The names of the replaced modules.
     """
+    if junction.kind == "conv":  # W_p: (m, p, *kernel), or (m, p·P) for a Linear consumer
+        convs = reduced_conv_modules(model, junction, kept, W_p, b_p)
+        for name, module in convs.items():
+            replace_module(model, name, module)
+        return list(convs)
     replaced: dict[str, nn.Module] = {}
     rows = junction.producer_rows(kept)
     for producer in junction.producers:
@@ -149,8 +155,8 @@ def update_config(model: nn.Module, plan: Sequence[Mapping[str, Any]]) -> int | 
         The width written, or ``None`` when the config was not changed.
     """
     config = getattr(model, "config", None)
-    if config is None or not plan:
-        return None
+    if config is None or not plan or any(rec.get("kind") == "conv" for rec in plan):
+        return None  # a config's widths are FFN widths, not conv channels
     first: dict[str, Mapping[str, Any]] = {}
     for rec in plan:
         first.setdefault(rec["consumer"], rec)

@@ -23,6 +23,7 @@ from lightning_neuronprune.core.batches import call_model
 from lightning_neuronprune.errors import JunctionError, UndecidedJunctionError
 from lightning_neuronprune.structure.discovery import (
     Junction,
+    auto_conv_junctions,
     auto_junctions,
     find_junctions,
     linear_layer_names,
@@ -46,6 +47,7 @@ class Targets(Sequence[Junction]):
         JunctionError: two targets name the same junction.
 
     Example:
+        >>> from lightning_neuronprune.structure.discovery import find_junction
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> targets = Targets([find_junction(net, "2:in")])
         >>> targets.layer("2:in"), targets["0"].consumer
@@ -126,8 +128,9 @@ def resolve_targets(
 
     Args:
         model: the network.
-        targets: ``"auto"`` (every ``nn.Linear`` whose output neurons have a consumer; layers
-            that cannot be simplified are skipped), target names, or a mapping
+        targets: ``"auto"`` (every ``nn.Linear`` whose output neurons, and every conv whose
+            output channels, have a consumer (convs found by tracing); layers that cannot be
+            simplified are skipped), target names, or a mapping
             ``{target: consumer}`` that names the consumers too (checked by the probe).
         example: one model input (a few samples, on the model's device). With it a
             :class:`~lightning_neuronprune.structure.probe.JunctionProbe` decides the junctions that
@@ -154,12 +157,17 @@ def resolve_targets(
     if targets == "auto":
         undecided: list[str] = []
         junctions = auto_junctions(model, probe=probe, undecided=undecided)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        junctions = sorted(  # with the conv junctions (by tracing), in module order
+            [*junctions, *auto_conv_junctions(model)], key=lambda j: order[j.consumer]
+        )
         if undecided:
             log.debug("auto targets: %s undecided by tracing", undecided)
             return Targets(junctions, undecided)
         if not junctions:
             raise JunctionError(
-                f"`targets='auto'` found no nn.Linear with a consumer in {type(model).__name__}; "
+                "`targets='auto'` found no nn.Linear or conv with a consumer in "
+                f"{type(model).__name__}; "
                 f"Linear layers: {linear_layer_names(model)}"
             )
         return Targets(junctions)

@@ -194,3 +194,31 @@ def test_padding_mask_needs_no_host_read_per_batch(generator: torch.Generator, h
         torch.testing.assert_close(got.gram, H.T @ H, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.total, H.sum(0), rtol=1e-12, atol=1e-12)
     assert reads[0] == reads[1]
+
+
+def test_channel_statistics_take_every_position_and_no_mask(generator: torch.Generator) -> None:
+    """A conv consumer's statistics are over its channels, every position a sample; a mask of
+    another shape in the same batch does not touch them, while the token consumer is masked."""
+
+    class ConvAndTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 2, 1)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+            return self.conv(inputs_embeds.transpose(1, 2)), self.fc(inputs_embeds)
+
+    x = torch.randn(4, 5, 3, generator=generator, dtype=torch.float64)  # (B, T, n)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[:, 3:] = 0
+    model = ConvAndTokens().double()
+    stats = collect_statistics(
+        model, ["conv", "fc"], [{"inputs_embeds": x, "attention_mask": mask}]
+    )
+    rows = x.reshape(-1, 3)  # every position of the conv's (B, 3, T) input
+    assert stats["conv"].count == 20
+    torch.testing.assert_close(stats["conv"].gram, rows.T @ rows)
+    real = x[:, :3].reshape(-1, 3)
+    assert stats["fc"].count == 12
+    torch.testing.assert_close(stats["fc"].gram, real.T @ real)

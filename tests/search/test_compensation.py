@@ -310,3 +310,31 @@ def test_joint_compensate_runs_on_dict_batches_with_padding(generator: torch.Gen
             predictions = torch.cat([applied.eval()(_to_double(b)).argmax(1) for b in data])
         labels = torch.cat([b["labels"] for b in data])
         assert (predictions == labels).double().mean().item() == pytest.approx(pt.accuracy, 1e-6)
+
+
+@pytest.mark.parametrize("target", ["0", "2"])
+def test_conv_junctions_compensate_like_the_output_method(
+    generator: torch.Generator, target: str
+) -> None:
+    """Without an earlier reduction the compensating fit of a conv junction (conv → conv, or
+    conv → flatten → Linear) is the per-tap refit with output-aware selection."""
+    from lightning_neuronprune.structure.conv import statistics_channels
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 16, 4),
+    ).double()  # fmt: skip
+    x = torch.randn(32, 2, 4, 4, generator=generator, dtype=torch.float64)
+    data = [(xb, torch.zeros(len(xb), dtype=torch.long)) for xb in x.split(16)]
+    j = find_junction(model, target)
+    channels = statistics_channels(model, [j]).get(j.consumer)
+    cs = collect_cross_statistics(model, copy.deepcopy(model), j.consumer, data, channels=channels)
+    stats = collect_statistics(model, [j.consumer], data, channels=statistics_channels(model, [j]))
+    torch.testing.assert_close(cs.cross, stats[j.consumer].gram)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    kept = compensate_junction(a, j, cs, 4)
+    rec = reduce_junction(b, j, stats[j.consumer], 4, method="output")
+    assert kept.tolist() == list(rec.kept)
+    cons = j.consumer
+    torch.testing.assert_close(a.get_submodule(cons).weight, b.get_submodule(cons).weight)
+    torch.testing.assert_close(a(x), b(x))

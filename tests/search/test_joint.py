@@ -212,3 +212,46 @@ def test_callback_joint_points_carry_numbers_only(tmp_path: Path, seed: int) -> 
     _trainer(tmp_path, [callback]).fit(LitMLP(), datamodule=BlobsData())
     assert callback.result.joint_points
     assert not any(holds_statistics(pt) for pt in callback.result.joint_points)
+
+
+def test_conv_chain_joint_search_is_exact_and_applies(generator: torch.Generator) -> None:
+    """conv → ReLU → conv → ReLU → flatten → Linear; each conv's last 3 channels copy its first 3:
+    keeping 5 of 8 and 3 of 6 is lossless, on the cached path and once applied."""
+    from lightning_neuronprune.search.strategies import greedy, sequential
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 16, 4),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight[-3:] = conv.weight[:3]
+            conv.bias[-3:] = conv.bias[:3]
+    x = torch.randn(64, 2, 4, 4, generator=generator, dtype=torch.float64)
+    data = [(xb, torch.zeros(len(xb), dtype=torch.long)) for xb in x.split(32)]
+    y = model(x)
+    junctions = [find_junction(model, t) for t in ("0", "2")]
+    assert [j.kind for j in junctions] == ["conv", "conv"]
+    stats = collect_statistics(model, ["2", "5"], data, channels={"5": 6})
+    search = JointSearch(
+        model, junctions, stats, data, _Agreement(model, x), EnergyModel(), x[:1],
+        train_data=data,
+    )  # fmt: skip
+    point = search.evaluate({"0": 5, "2": 3})
+    assert point.accuracy == pytest.approx(1.0) and point.energy_ratio > 1.0
+    applied = copy.deepcopy(model)
+    search.apply(applied, point)
+    assert (applied[2].in_channels, applied[2].out_channels, applied[5].in_features) == (5, 3, 48)
+    assert ((applied(x) - y).norm() / y.norm()).item() < 1e-10
+    points = sequential(search, 1e-9)
+    assert any(pt.config == {"0": 5, "2": 3} for pt in points)
+    points = greedy(search, 1e-9, compensate=True, slack=0.5)
+    compensated = [pt for pt in points if pt.strategy == "greedy+compensated"]
+    assert compensated
+    for pt in compensated[:2]:  # a compensated conv point applies exactly as it was evaluated
+        applied = copy.deepcopy(model)
+        search.apply(applied, pt)
+        metric = _Agreement(model, x)
+        for xb in x.split(32):  # the evaluation batches
+            metric.update(applied(xb), None)
+        assert float(metric.compute()) == pytest.approx(pt.accuracy, abs=1e-9)

@@ -181,3 +181,41 @@ def test_dict_batches_and_model_outputs() -> None:
     assert model_output({"logits": logits}) is logits
     assert model_output((logits, None)) is logits
     assert batch_target({"input_ids": 1, "labels": logits}) is logits
+
+
+@pytest.mark.parametrize("target", ["0", "4"])
+def test_conv_sweep_matches_the_reduced_networks(seed: int, target: str) -> None:
+    """conv → BN → ReLU → pool → conv → ReLU → flatten → Linear; channels 6, 7 of the first conv
+    copy channels 0, 1. Every point's metric is that of the network reduced to its kept set."""
+    from lightning_neuronprune.search.elimination import eliminate_neurons
+    from lightning_neuronprune.structure.conv import statistics_channels
+
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 5, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(),
+        nn.Linear(5 * 9, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[6:] = model[0].weight[:2]
+        model[0].bias[6:] = model[0].bias[:2]
+    x = torch.randn(64, 2, 6, 6)
+    with torch.no_grad():
+        y = model(x)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    j = find_junction(model, target)
+    stats = collect_statistics(model, [j.consumer], data, channels=statistics_channels(model, [j]))[
+        j.consumer
+    ]
+    state = copy.deepcopy(model.state_dict())
+    evaluator = CachedEvaluator(model, j.consumer, data, MeanSquaredError())
+    points = sweep_junction(model, j, stats, evaluator, EnergyModel(), x[:1], ranks="all")
+    assert evaluator.cached and points[0].p == j.num_features
+    if target == "0":
+        assert points[1].p == 6 and points[1].accuracy == pytest.approx(0.0, abs=1e-9)
+    for pt in points[1:]:
+        assert pt.energy_ratio > 1.0
+        reduced, _ = eliminate_neurons(model, target, pt.p, stats=stats, kept={target: pt.kept})
+        mse = float(((reduced(x) - y) ** 2).mean().detach())
+        assert pt.accuracy == pytest.approx(mse, rel=1e-4, abs=1e-9)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], state[k]) for k in state)

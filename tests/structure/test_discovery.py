@@ -115,7 +115,7 @@ class Reused(nn.Module):
         (Reused(), "fc", "called 2 times"),
         (LeNet300100(), "fc4", "no nn.Linear named 'fc4'. Did you mean 'fc[123]'"),
         (LeNet300100(), "relu1", "'relu1' is a ReLU, not an nn.Linear"),
-        (LeNet5(), "conv1", "'conv1' is a Conv2d, not an nn.Linear"),
+        (LeNet5(), "pool1", "'pool1' is a MaxPool2d, not an nn.Linear"),
         (LeNet300100(), "fc3", "could not find the consumer of 'fc3'"),
         (LeNet300100(), "", "non-empty layer name"),
     ],

@@ -112,6 +112,41 @@ def _net_reduced(data: list[torch.Tensor]) -> nn.Module:
     return eliminate_neurons(_net(), {"0": 4}, data=data).model
 
 
+def test_conv_plans_replay_and_mismatches_name_the_conv(generator: torch.Generator) -> None:
+    """LeNet-5 reduced at conv1 → conv2 and conv2 → fc1 (a BatchNorm2d-free Caffe net), and a
+    conv → BatchNorm2d → conv net: fresh instances get the shapes and identical outputs."""
+    from lightning_neuronprune.testing.models import LeNet5
+
+    x = torch.randn(8, 1, 28, 28, generator=generator)
+    original = LeNet5()
+    model, _ = eliminate_neurons(original, {"conv1": 7, "conv2": 11}, data=[x], affine=True)
+    fresh = LeNet5()
+    assert match_plan(fresh, model.state_dict()) == [""]
+    fresh.load_state_dict(model.state_dict())
+    assert (fresh.conv1.out_channels, fresh.conv2.weight.shape[:2]) == (7, (11, 7))
+    assert fresh.fc1.in_features == 11 * 16
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    state = _state(model)
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"\(conv1 keeps 7 of 20, conv2 keeps 11 of 50\): layer 'conv1': `conv1.weight` is "
+        r"\(7, 1, 5, 5\) in the model and \(20, 1, 5, 5\) in the state dict",
+    ):
+        model.load_state_dict(original.state_dict())
+    assert _same(model, state)
+
+    bn = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3, padding=1)
+    ).eval()
+    small, _ = eliminate_neurons(bn, "0", 4, data=[x])
+    again = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3, padding=1)
+    )
+    again = load_reduced(again, small.state_dict()).eval()
+    assert again[1].num_features == 4 and again[1].running_mean.shape == (4,)
+    torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
+
+
 def test_unreduced_models_and_state_dicts_load_as_before(seed: int) -> None:
     model, other = _net(), _net()
     install_plan_hook(model)
