@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 8, in one prepared script (about 5 minutes on one H100/H200):
+# GPU check of the device-native selection and sweep, in one prepared script (about 5 minutes on one H100/H200):
 #
 #   0. the CUDA tests (pivoted factorizations on the device, 16-mixed precision);
 #   1. pivoted_qr on the GPU vs scipy geqp3 on the host, A = U_p^T, 2048 x 4096 (and 250 x 500),
