@@ -211,8 +211,6 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             self.top_k: int = old["top_k"]
             targets = check_targets(targets)
             amount, relative = parse_budget(max_degradation)
-            if isinstance(joint, str):
-                joint = JointSettings(joint)
             self.settings = SearchSettings(
                 ranks=ranks, max_degradation=amount, relative=relative,
                 options=fit if fit is not None else FitOptions(method="output"), apply=apply,
