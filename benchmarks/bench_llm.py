@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2k + 2k tokens, 20%% only, no ridge")
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="fractions of FFN neurons removed")
