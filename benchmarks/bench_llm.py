@@ -29,8 +29,13 @@ the selection orders, and the refit and surgery at that ratio. The held-out eval
 counted. The throughput part times full forward passes (with logits) of the unreduced model, the
 20%-reduced one and the same widths rounded to a multiple of 64, interleaved, best of a few.
 
-    python benchmarks/bench_llm.py --quick           # 2k + 2k tokens, 20% only: a few minutes
-    python benchmarks/bench_llm.py                   # all ratios; sized for a loaded 2-core CPU
+By default, 16,384 calibration and 4,096 held-out tokens; magnitude, Wanda-sp, FLAP and ``qr``
+at 10, 20 and 30%; ``seq``, ``ridge`` and ``output`` at 20% only (``--seq-ratios`` and so on);
+about 22 minutes on a shared 2-core CPU with one thread, of which 7 are ``output``'s ordering.
+
+    python benchmarks/bench_llm.py --quick           # 2k + 2k tokens, 20% only: about 5 minutes
+    python benchmarks/bench_llm.py
+    python benchmarks/bench_llm.py --methods seq,ridge --seq-ratios 0.1,0.3 --ridge 1e-3
 """
 
 from __future__ import annotations
