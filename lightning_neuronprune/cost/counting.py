@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_neuronprune.core.batches import call_model
 from lightning_neuronprune.core.runtime import evaluating
 from lightning_neuronprune.errors import NeuronEliminationError, UnsupportedLayerError
 
@@ -201,7 +202,7 @@ def _builtin_rules() -> dict[type[nn.Module], CountingRule]:
 
 def count_inference(
     model: nn.Module,
-    example_input: Tensor | tuple[Any, ...] | list[Any],
+    example_input: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
     rules: Mapping[type[nn.Module], CountingRule] | None = None,
     batch_size: int | None = None,
 ) -> tuple[dict[str, LayerCount], int]:
@@ -213,7 +214,9 @@ def count_inference(
 
     Args:
         model: The network, on the device of ``example_input``.
-        example_input: A batched input, or a tuple/list of positional inputs.
+        example_input: A batched input, a tuple/list of positional inputs, or a mapping (a
+            Hugging Face-style input, passed as keywords when ``forward`` takes its keys; see
+            :func:`~lightning_neuronprune.core.batches.call_model`).
         rules: Counting rules added to (and overriding) the built-in ones, ``{module type: rule}``.
         batch_size: Samples in ``example_input`` (default: the first dimension of its first
             tensor).
@@ -249,7 +252,10 @@ def count_inference(
                 )
             )
         with evaluating(model), torch.no_grad():
-            output = model(*args)
+            # a mapping is a Hugging Face-style input: model(**x) when forward takes its keys
+            output = (
+                call_model(model, args[0]) if isinstance(example_input, Mapping) else model(*args)
+            )
     finally:
         for handle in handles:
             handle.remove()

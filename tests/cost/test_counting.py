@@ -60,3 +60,22 @@ def test_rms_norms_are_counted_like_layer_norm() -> None:
     model = nn.Sequential(nn.Linear(4, 8), LlamaRMSNorm(8), nn.RMSNorm(8), nn.Linear(8, 2))
     per_layer, _ = count_inference(model, torch.randn(3, 5, 4))
     assert per_layer["1"] == per_layer["2"] == LayerCount(macs=40, weights=8, activations=40)
+
+
+def test_a_mapping_input_is_passed_as_keywords() -> None:
+    """A Hugging Face-style example (the first evaluation sample of dict batches) reaches a
+    ``forward(input_ids, attention_mask)`` as keywords, and the batch size is read from it."""
+
+    class Keyworded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(input_ids) * attention_mask[..., None])
+
+    x = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
+    per_layer, output = count_inference(Keyworded(), x)
+    assert per_layer["fc"] == LayerCount(macs=5 * 4 * 3, weights=12, activations=5 * 4)
+    assert output == 5 * 3
