@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = result.decision.chosen
     if chosen is not None and result.applied:
         print(
-            f"evaluation perplexity {chosen.accuracy:.3f} (rise {-chosen.accuracy_drop:+.3f}); "
+            f"evaluation perplexity {chosen.accuracy - chosen.accuracy_drop:.3f} before, "
+            f"{chosen.accuracy:.3f} after (rise {chosen.accuracy_drop:+.3f}); "
             f"modelled energy ratio {chosen.energy_ratio:.3f}x, parameter memory "
             f"{chosen.memory_ratio:.3f}x lower"
         )
