@@ -102,3 +102,30 @@ def test_cnn_example_reduces_conv_channels(mnist_dir: Path, tmp_path: Path) -> N
     assert "outputs match" in out
     fresh = load_reduced(LitClassifier("lenet5"), output)
     assert [r["kind"] for r in read_plan(fresh)] == ["conv"]
+
+
+LLM = EXAMPLE.parent / "llm.py"
+
+
+@pytest.mark.slow
+def test_llm_example_tiny(tmp_path: Path) -> None:
+    """The causal-LM example end to end on a random tiny Llama and synthetic tokens."""
+    pytest.importorskip("transformers")
+    log_dir = tmp_path / "logs"
+    cmd = [
+        sys.executable, str(LLM), "--tiny", "--calib-tokens", "1024", "--eval-tokens", "512",
+        "--held-out-tokens", "512", "--seq-len", "64", "--max-evaluations", "4",
+        "--log-dir", str(log_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(LLM.parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "2 decoder layers, FFN width 64" in out
+    widths = re.search(r"FFN width per layer \(64 before\): \[(\d+), (\d+)\]", out)
+    assert widths, out
+    assert all(1 <= int(w) <= 64 for w in widths.groups())
+    assert re.search(r"modelled energy ratio \d+\.\d{3}x", out), out
+    assert re.search(r"held-out perplexity: \d+\.\d{3} before, \d+\.\d{3} after", out), out
+    assert re.search(r"wall time \d+s", out)
+    assert list((log_dir / "llm_tiny").glob("version_*/events.out.tfevents.*"))
