@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_neuronprune.core.fitting import Fit, FitOptions, JunctionFitter
-from lightning_neuronprune.core.reconstruction import Reconstruction, least_squares_transform
+from lightning_neuronprune.core.reconstruction import Reconstruction
 from lightning_neuronprune.core.statistics import JunctionStatistics
 
 __all__ = ["ChannelFitter", "fit_channels", "reconstruct_channels", "tap_matrix", "taps"]
@@ -138,16 +138,7 @@ class ChannelFitter(JunctionFitter):
 
     def refit(self, kept: Tensor, *, check: bool = True) -> Fit:
         """The consumer's new parameters for given kept channels (sorted (p,) indices)."""
-        o = self.options
-        if check:
-            rec = least_squares_transform(
-                self.stats, kept, affine=o.affine, ridge=o.ridge, moment=self.moment
-            )
-            ok = torch.ones((), dtype=torch.bool, device=kept.device)
-        else:
-            rec, ok = least_squares_transform(
-                self.stats, kept, affine=o.affine, ridge=o.ridge, moment=self.moment, check=False
-            )
+        rec, ok = self.transform(kept, check=check)
         W_p, b_p = reconstruct_channels(self.consumer_weight, self.consumer_bias, rec)
         return Fit(kept, W_p, b_p, ok)
 

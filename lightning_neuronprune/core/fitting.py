@@ -26,7 +26,11 @@ import torch
 from torch import Tensor
 
 from lightning_neuronprune.core.linalg import pivoted_qr
-from lightning_neuronprune.core.reconstruction import least_squares_transform, reconstruct_consumer
+from lightning_neuronprune.core.reconstruction import (
+    Reconstruction,
+    least_squares_transform,
+    reconstruct_consumer,
+)
 from lightning_neuronprune.core.selection import (
     METHODS,
     Method,
@@ -202,18 +206,23 @@ class JunctionFitter:
                 ``False`` there is none, and :attr:`Fit.ok` says whether to redo the fit.
         """
         kept = self.kept(p)
+        rec, ok = self.transform(kept, check=check)
+        W_p, b_p = reconstruct_consumer(self.weight, self.bias, rec)
+        return Fit(kept, W_p, b_p, ok)
+
+    def transform(self, kept: Tensor, *, check: bool = True) -> tuple[Reconstruction, Tensor]:
+        """Eq. 6's least-squares transform for the kept set (sorted (p,) indices), and a 0-d
+        bool: whether its normal matrix was sound (always true with ``check``, which resolves a
+        singular one at once, at the cost of one host synchronisation)."""
         o = self.options
         if check:
             rec = least_squares_transform(
                 self.stats, kept, affine=o.affine, ridge=o.ridge, moment=self.moment
             )
-            ok = torch.ones((), dtype=torch.bool, device=kept.device)
-        else:
-            rec, ok = least_squares_transform(
-                self.stats, kept, affine=o.affine, ridge=o.ridge, moment=self.moment, check=False
-            )
-        W_p, b_p = reconstruct_consumer(self.weight, self.bias, rec)
-        return Fit(kept, W_p, b_p, ok)
+            return rec, torch.ones((), dtype=torch.bool, device=kept.device)
+        return least_squares_transform(
+            self.stats, kept, affine=o.affine, ridge=o.ridge, moment=self.moment, check=False
+        )
 
 
 def fit_junction(

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.junction import Junction
-from lightning_neuronprune.structure.modules import linear_from
+from lightning_neuronprune.structure.modules import linear_from, sliced_batchnorm
 
 __all__ = [
     "CHANNEL_NORMS",
@@ -40,7 +40,6 @@ __all__ = [
     "pads_with_zeros",
     "placeholder_fit",
     "reduced_conv_modules",
-    "sliced_batchnorm",
     "statistics_channels",
 ]
 
@@ -106,33 +105,6 @@ def conv_from(like: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module
     if bias is not None:
         new.bias = _parameter(bias, like.weight)
     new.train(like.training)
-    return new
-
-
-def sliced_batchnorm(bn: nn.Module, kept: Tensor) -> nn.Module:
-    """A batch norm of ``bn``'s type with only the channels ``kept`` (running statistics,
-    affine parameters and ``num_batches_tracked`` copied)."""
-    ref = bn.weight if bn.affine else bn.running_mean
-    with torch.device("meta"):
-        new = type(bn)(
-            int(kept.numel()),
-            eps=bn.eps,
-            momentum=bn.momentum,
-            affine=bn.affine,
-            track_running_stats=bn.track_running_stats,
-        )
-    new = new.to_empty(device=ref.device if ref is not None else "cpu")
-    if ref is not None:
-        new = new.to(dtype=ref.dtype)
-    new.train(bn.training)
-    with torch.no_grad():
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(bn, attr)
-            if src is not None:
-                getattr(new, attr).copy_(src[kept.to(src.device)])
-                getattr(new, attr).requires_grad_(src.requires_grad)
-        if bn.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
     return new
 
 

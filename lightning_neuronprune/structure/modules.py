@@ -3,7 +3,8 @@
 :class:`GatheredLinear` keeps a subset of its input features before the matrix product (where the
 eliminated features have no producer rows to delete); :func:`linear_from` builds an ``nn.Linear``
 (or a :class:`GatheredLinear`) around given tensors without random initialisation;
-:func:`replace_module` swaps a module into a model by its qualified name.
+:func:`replace_module` swaps a module into a model by its qualified name;
+:func:`sliced_batchnorm` keeps some channels of a batch norm (1-d or 2-d).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GatheredLinear", "linear_from", "replace_module"]
+__all__ = ["GatheredLinear", "linear_from", "replace_module", "sliced_batchnorm"]
 
 
 class GatheredLinear(nn.Linear):
@@ -105,4 +106,31 @@ def linear_from(
         new.index = index.detach().to(device=weight.device, dtype=torch.long)
     if like is not None:
         new.train(like.training)
+    return new
+
+
+def sliced_batchnorm(bn: nn.Module, kept: Tensor) -> nn.Module:
+    """A batch norm of ``bn``'s type with only the channels ``kept`` (running statistics,
+    affine parameters and ``num_batches_tracked`` copied)."""
+    ref = bn.weight if bn.affine else bn.running_mean
+    with torch.device("meta"):
+        new = type(bn)(
+            int(kept.numel()),
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+        )
+    new = new.to_empty(device=ref.device if ref is not None else "cpu")
+    if ref is not None:
+        new = new.to(dtype=ref.dtype)
+    new.train(bn.training)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, attr)
+            if src is not None:
+                getattr(new, attr).copy_(src[kept.to(src.device)])
+                getattr(new, attr).requires_grad_(src.requires_grad)
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
     return new

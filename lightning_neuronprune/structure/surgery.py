@@ -26,12 +26,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_neuronprune.structure.conv import reduced_conv_modules
 from lightning_neuronprune.structure.junction import Junction
-from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
+from lightning_neuronprune.structure.modules import (
+    GatheredLinear,
+    linear_from,
+    replace_module,
+    sliced_batchnorm,
+)
 
 __all__ = ["WIDTH_ATTRIBUTES", "apply_reduction", "update_config"]
 
@@ -51,31 +55,6 @@ def _reduced_producer(prod: nn.Linear, kept: Tensor) -> nn.Linear:
             weight, bias, index=prod.index, source_features=prod.source_features, like=prod
         )
     return linear_from(weight, bias, like=prod)
-
-
-def _reduced_batchnorm(bn: nn.BatchNorm1d, kept: Tensor) -> nn.BatchNorm1d:
-    ref = bn.weight if bn.affine else bn.running_mean
-    with torch.device("meta"):
-        new = nn.BatchNorm1d(
-            int(kept.numel()),
-            eps=bn.eps,
-            momentum=bn.momentum,
-            affine=bn.affine,
-            track_running_stats=bn.track_running_stats,
-        )
-    new = new.to_empty(device=ref.device if ref is not None else "cpu")
-    if ref is not None:
-        new = new.to(dtype=ref.dtype)
-    new.train(bn.training)
-    with torch.no_grad():
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(bn, attr)
-            if src is not None:
-                getattr(new, attr).copy_(src[kept.to(src.device)])
-                getattr(new, attr).requires_grad_(src.requires_grad)
-        if bn.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new
 
 
 def _reduced_consumer(
@@ -118,7 +97,7 @@ def apply_reduction(
     for producer in junction.producers:
         replaced[producer] = _reduced_producer(model.get_submodule(producer), rows)
     if junction.batchnorm is not None:
-        replaced[junction.batchnorm] = _reduced_batchnorm(
+        replaced[junction.batchnorm] = sliced_batchnorm(
             model.get_submodule(junction.batchnorm), kept
         )
     replaced[junction.consumer] = _reduced_consumer(
