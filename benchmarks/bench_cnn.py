@@ -53,10 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_MNIST, accuracy, trained
 from report import machine_description, md_table
 
+from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
 from lightning_neuronprune.search.elimination import eliminate_neurons
 from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv_fit import channel_fitter
 from lightning_neuronprune.structure.discovery import auto_conv_junctions
 from lightning_neuronprune.testing.datasets import read_idx
 
@@ -171,6 +174,33 @@ def conv_macs_for_widths(model: nn.Module, widths: Sequence[int], example: torch
     return total
 
 
+def proxy_widths(
+    model: nn.Module, stats: dict, example: torch.Tensor, ratio: float, method: str = "output"
+) -> list[int]:
+    """Widths of the conv layers with at most ``1/ratio`` of the conv MACs, allocated across the
+    junctions by the refit's proxy (:mod:`~lightning_neuronprune.search.allocation`): along a
+    path from the unreduced network, the junction whose next narrower width leaves the least
+    extra unexplained share of its consumer's output energy per conv MAC saved moves first. Uses
+    the calibration statistics only (no accuracy evaluation)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    full = [model.get_submodule(n).out_channels for n in convs]
+    base = conv_macs(model, example)
+    junctions = {j.target: j for j in auto_conv_junctions(model)}
+    widths, curves, cost = {}, {}, {}
+    for i, name in enumerate(convs):
+        j = junctions[name]
+        fitter = channel_fitter(model, j, stats[j.consumer], FitOptions(method=method))
+        widths[name] = list(range(j.num_features, 0, -1))
+        curves[name] = proxy_curve(fitter, widths[name])
+        narrower = [w - (k == i) for k, w in enumerate(full)]
+        cost[name] = base - conv_macs_for_widths(model, narrower, example)
+    for config in allocation_path(widths, curves, cost):
+        chosen = [config[n] for n in convs]
+        if conv_macs_for_widths(model, chosen, example) * ratio <= base:
+            return chosen
+    raise ValueError(f"no configuration on the path reaches a conv-MAC ratio of {ratio}")
+
+
 # ---------------------------------------------------------------- the methods
 
 
@@ -283,7 +313,10 @@ LENET_GRID = [
     (12, 30, 60),
     (12, 25, 40),
     (10, 20, 30),
+    (12, 20, 20),
+    (10, 20, 20),
     (10, 18, 25),
+    (9, 18, 20),
     (8, 16, 20),
     (6, 12, 15),
 ]
@@ -375,9 +408,50 @@ def vgg(args: argparse.Namespace, with_tp: bool) -> str:
     base_macs = conv_macs(net, example)
     convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     stats = one_shot_stats(net, convs, calib)
+    tables = []
+    for allocation in args.allocations:
+        rows = vgg_rows(
+            args, net, calib, stats, (example, x_te, y_te, base_test), allocation, with_tp
+        )
+        title = {
+            "uniform": "every conv keeps the same fraction of its channels",
+            "proxy": "widths allocated by the refit's proxy (calibration statistics only)",
+        }[allocation]
+        tables.append(f"Widths: {title}.\n\n" + md_table(VGG_HEADER, rows))
+    return (
+        f"### Small VGG-style CNN on Fashion-MNIST\n\n"
+        f"Unreduced: test accuracy {100 * base_test:.2f} %, {base_macs:,} conv MACs per image.\n\n"
+        + "\n\n".join(tables)
+        + f"\n\nVGG part: {time.perf_counter() - started:.0f} s.\n"
+    )
+
+
+VGG_HEADER = [
+    "target", "widths", "method", "conv MACs lower", "test accuracy (%)", "test drop (pt)",
+    "reduction time (s)",
+]  # fmt: skip
+
+
+def vgg_rows(
+    args: argparse.Namespace,
+    net: nn.Module,
+    calib: list,
+    stats: dict,
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
+    allocation: str,
+    with_tp: bool,
+) -> list[list[str]]:
+    """One row per ratio and method: the widths of ``allocation``, the conv MACs, the test
+    accuracy (``test``: an example input, the test images and labels, the unreduced accuracy)."""
+    example, x_te, y_te, base_test = test
+    base_macs = conv_macs(net, example)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     rows = []
     for ratio in args.ratios:
-        widths, frac = uniform_widths(net, example, ratio)
+        if allocation == "uniform":
+            widths, _ = uniform_widths(net, example, ratio)
+        else:
+            widths = proxy_widths(net, stats, example, ratio)
         targets = dict(zip(convs, widths, strict=True))
         for label in methods(with_tp):
             reduced, seconds = timed(
@@ -394,16 +468,7 @@ def vgg(args: argparse.Namespace, with_tp: bool) -> str:
                 ]
             )  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)
-    header = [
-        "target", "widths", "method", "conv MACs lower", "test accuracy (%)", "test drop (pt)",
-        "reduction time (s)",
-    ]  # fmt: skip
-    return (
-        f"### Small VGG-style CNN on Fashion-MNIST\n\n"
-        f"Unreduced: test accuracy {100 * base_test:.2f} %, {base_macs:,} conv MACs per image.\n\n"
-        + md_table(header, rows)
-        + f"\n\nVGG part: {time.perf_counter() - started:.0f} s.\n"
-    )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lenet-epochs", type=int, default=2)
     parser.add_argument("--lenet-budget", type=float, default=1.84, help="points")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=["uniform", "proxy"],
+        default=["uniform", "proxy"],
+        help="how the small VGG's widths are chosen at each conv-MAC ratio",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

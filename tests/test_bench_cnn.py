@@ -80,3 +80,15 @@ def test_torch_pruning_adapter_on_a_random_cnn(bench, importance: str) -> None:
 def test_fashion_mnist_missing_names_the_apt_package(bench, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         bench.load_fashion_mnist(str(tmp_path))
+
+
+def test_proxy_widths_meet_the_mac_ratio(bench) -> None:
+    torch.manual_seed(0)
+    net, example = bench.small_vgg().eval(), torch.randn(1, 1, 28, 28)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    stats = bench.one_shot_stats(net, convs, _calib())
+    base = bench.conv_macs(net, example)
+    widths = bench.proxy_widths(net, stats, example, 2.0)
+    assert len(widths) == 4
+    assert all(1 <= w <= n for w, n in zip(widths, _widths(net), strict=True))
+    assert bench.conv_macs_for_widths(net, widths, example) * 2.0 <= base
