@@ -415,7 +415,7 @@ def vgg(args: argparse.Namespace, with_tp: bool) -> str:
         )
         title = {
             "uniform": "every conv keeps the same fraction of its channels",
-            "proxy": "widths allocated by the refit's proxy (calibration statistics only)",
+            "proxy": "allocated by the refit's proxy (calibration statistics only)",
         }[allocation]
         tables.append(f"Widths: {title}.\n\n" + md_table(VGG_HEADER, rows))
     return (
