@@ -1,0 +1,515 @@
+"""Conv-channel reduction against Torch-Pruning's importances, at equal shapes, no fine-tuning.
+
+Two trained networks, each reduced to the same layer widths by every method, so that the conv
+MACs are equal across a row's methods:
+
+* **LeNet-5 on MNIST** (Caffe variant, trained a few epochs and cached under
+  ``benchmarks/.cache``), whole network: the output channels of ``conv1`` (read by ``conv2``)
+  and ``conv2`` (read, flattened, by ``fc1``) and the output neurons of ``fc1``. A grid of
+  widths; each method's reported point is the one with the lowest modelled energy
+  (:class:`~lightning_neuronprune.cost.energy.EnergyModel`, whole network) whose accuracy drop on
+  5,000 held-out training images stays within ``--lenet-budget`` points, and its test drop.
+* **A small VGG-style CNN on Fashion-MNIST** (4 conv 3×3 layers of 16-32-64-64 channels, each
+  followed by BatchNorm2d and ReLU, max pooling after the last three, Linear 576 → 10; the trained
+  checkpoint ``--vgg-checkpoint``), every conv's output channels kept in the same fraction, the
+  largest one with at most 1/1.5 and 1/2 of the conv MACs.
+
+Methods: the package's least-squares refit (statistics of the consumer's input with every
+spatial position a sample, selection by ``output`` or ``svd_qr``, each kernel tap re-fitted) one-
+shot (:func:`~lightning_neuronprune.core.recording.collect_statistics` once, then
+:func:`~lightning_neuronprune.search.elimination.eliminate_neurons` with ``stats``) and
+sequential (``eliminate_neurons`` with ``data``: each junction fitted on the network reduced
+upstream); Torch-Pruning's ``MagnitudeImportance`` L1 and L2 and ``TaylorImportance`` (gradients
+of the loss on the calibration images) rank each layer's channels, the rest are removed with its
+dependency graph, and nothing is re-fitted. Torch-Pruning is optional: without it those rows are
+skipped with a note.
+
+Calibration uses 2,000 training images; the test accuracy is on the 10,000 test images.
+
+Run from the repository root::
+
+    python benchmarks/bench_cnn.py
+    python benchmarks/bench_cnn.py --models vgg --data-dir /usr/share/datasets/fashion-mnist
+
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package
+(``apt-get install dataset-fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_MNIST, accuracy, trained
+from report import machine_description, md_table
+
+from lightning_neuronprune.core.fitting import FitOptions
+from lightning_neuronprune.core.recording import collect_statistics
+from lightning_neuronprune.cost.energy import EnergyModel
+from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
+from lightning_neuronprune.search.elimination import eliminate_neurons
+from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv_fit import channel_fitter
+from lightning_neuronprune.structure.discovery import auto_conv_junctions
+from lightning_neuronprune.testing.datasets import read_idx
+
+try:
+    import torch_pruning as tp
+except ImportError:  # optional: its rows are skipped
+    tp = None
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+VGG_CHECKPOINT = "/work/cnn_research/vgg_fmnist.pt"
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+OURS = [(m, s) for m in ("output", "svd_qr") for s in ("one-shot", "sequential")]
+TP_IMPORTANCES = ("L1", "L2", "Taylor")
+
+
+def small_vgg(widths: Sequence[int] = (16, 32, 64, 64), num_classes: int = 10) -> nn.Sequential:
+    """4 conv 3×3 (no bias) → BatchNorm2d → ReLU, max pooling after the last three, Linear."""
+    c1, c2, c3, c4 = widths
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),  # 28×28
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),  # 28×28
+        nn.MaxPool2d(2),  # 14×14
+        nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(),  # 14×14
+        nn.MaxPool2d(2),  # 7×7
+        nn.Conv2d(c3, c4, 3, padding=1, bias=False), nn.BatchNorm2d(c4), nn.ReLU(),  # 7×7
+        nn.MaxPool2d(2),  # 3×3
+        nn.Flatten(),
+        nn.Linear(c4 * 3 * 3, num_classes),
+    )  # fmt: skip
+
+
+def load_fashion_mnist(root: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train": (x, y), "test": (x, y)}``, standardised, from the IDX files in ``root``."""
+    stems = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+    out = {}
+    for split, (images, labels) in stems.items():
+        paths = []
+        for stem in (images, labels):
+            found = [Path(root) / f"{stem}{ext}" for ext in (".gz", "")]
+            found = [p for p in found if p.exists()]
+            if not found:
+                raise FileNotFoundError(
+                    f"Fashion-MNIST: {stem}[.gz] is not in {root!r}. Install it with "
+                    "`apt-get install dataset-fashion-mnist` (Debian; files in "
+                    f"{FASHION_DIR}) or pass --data-dir"
+                )
+            paths.append(found[0])
+        x = torch.from_numpy(read_idx(paths[0]).copy()).float().div(255).unsqueeze(1)
+        y = torch.from_numpy(read_idx(paths[1]).copy()).long()
+        out[split] = ((x - FASHION_MEAN) / FASHION_STD, y)
+    return out
+
+
+def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of the conv layers for one input (``example`` has batch 1)."""
+    total = 0
+
+    def hook(m: nn.Conv2d, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        k = m.weight[0].numel()  # in_channels / groups × kernel taps
+        total += out[0].numel() * k
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def uniform_widths(
+    model: nn.Module, example: torch.Tensor, ratio: float, step: float = 0.001
+) -> tuple[list[int], float]:
+    """The widths of the conv layers that keep the largest common fraction ``f`` of each conv's
+    output channels (``round(n·f)``, at least 1) with at most ``1/ratio`` of the conv MACs, and
+    that fraction. Only the widths change: the model itself is not modified."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    n = [c.out_channels for c in convs]
+    base = conv_macs(model, example)
+    f = 1.0
+    while f > 0:
+        widths = [max(1, round(k * f)) for k in n]
+        if conv_macs_for_widths(model, widths, example) * ratio <= base:
+            return widths, f
+        f -= step
+    raise ValueError(f"no uniform fraction reaches a conv-MAC ratio of {ratio}")
+
+
+def conv_macs_for_widths(model: nn.Module, widths: Sequence[int], example: torch.Tensor) -> int:
+    """Conv MACs of ``model`` were its convs' output channels cut to ``widths`` (in order)."""
+    sizes, convs = {}, [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+    def hook(m: nn.Conv2d, _inp: object, out: torch.Tensor) -> None:
+        sizes[m] = out.shape[-2] * out.shape[-1]
+
+    hooks = [c.register_forward_hook(hook) for c in convs]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    total, c_in = 0, convs[0].in_channels
+    for conv, w in zip(convs, widths, strict=True):
+        total += sizes[conv] * w * c_in * conv.weight[0, 0].numel()
+        c_in = w
+    return total
+
+
+def proxy_widths(
+    model: nn.Module, stats: dict, example: torch.Tensor, ratio: float, method: str = "output"
+) -> list[int]:
+    """Widths of the conv layers with at most ``1/ratio`` of the conv MACs, allocated across the
+    junctions by the refit's proxy (:mod:`~lightning_neuronprune.search.allocation`): along a
+    path from the unreduced network, the junction whose next narrower width leaves the least
+    extra unexplained share of its consumer's output energy per conv MAC saved moves first. Uses
+    the calibration statistics only (no accuracy evaluation)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    full = [model.get_submodule(n).out_channels for n in convs]
+    base = conv_macs(model, example)
+    junctions = {j.target: j for j in auto_conv_junctions(model)}
+    widths, curves, cost = {}, {}, {}
+    for i, name in enumerate(convs):
+        j = junctions[name]
+        fitter = channel_fitter(model, j, stats[j.consumer], FitOptions(method=method))
+        widths[name] = list(range(j.num_features, 0, -1))
+        curves[name] = proxy_curve(fitter, widths[name])
+        narrower = [w - (k == i) for k, w in enumerate(full)]
+        cost[name] = base - conv_macs_for_widths(model, narrower, example)
+    for config in allocation_path(widths, curves, cost):
+        chosen = [config[n] for n in convs]
+        if conv_macs_for_widths(model, chosen, example) * ratio <= base:
+            return chosen
+    raise ValueError(f"no configuration on the path reaches a conv-MAC ratio of {ratio}")
+
+
+# ---------------------------------------------------------------- the methods
+
+
+def ours(
+    model: nn.Module,
+    targets: dict[str, int],
+    calib: list[tuple[torch.Tensor, torch.Tensor]],
+    method: str,
+    strategy: str,
+    stats: dict | None,
+) -> nn.Module:
+    """The package's reduction to ``targets`` ({layer: p}), one-shot from ``stats`` or
+    sequential from ``calib``."""
+    if strategy == "one-shot":
+        return eliminate_neurons(model, targets, stats=stats, method=method)[0]
+    return eliminate_neurons(model, targets, data=calib, method=method)[0]
+
+
+def one_shot_stats(model: nn.Module, targets: Sequence[str], calib: list) -> dict:
+    """Statistics of every target's consumer on the unreduced model."""
+    junctions = auto_conv_junctions(model)
+    conv = {j.target for j in junctions}
+    consumers = [j.consumer for j in junctions if j.target in targets]
+    consumers += [_next_linear(model, t) for t in targets if t not in conv]
+    return collect_statistics(
+        model, consumers, calib, channels=statistics_channels(model, junctions)
+    )
+
+
+def _next_linear(model: nn.Module, name: str) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[names.index(name) + 1]
+
+
+def torch_pruning(
+    model: nn.Module,
+    targets: dict[str, int],
+    importance: str,
+    example: torch.Tensor,
+    calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Torch-Pruning: rank each target layer's output channels (or neurons) by ``importance``
+    ("L1", "L2" or "Taylor") on the unreduced model, then remove all but the top ``p`` with its
+    dependency graph (the consumer's columns and a batch norm in between go with them)."""
+    if tp is None:
+        raise RuntimeError("torch_pruning is not installed")
+    model = copy.deepcopy(model).eval()
+    imp = {
+        "L1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "L2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "Taylor": lambda: tp.importance.TaylorImportance(),
+    }[importance]()
+    if importance == "Taylor":
+        if calib is None:
+            raise ValueError("TaylorImportance needs calibration batches for its gradients")
+        model.zero_grad()
+        for x, y in calib:
+            F.cross_entropy(model(x), y).backward()  # eval mode: the BN statistics stay
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    plan = []
+    for name, p in targets.items():
+        layer = model.get_submodule(name)
+        prune_fn = (
+            tp.prune_conv_out_channels
+            if isinstance(layer, nn.Conv2d)
+            else tp.prune_linear_out_channels
+        )
+        n = layer.weight.shape[0]
+        group = graph.get_pruning_group(layer, prune_fn, idxs=list(range(n)))
+        scores = imp(group)
+        drop = scores.argsort()[: n - p].sort().values.tolist()
+        plan.append((layer, prune_fn, drop))
+    for layer, prune_fn, drop in plan:
+        if drop:
+            graph.get_pruning_group(layer, prune_fn, idxs=drop).prune()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def methods(with_tp: bool) -> list[str]:
+    names = [f"{m} + refit, {s}" for m, s in OURS]
+    return names + ([f"Torch-Pruning {i}" for i in TP_IMPORTANCES] if with_tp else [])
+
+
+def reduce_with(
+    label: str,
+    model: nn.Module,
+    targets: dict[str, int],
+    calib: list,
+    stats: dict,
+    example: torch.Tensor,
+) -> nn.Module:
+    if label.startswith("Torch-Pruning"):
+        return torch_pruning(model, targets, label.split()[-1], example, calib)
+    method, strategy = label.split(" + refit, ")
+    return ours(model, targets, calib, method, strategy, stats)
+
+
+def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- LeNet-5
+
+#: (conv1, conv2, fc1) widths of the LeNet-5 grid (unreduced: 20, 50, 500).
+LENET_GRID = [
+    (16, 40, 100),
+    (12, 30, 60),
+    (12, 25, 40),
+    (10, 20, 30),
+    (12, 20, 20),
+    (10, 20, 20),
+    (10, 18, 25),
+    (9, 18, 20),
+    (8, 16, 20),
+    (6, 12, 15),
+]
+
+
+def lenet(args: argparse.Namespace, with_tp: bool) -> str:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    from common import mnist_tensors
+
+    data = mnist_tensors(args.mnist_dir)
+    net = trained("lenet5", args.mnist_dir, epochs=args.lenet_epochs).net.eval()
+    x_tr, y_tr = data["train"]
+    x_te, y_te = data["test"]
+    # the 5,000 validation images are the last ones (not trained on); calibrate on 2,000 others
+    calib = list(zip(x_tr[-7000:-5000].split(500), y_tr[-7000:-5000].split(500), strict=True))
+    x_val, y_val = x_tr[-5000:], y_tr[-5000:]
+    example = x_te[:1]
+    energy = EnergyModel()
+    base_e = energy.estimate(net, example)
+    base_val, base_test = accuracy(net, x_val, y_val), accuracy(net, x_te, y_te)
+    names = ("conv1", "conv2", "fc1")
+    stats = one_shot_stats(net, names, calib)
+    rows, best = [], {}
+    for widths in LENET_GRID:
+        targets = dict(zip(names, widths, strict=True))
+        for label in methods(with_tp):
+            reduced, seconds = timed(
+                lambda label=label, targets=targets: reduce_with(
+                    label, net, targets, calib, stats, example
+                )
+            )
+            e = energy.estimate(reduced, example)
+            ratio = base_e.energy_ratio(e)
+            macs = conv_macs(net, example) / conv_macs(reduced, example)
+            val_drop = 100 * (base_val - accuracy(reduced, x_val, y_val))
+            test_acc = accuracy(reduced, x_te, y_te)
+            test_drop = 100 * (base_test - test_acc)
+            rows.append(
+                [
+                    "/".join(map(str, widths)), label, f"{macs:.2f}×", f"{ratio:.1f}×",
+                    f"{val_drop:.2f}", f"{100 * test_acc:.2f}", f"{test_drop:.2f}",
+                    f"{seconds:.1f}",
+                ]
+            )  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
+            if val_drop <= args.lenet_budget and ratio > best.get(label, (0,))[0]:
+                best[label] = (ratio, widths, val_drop, test_drop)
+    header = [
+        "widths conv1/conv2/fc1", "method", "conv MACs lower", "energy lower (whole net)",
+        "validation drop (pt)", "test accuracy (%)", "test drop (pt)", "reduction time (s)",
+    ]  # fmt: skip
+    summary = [
+        [label, f"{r:.1f}×", "/".join(map(str, w)), f"{v:.2f}", f"{t:.2f}"]
+        for label, (r, w, v, t) in best.items()
+    ]
+    summary += [[label, "none within budget", "", "", ""] for label in methods(with_tp)
+                if label not in best]  # fmt: skip
+    return (
+        f"### LeNet-5 on MNIST, whole network\n\n"
+        f"Unreduced: test accuracy {100 * base_test:.2f} %, validation {100 * base_val:.2f} % "
+        f"(5,000 held-out training images); trained {args.lenet_epochs} epochs.\n\n"
+        + md_table(header, rows)
+        + f"\n\nEach method's lowest modelled energy with a validation drop ≤ "
+        f"{args.lenet_budget} pt:\n\n"
+        + md_table(
+            ["method", "energy lower", "widths", "validation drop (pt)", "test drop (pt)"],
+            summary,
+        )
+        + f"\n\nLeNet-5 part: {time.perf_counter() - started:.0f} s.\n"
+    )
+
+
+# ---------------------------------------------------------------- small VGG
+
+
+def vgg(args: argparse.Namespace, with_tp: bool) -> str:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    data = load_fashion_mnist(args.data_dir)
+    net = small_vgg()
+    net.load_state_dict(torch.load(args.vgg_checkpoint, weights_only=True))
+    net.eval()
+    x_tr, y_tr = data["train"]
+    x_te, y_te = data["test"]
+    calib = list(zip(x_tr[:2000].split(500), y_tr[:2000].split(500), strict=True))
+    example = x_te[:1]
+    base_test = accuracy(net, x_te, y_te)
+    base_macs = conv_macs(net, example)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    stats = one_shot_stats(net, convs, calib)
+    tables = []
+    for allocation in args.allocations:
+        rows = vgg_rows(
+            args, net, calib, stats, (example, x_te, y_te, base_test), allocation, with_tp
+        )
+        title = {
+            "uniform": "every conv keeps the same fraction of its channels",
+            "proxy": "allocated by the refit's proxy (calibration statistics only)",
+        }[allocation]
+        tables.append(f"Widths: {title}.\n\n" + md_table(VGG_HEADER, rows))
+    return (
+        f"### Small VGG-style CNN on Fashion-MNIST\n\n"
+        f"Unreduced: test accuracy {100 * base_test:.2f} %, {base_macs:,} conv MACs per image.\n\n"
+        + "\n\n".join(tables)
+        + f"\n\nVGG part: {time.perf_counter() - started:.0f} s.\n"
+    )
+
+
+VGG_HEADER = [
+    "target", "widths", "method", "conv MACs lower", "test accuracy (%)", "test drop (pt)",
+    "reduction time (s)",
+]  # fmt: skip
+
+
+def vgg_rows(
+    args: argparse.Namespace,
+    net: nn.Module,
+    calib: list,
+    stats: dict,
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
+    allocation: str,
+    with_tp: bool,
+) -> list[list[str]]:
+    """One row per ratio and method: the widths of ``allocation``, the conv MACs, the test
+    accuracy (``test``: an example input, the test images and labels, the unreduced accuracy)."""
+    example, x_te, y_te, base_test = test
+    base_macs = conv_macs(net, example)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    rows = []
+    for ratio in args.ratios:
+        if allocation == "uniform":
+            widths, _ = uniform_widths(net, example, ratio)
+        else:
+            widths = proxy_widths(net, stats, example, ratio)
+        targets = dict(zip(convs, widths, strict=True))
+        for label in methods(with_tp):
+            reduced, seconds = timed(
+                lambda label=label, targets=targets: reduce_with(
+                    label, net, targets, calib, stats, example
+                )
+            )
+            macs = base_macs / conv_macs(reduced, example)
+            acc = accuracy(reduced, x_te, y_te)
+            rows.append(
+                [
+                    f"{ratio}×", "/".join(map(str, widths)), label, f"{macs:.2f}×",
+                    f"{100 * acc:.2f}", f"{100 * (base_test - acc):.2f}", f"{seconds:.1f}",
+                ]
+            )  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=["lenet5", "vgg"], default=["lenet5", "vgg"])
+    parser.add_argument("--mnist-dir", default=DEFAULT_MNIST)
+    parser.add_argument(
+        "--data-dir", default=FASHION_DIR, help="directory of the Fashion-MNIST IDX files"
+    )
+    parser.add_argument("--vgg-checkpoint", default=VGG_CHECKPOINT)
+    parser.add_argument("--lenet-epochs", type=int, default=2)
+    parser.add_argument("--lenet-budget", type=float, default=1.84, help="points")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=["uniform", "proxy"],
+        default=["uniform", "proxy"],
+        help="how the small VGG's widths are chosen at each conv-MAC ratio",
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with_tp = tp is not None
+    started = time.perf_counter()
+    print(f"Machine: {machine_description()}\n")
+    if not with_tp:
+        print("Note: torch_pruning is not installed; its rows are skipped "
+              "(pip install --no-deps torch-pruning==1.6.1).\n")  # fmt: skip
+    sections = []
+    if "vgg" in args.models:  # check the data first: the error comes before any training
+        load_fashion_mnist(args.data_dir)
+    if "lenet5" in args.models:
+        sections.append(lenet(args, with_tp))
+    if "vgg" in args.models:
+        sections.append(vgg(args, with_tp))
+    print()
+    print("\n".join(sections))
+    print(f"Total: {time.perf_counter() - started:.0f} s on {machine_description()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
