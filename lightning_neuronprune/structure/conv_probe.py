@@ -24,8 +24,7 @@ per-channel state other than one batch norm.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,13 @@ from lightning_neuronprune.errors import JunctionError
 from lightning_neuronprune.structure.conv import CHANNEL_NORMS, CONV_LAYERS, placeholder_fit
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import replace_module
+from lightning_neuronprune.structure.perturbation import (
+    bit_patterns,
+    differs,
+    fingerprint,
+    tensors,
+    threshold,
+)
 from lightning_neuronprune.structure.surgery import apply_reduction
 
 __all__ = ["ConvProbe"]
@@ -55,33 +61,6 @@ class _Trace:
     fingerprints: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
-def _fingerprint(value: Any) -> Tensor:
-    parts = [
-        torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
-        for t in _tensors(value)
-        if t.is_floating_point()
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def _differs(a: Tensor, b: Tensor, tol: float) -> bool:
-    if a.shape != b.shape:
-        return True
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(((a - b).abs() > tol * (scale + tol)).any())
-
-
 def _changed(new: Tensor, old: Tensor, conv: bool, tol: float) -> Tensor:
     """Which channels (dim 1 of a conv input) or features (last dim) of ``new`` differ."""
     if new.shape != old.shape:
@@ -92,16 +71,7 @@ def _changed(new: Tensor, old: Tensor, conv: bool, tol: float) -> Tensor:
         if conv
         else diff.reshape(-1, diff.shape[-1]).T
     )
-    scale = float(old.abs().max()) if old.numel() else 0.0
-    return (diff.amax(1) > tol * (scale + tol)).cpu()
-
-
-def _bit_patterns(n: int) -> Iterator[Tensor]:
-    j = torch.arange(n)
-    for b in range(math.ceil(math.log2(n)) if n > 1 else 0):
-        bit = (j >> b) & 1 == 1
-        yield bit
-        yield ~bit
+    return (diff.amax(1) > threshold(old, tol)).cpu()
 
 
 class ConvProbe:
@@ -152,13 +122,15 @@ class ConvProbe:
                     mask = channels.to(output.device).reshape(shape)  # type: ignore[union-attr]
                     return torch.where(mask, output + 1 + output.abs(), output)
                 old = self.baseline.outputs.get(name, [])
-                return old[k] if k < len(old) and old[k].shape == output.shape else None
+                # a copy: an in-place module after this layer would otherwise rewrite the stored
+                # baseline for every later pass
+                return old[k].clone() if k < len(old) and old[k].shape == output.shape else None
 
             return hook
 
         def module_hook(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                trace.fingerprints.append((name, _fingerprint(output)))
+                trace.fingerprints.append((name, fingerprint(output)))
 
             return hook
 
@@ -172,7 +144,7 @@ class ConvProbe:
                     handles.append(m.register_forward_hook(module_hook(name)))
             with evaluating(self.model), torch.no_grad():
                 out = self.call(self.model, self.example)
-            trace.output = [t.detach().clone() for t in _tensors(out)]
+            trace.output = [t.detach().clone() for t in tensors(out)]
         finally:
             for h in handles:
                 h.remove()
@@ -182,7 +154,7 @@ class ConvProbe:
     def _output_changed(self, trace: _Trace) -> bool:
         old = self.baseline.output
         return len(trace.output) != len(old) or any(
-            _differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
+            differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
         )
 
     def _reached(self, producer: str, trace: _Trace, n: int) -> tuple[str, Tensor]:
@@ -236,7 +208,7 @@ class ConvProbe:
                 f"the output channels of {producer!r} reach the network output other than "
                 f"through {consumer!r}: they are on a residual stream"
             )
-        for pattern in _bit_patterns(n):
+        for pattern in bit_patterns(n):
             reached, changed = self._reached(producer, self._run(producer, pattern), n)
             if reached != consumer or bool((changed & ~pattern).any()):
                 raise JunctionError(
@@ -258,7 +230,7 @@ class ConvProbe:
             self.baseline.fingerprints, trace.fingerprints, strict=True
         ):
             m = modules[name]
-            if not _differs(new, old, self.tolerance) or any(True for _ in m.children()):
+            if not differs(new, old, self.tolerance) or any(True for _ in m.children()):
                 continue
             path.append(f"{name} ({type(m).__name__})")
             state = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
@@ -305,7 +277,7 @@ class ConvProbe:
         if (
             error is not None
             or len(seen) != 1
-            or _differs(seen[0].reshape(base.shape[0], -1), expected, self.tolerance)
+            or differs(seen[0].reshape(base.shape[0], -1), expected, self.tolerance)
         ):
             raise JunctionError(
                 f"with {junction.producer!r} narrowed to {n - 1} of {n} channels, "

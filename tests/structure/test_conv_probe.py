@@ -99,3 +99,28 @@ def test_probe_agrees_with_tracing(generator: torch.Generator) -> None:
     consumer, bn, _ = probe.find("layer1.1.conv1")
     assert (consumer, bn) == ("layer1.1.conv2", "layer1.1.bn1")
     assert probe.passes == 2 + 2 * 4  # reach and narrowing, 2⌈log₂ 12⌉ channel patterns
+
+
+class InplaceAfterConv(nn.Module):
+    """conv → LeakyReLU(inplace) → conv → flatten → Linear behind an untraceable branch: the
+    in-place activation writes into whatever tensor the probe hands back for ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act = nn.Conv2d(2, 6, 3, padding=1), nn.LeakyReLU(0.1, inplace=True)
+        self.b = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # torch.fx cannot trace this branch
+            h = self.act(self.a(x))
+        return self.fc(torch.flatten(self.b(h), 1))
+
+
+def test_an_inplace_activation_does_not_corrupt_the_baseline(example: torch.Tensor) -> None:
+    model = InplaceAfterConv().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = ConvProbe(model, example)
+    assert probe.find("a")[0] == "b"
+    assert probe.find("b")[0] == "fc"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
