@@ -179,6 +179,3 @@ class BlockScope:
         args, kwargs = shared_copy(self.model, self.args)
         out = self.module(*args, **kwargs)
         return out, state_tensors((args, kwargs))
-
-    def contains(self, name: str) -> bool:
-        return name.startswith(self.name + ".")

@@ -271,8 +271,8 @@ class JunctionProbe(ProbePasses):
         same = to_host([differ(self.baseline.inputs[c][0], x, self.tolerance) for c in shaped])
         found = []
         for name in [c for c, d in zip(shaped, same, strict=True) if not bool(d)]:
-            if self.scope is not None and not self.scope.contains(name):
-                raise _LeavesBlock(f"{name!r}, outside the block, reads the same input")
+            if self.scope is not None and name not in self.base.inputs:
+                raise _LeavesBlock(f"{name!r}, which the block does not call, reads the same input")
             trace = self.run({name: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
             try:
                 reached, _ = self._reached((name,), trace)

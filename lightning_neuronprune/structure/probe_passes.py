@@ -222,7 +222,10 @@ class ProbePasses:
         if name not in self._scopes:
             scope = self._blocks.scope(name)
             self._scopes[name] = scope if scope is not None and self.replays(scope) else None
-        return self._scopes[name]
+        scope = self._scopes[name]
+        if scope is None or scope.baseline is None or producer not in scope.baseline.inputs:
+            return None  # a layer of the block that the block itself does not call
+        return scope
 
     def replays(self, scope: BlockScope) -> bool:
         """Run the block alone (its baseline): it must show the whole model's baseline, the
