@@ -92,8 +92,10 @@ def tensors(value: Any) -> Iterator[Tensor]:
 
 
 def fingerprint(value: Any) -> Tensor:
+    """``[Σ t, Σ |t|]`` of every floating-point tensor in ``value``, accumulated in float64."""
+    f64 = torch.float64
     parts = [
-        torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
+        torch.stack([t.detach().sum(dtype=f64), t.detach().abs().sum(dtype=f64)])
         for t in tensors(value)
         if t.is_floating_point()
     ]

@@ -155,11 +155,14 @@ class ProbePasses:
 
             return hook
 
-        def module_hook(name: str) -> Callable[..., None]:
+        def module_hook(name: str, leaf: bool) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                trace.fingerprints.append((name, fingerprint(output)))
+                # only leaves make the path; the others are counted (which modules ran)
+                trace.fingerprints.append((name, fingerprint(output) if leaf else empty))
 
             return hook
+
+        empty = torch.zeros(0, dtype=torch.float64)
 
         handles = []
         try:
@@ -167,7 +170,8 @@ class ProbePasses:
                 if isinstance(m, nn.Linear):
                     handles.append(m.register_forward_hook(linear_hook(name)))
                 elif fingerprints:
-                    handles.append(m.register_forward_hook(module_hook(name)))
+                    leaf = next(m.children(), None) is None
+                    handles.append(m.register_forward_hook(module_hook(name, leaf)))
             out, state = self.forward()
             if self.scope is None:
                 trace.output = [t.detach().clone() for t in tensors(out)]
