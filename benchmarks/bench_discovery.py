@@ -11,7 +11,7 @@ For each model the script finds the junctions with
 of 32 tokens by default) and prints: the whole-model forward passes it ran (counted with a forward
 pre-hook on the model), the block-scoped passes (one decoder layer run on its recorded inputs),
 the cost in full-forward equivalents (a block pass counted as 1/L of a forward for L layers),
-the wall time (best of ``--repeat`` runs, the first of which gives the counts), and the wall
+the wall time (best of ``--repeat`` runs; the counts are the same in each), and the wall
 time of one full forward of the same batch in the same run (best of 3 before and 3 after), with
 their ratio. On a shared machine, compare the ratio rather than the seconds.
 
