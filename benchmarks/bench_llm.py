@@ -28,6 +28,8 @@ Methods:
   ``--fisher-tokens`` calibration tokens; the path lowers, one step at a time, the layer whose
   proxy grows least per neuron removed, and each ratio takes the first configuration that
   removes that share of all FFN neurons (so ``p / n`` is a mean).
+* ``alloc-energy``: the same path ordered by the ``energy`` proxy instead (the share of each
+  layer's own ``down_proj`` output energy left unexplained; no gradient).
 
 Seconds per row: the statistics pass (a forward over the calibration tokens, plus the n×n Gram
 matrices for ours; Wanda and FLAP need only per-neuron moments, so theirs is the forward alone),
@@ -76,7 +78,7 @@ from lightning_neuronprune.core.selection import output_order
 from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
 from lightning_neuronprune.search.sensitivity import default_loss, output_sensitivity
 
-METHODS = ("magnitude", "wanda", "flap", "qr", "alloc", "output", "seq", "ridge")
+METHODS = ("magnitude", "wanda", "flap", "qr", "alloc", "alloc-energy", "output", "seq", "ridge")
 CALIBRATION_BOOK = "prideprejudice"
 HELD_OUT_BOOK = "persuasion"
 
@@ -313,24 +315,25 @@ def loss_allocation(
     stats: FFNStatistics,
     windows: Tensor,
     batch: int,
-    fisher_tokens: int,
+    fisher_tokens: int | None,
     step: int = 32,
 ) -> list[dict[str, int]]:
     """The allocate strategy's path of per-layer widths (multiples of ``step``), ordered by the
     loss proxy with the diagonal Fisher of each ``down_proj`` output on ``fisher_tokens``
-    calibration tokens."""
+    calibration tokens (``None``: by the energy proxy)."""
     batches = [{"input_ids": w, "labels": w} for w in windows.split(batch)]
     consumers = [j.consumer for j in junctions]
-    fisher = output_sensitivity(
-        model, consumers, batches, default_loss(CausalLMPerplexity()), max_rows=fisher_tokens
-    )
+    fisher: dict[str, Tensor] = {}
+    if fisher_tokens is not None:
+        loss = default_loss(CausalLMPerplexity())
+        fisher = output_sensitivity(model, consumers, batches, loss, max_rows=fisher_tokens)
     widths, curves = {}, {}
     for j, s in zip(junctions, stats.gram, strict=True):
         n = j.num_features
         widths[j.layer] = [n, *range(((n - 1) // step) * step, 0, -step)]
         W = model.get_submodule(j.consumer).weight
         fitter = JunctionFitter(s, W, None, FitOptions(method="qr"))
-        curves[j.layer] = proxy_curve(fitter, widths[j.layer], fisher[j.consumer])
+        curves[j.layer] = proxy_curve(fitter, widths[j.layer], fisher.get(j.consumer))
     return allocation_path(widths, curves, {j.layer: 1 for j in junctions})
 
 
@@ -442,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="fractions of FFN neurons removed")
-    ap.add_argument("--methods", default="magnitude,wanda,flap,qr,seq,ridge,output")
+    ap.add_argument("--methods", default="magnitude,wanda,flap,qr,alloc,seq,ridge,output")
     ap.add_argument("--seq-ratios", default="0.2", help="ratios at which `seq` runs")
     ap.add_argument("--ridge-ratios", default="0.2", help="ratios at which `ridge` runs")
     ap.add_argument("--output-ratios", default="0.2", help="ratios at which `output` runs")
@@ -499,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     assert all(j.kind == "gated" for j in junctions), junctions
 
     stats = None
-    if set(methods) & {"wanda", "flap", "qr", "alloc", "output", "ridge"}:
+    if set(methods) & {"wanda", "flap", "qr", "alloc", "alloc-energy", "output", "ridge"}:
         stats = collect_ffn_statistics(model, calib, args.batch)
         print(
             f"# statistics pass: forward {stats.forward_s:.0f} s, "
@@ -508,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     orders: dict[str, list[Tensor]] = {}
     order_s: dict[str, float] = {}
-    if set(methods) & {"qr", "alloc", "ridge"}:
+    if set(methods) & {"qr", "alloc", "alloc-energy", "ridge"}:
         t = time.perf_counter()
         orders["qr"] = [nested_order(s) for s in stats.gram]
         order_s["qr"] = time.perf_counter() - t
@@ -520,11 +523,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             W = model.get_submodule(j.consumer).weight.detach()
             orders["output"].append(output_order(s, W, steps=p_max))
         order_s["output"] = time.perf_counter() - t
-    path: list[dict[str, int]] = []
-    if "alloc" in methods:
-        t = time.perf_counter()
-        path = loss_allocation(model, junctions, stats, calib, args.batch, args.fisher_tokens)
-        order_s["alloc"] = order_s["qr"] + time.perf_counter() - t
+    paths: dict[str, list[dict[str, int]]] = {}
+    for name, tokens in (("alloc", args.fisher_tokens), ("alloc-energy", None)):
+        if name in methods:
+            t = time.perf_counter()
+            paths[name] = loss_allocation(model, junctions, stats, calib, args.batch, tokens)
+            order_s[name] = order_s["qr"] + time.perf_counter() - t
     if order_s:
         print("# selection orders: " + ", ".join(f"{k} {v:.0f} s" for k, v in order_s.items()))
 
@@ -549,12 +553,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if method in ("magnitude", "wanda", "flap"):
                 reduced = reduce_baseline(model, method, p, stats)
                 prep = 0.0 if method == "magnitude" else stats.forward_s
-            elif method == "alloc":
-                config = first_removing(path, n, ratio)
+            elif method in paths:
+                config = first_removing(paths[method], n, ratio)
                 reduced = reduce_allocated(model, junctions, stats, orders["qr"], config)
-                prep = stats.forward_s + stats.gram_s + order_s["alloc"]
+                prep = stats.forward_s + stats.gram_s + order_s[method]
                 widths = [config[j.layer] for j in junctions]
-                print(f"# alloc {ratio:.0%}: widths {widths}", flush=True)
+                print(f"# {method} {ratio:.0%}: widths {widths}", flush=True)
             elif method in ("qr", "output", "ridge"):
                 source = "output" if method == "output" else "qr"
                 ridge = args.ridge if method == "ridge" else 0.0
@@ -564,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reduced, _ = reduce_sequential(model, junctions, calib, args.batch, p)
                 prep = 0.0
             seconds = prep + time.perf_counter() - t
-            mean_p = round(sum(config.values()) / len(config)) if method == "alloc" else p
+            mean_p = round(sum(config.values()) / len(config)) if method in paths else p
             record(method, ratio, mean_p, reduced, seconds)
             if method == "qr" and abs(ratio - 0.2) < 1e-9:
                 kept_models["qr"] = reduced
