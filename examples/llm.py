@@ -10,7 +10,9 @@ are the pretrained ones when the callback runs at the end of the fit.
 ``NeuronEliminationCallback(targets="auto")`` then finds the gated FFN of every layer, collects
 the statistics of ``down_proj``'s input on the calibration windows (the start of *Pride and
 Prejudice*), and the allocation search (``JointSettings(strategy="allocate")``) picks per-layer
-widths within the perplexity budget (``CausalLMPerplexity``, ``--budget``, default 5 %) measured
+widths, ordered by each layer's second-order loss increase (its ``down_proj`` output weighted by
+the diagonal Fisher information from one backward pass over 4,096 calibration tokens), within the
+perplexity budget (``CausalLMPerplexity``, ``--budget``, default 5 %) measured
 on the evaluation windows (the text of *Pride and Prejudice* after the calibration windows). The
 held-out perplexity is measured on another novel (the start of *Persuasion*) before and after.
 
@@ -24,7 +26,7 @@ error is estimated over chunks of 100 samples). The held-out novel is reported i
 
 Run from the repository root::
 
-    python examples/llm.py                                  # 8192 + 2048 + 2048 tokens
+    python examples/llm.py                                  # 16384 + 2048 + 4096 tokens
     python examples/llm.py --budget 10% --max-evaluations 12
     python examples/llm.py --tiny                           # random tiny Llama, no weights needed
 
@@ -156,12 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--budget", default="5%", help='perplexity rise: "N%%" or a number')
-    parser.add_argument("--calib-tokens", type=int, default=8192, help="statistics tokens")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="statistics tokens")
     parser.add_argument(
         "--eval-tokens", type=int, default=2048, help="tokens the search evaluates on"
     )
     parser.add_argument(
-        "--held-out-tokens", type=int, default=2048, help="tokens of the held-out novel"
+        "--held-out-tokens", type=int, default=4096, help="tokens of the held-out novel"
     )
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per batch")
@@ -174,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--probe-samples", type=int, default=1, help="windows the junction probe runs on"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root directory")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama, synthetic tokens")
     parser.add_argument("--seed", type=int, default=0)
