@@ -80,8 +80,10 @@ class JunctionStatistics:
         M = self.gram / self.count
         if centered:
             mu = self.mean()
-            M = M - torch.outer(mu, mu)
-        return (M + M.T) / 2
+            M.sub_(torch.outer(mu, mu))
+        S = M + M.T
+        del M  # at most three n × n matrices at a time, G included
+        return S.div_(2)
 
     def to(self, device: torch.device | str) -> JunctionStatistics:
         """A copy on ``device``."""
