@@ -32,11 +32,14 @@ Figures are printed as ratios to the bound. Timing is not the point: one torch t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import gc
 import math
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +58,59 @@ from lightning_neuronprune.structure.targets import resolve_targets
 GIB = 2**30
 
 
+def trim() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc ``malloc_trim``)."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class Phases:
+    """Peak RSS per phase of a run, above the RSS when the run started: the sampling thread of a
+    :class:`PeakProbe` also files each sample under the phase in progress."""
+
+    def __init__(self, probe: PeakProbe) -> None:
+        self.probe, self.current, self.base = probe, "other", 0
+        self.peak: dict[str, int] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop:
+            extra = rss() - self.base
+            self.peak[self.current] = max(self.peak.get(self.current, 0), extra)
+            time.sleep(0.002)
+
+    def wrap(self, name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.current = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current = "other"
+
+        return wrapped
+
+    def __enter__(self) -> Phases:
+        trim()
+        self.base = rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+class TrimmedProbe(PeakProbe):
+    """:class:`PeakProbe` that first hands freed heap back to the system (glibc ``malloc_trim``),
+    so that memory freed by an earlier part is not reused unseen by the next one."""
+
+    def measure(self, fn):  # type: ignore[no-untyped-def]
+        trim()
+        return super().measure(fn)
+
+
 def build(args: argparse.Namespace) -> nn.Module:
     import transformers
 
@@ -66,6 +122,28 @@ def build(args: argparse.Namespace) -> nn.Module:
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def measure_fit(
+    probe: PeakProbe, model: nn.Module, args: argparse.Namespace, p: int, g: torch.Generator
+) -> tuple[float, int]:
+    """Seconds and peak extra bytes (``G`` included) of ``reduce_junction`` at p on a copy of the
+    last FFN, with a synthetic positive definite ``G``."""
+    n, d = args.ffn, args.hidden
+    holder = nn.Sequential()
+    holder.add_module("mlp", copy.deepcopy(model.model.layers[args.layers - 1].mlp))
+    (junction,) = resolve_targets(holder, ["mlp.gate_proj"], example=torch.randn(1, 4, d))
+    R = torch.rand(n, n, dtype=torch.float64, generator=g)
+    gram = R.add_(R.T.clone()).div_(2 * n)
+    gram.diagonal().add_(2.0)  # diagonally dominant: positive definite
+    stats = JunctionStatistics(gram, torch.zeros(n, dtype=torch.float64), 1)
+    del R, gram
+
+    def fit() -> None:
+        reduce_junction(holder, junction, stats, p, method=args.method)
+
+    _, seconds, peak = probe.measure(fit)
+    return seconds, peak + n * n * 8  # G was made before the measurement started: count it
 
 
 def gib(x: float) -> str:
@@ -94,7 +172,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    probe = PeakProbe()
+    probe = TrimmedProbe()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
         cwd=Path(__file__).resolve().parent,
@@ -140,8 +218,8 @@ def main() -> None:
         f"(measured) = {gib(bound)} GiB; one n × n float64 G = {gib(G_bytes)} GiB",
         flush=True,
     )
-    rows.append(["one block's activations (the bound's second term)", gib(act), f"{act / bound:.2f}",
-                 f"{seconds:.1f}", load()])  # fmt: skip
+    rows.append(["one block's activations (the bound's second term)", gib(act),
+                 f"{act / bound:.2f}", f"{seconds:.1f}", load()])  # fmt: skip
 
     targets = resolve_targets(model, "auto", example={"input_ids": ids[:1, :16]})
     print(f"junctions: {len(targets)} ({targets[0].layer} ...)", flush=True)
@@ -165,25 +243,11 @@ def main() -> None:
     )
 
     # one junction's fit at a realistic p on full-rank statistics, on a copy of one FFN
-    holder = nn.Sequential()
-    holder.add_module("mlp", copy.deepcopy(model.model.layers[args.layers - 1].mlp))
-    (junction,) = resolve_targets(holder, ["mlp.gate_proj"], example=torch.randn(1, 4, d))
-    R = torch.rand(n, n, dtype=torch.float64, generator=g)
-    gram = R.add_(R.T.clone()).div_(2 * n)
-    gram.diagonal().add_(2.0)  # diagonally dominant: positive definite
-    stats = JunctionStatistics(gram, torch.zeros(n, dtype=torch.float64), 1)
-    del R
     p_fit = math.ceil(args.fit_keep * n)
-
-    def fit() -> None:
-        reduce_junction(holder, junction, stats, p_fit, method=args.method)
-
-    _, seconds, peak = probe.measure(fit)
-    peak += G_bytes  # G was made before the measurement started: count it
+    seconds, peak = measure_fit(probe, model, args, p_fit, g)
     rows.append([f"one junction's fit at p = {p_fit} on full-rank G, G included ({args.method})",
                  gib(peak), f"{peak / bound:.2f}", f"{seconds:.1f}", load()])  # fmt: skip
     print(f"fit at p = {p_fit}: {gib(peak)} GiB with G = {peak / bound:.2f} × bound", flush=True)
-    del stats, gram, holder, junction
     gc.collect()
 
     p = math.ceil(args.keep * n)
@@ -192,10 +256,25 @@ def main() -> None:
     def streamed() -> None:
         reduce_streamed(model, targets, args.keep, data, FitOptions(method=args.method), io=io)
 
-    _, seconds, peak = probe.measure(streamed)
-    rows.append([f"streamed reduction, {L} junctions, p = {p} ({args.method})", gib(peak),
-                 f"{peak / bound:.2f}", f"{seconds:.1f}", load()])  # fmt: skip
-    print(f"streamed: {gib(peak)} GiB = {peak / bound:.2f} × bound", flush=True)
+    import lightning_neuronprune.search.streaming as streaming
+
+    phases = Phases(probe)
+    with contextlib.ExitStack() as stack:
+        for name, attr in (("statistics", "collect_statistics"), ("fit", "reduce_junction")):
+            original = getattr(streaming, attr)
+            setattr(streaming, attr, phases.wrap(name, original))
+            stack.callback(setattr, streaming, attr, original)
+        trim()
+        stack.enter_context(phases)
+        _, seconds, peak = probe.measure(streamed)
+    label = f"streamed reduction, {L} junctions, p = {p} ({args.method})"
+    rows.append([label, gib(peak), f"{peak / bound:.2f}", f"{seconds:.1f}", load()])
+    for name in ("statistics", "fit"):
+        value = phases.peak.get(name, 0)
+        rows.append([f"... of which the {name} passes" if name == "statistics" else
+                     "... of which the selections, refits and surgeries", gib(value),
+                     f"{value / bound:.2f}", "", ""])  # fmt: skip
+    print(f"streamed: {gib(peak)} GiB = {peak / bound:.2f} × bound; {phases.peak}", flush=True)
     probe.close()
     print()
     print(
