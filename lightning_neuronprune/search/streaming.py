@@ -11,11 +11,14 @@ junction) without a search. It walks the junctions in network order and, for eac
    absorbs the errors of the junctions before it;
 3. swaps the smaller modules in, writes the plan so far, and frees ``G``.
 
-Only one junction's ``G`` (n × n, float64, on the model's device) lives at a time: the peak
-extra memory is that ``G`` with the selection and least-squares workspace, and one block's
-activations, never the ``L · n²`` of collecting every junction's statistics at once. The price
-is one partial pass over the data per junction (``L (L + 1) / 2`` block passes for ``L``
-junctions in a row of blocks, about ``L / 2`` full passes).
+Only one junction's ``G`` (n × n, float64, on the model's device) lives at a time, and without an
+intercept it is turned into the second moment in place
+(:meth:`~lightning_neuronprune.core.statistics.JunctionStatistics.normalize_`), which the fit
+reads without a copy. The peak extra memory is that one matrix with the selection and
+least-squares workspace, or during a pass ``G`` and one block's activations; never the
+``L · n²`` of collecting every junction's statistics at once. The price is one partial pass over
+the data per junction (``L (L + 1) / 2`` block passes for ``L`` junctions in a row of blocks,
+about ``L / 2`` full passes).
 
 :func:`run_plan` is what the Lightning callback does with ``apply={layer: p}``: the unreduced
 model's metric and energy, :func:`reduce_streamed`, and the reduced model's, as a
@@ -189,11 +192,14 @@ def reduce_streamed(
                 stop_early=True, **io.forward_kwargs(),
             )[j.consumer]  # fmt: skip
             collected = time.perf_counter()
+            moment = None
+            if not options.affine and j.kind != "conv":  # G becomes the moment: no copy of it
+                moment = stats.normalize_().gram
             record = reduce_junction(
                 model, j, stats, p, method=options.method, affine=options.affine,
-                ridge=options.ridge,
+                ridge=options.ridge, moment=moment,
             )  # fmt: skip
-            del stats  # free G before the next junction's pass
+            del stats, moment  # free G before the next junction's pass
             records.append(record)
             write_plan(model, previous + [r.as_dict() for r in records])
             bar.advance()
