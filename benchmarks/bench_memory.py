@@ -18,7 +18,8 @@ thread) above the RSS just before it, after ``gc.collect()``:
   24 GiB machine; the figure scales by ``n² · 8`` bytes per junction, printed);
 * ``fit``: one junction's selection, least-squares refit and surgery at ``p = --fit-keep · n``
   on full-rank statistics (a synthetic positive definite ``G``, since the calibration tokens
-  here are fewer than n), ``G`` included: the workspace that the bound must hold;
+  here are fewer than n), ``G`` included, done as ``reduce_streamed`` does it: the workspace at
+  a realistic width;
 * ``streamed``: :func:`~lightning_neuronprune.search.streaming.reduce_streamed` over all 16
   junctions at ``--keep · n`` (well posed: p below the calibration tokens), statistics only
   from the calibration batches, each pass stopped after its consumer.
@@ -139,8 +140,9 @@ def measure_fit(
     stats = JunctionStatistics(gram, torch.zeros(n, dtype=torch.float64), 1)
     del R, gram
 
-    def fit() -> None:
-        reduce_junction(holder, junction, stats, p, method=args.method)
+    def fit() -> None:  # as reduce_streamed fits: G turned into the moment in place, no copy
+        moment = stats.normalize_().gram
+        reduce_junction(holder, junction, stats, p, method=args.method, moment=moment)
 
     _, seconds, peak = probe.measure(fit)
     return seconds, peak + n * n * 8  # G was made before the measurement started: count it
