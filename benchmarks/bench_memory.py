@@ -26,7 +26,7 @@ thread) above the RSS just before it, after ``gc.collect()``:
 
 Figures are printed as ratios to the bound. Timing is not the point: one torch thread.
 
-    python benchmarks/bench_memory.py                       # the 1B shape, about 25 min here
+    python benchmarks/bench_memory.py                       # the 1B shape, about 13 min here
     python benchmarks/bench_memory.py --layers 2 --hidden 256 --ffn 1024 --vocab 1000   # quick
 """
 
