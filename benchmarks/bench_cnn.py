@@ -50,7 +50,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_MNIST, accuracy, trained
+import common
+from common import DEFAULT_MNIST, trained
 from report import machine_description, md_table
 
 from lightning_neuronprune.core.fitting import FitOptions
@@ -58,9 +59,9 @@ from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
 from lightning_neuronprune.search.elimination import eliminate_neurons
-from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv import pads_with_zeros, statistics_channels
 from lightning_neuronprune.structure.conv_fit import channel_fitter
-from lightning_neuronprune.structure.discovery import auto_conv_junctions
+from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.testing.datasets import read_idx
 
 try:
@@ -73,8 +74,23 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 #: missing).
 VGG_CACHE = str(Path(__file__).resolve().parent / ".cache" / "vgg_fmnist-e{epochs}.pt")
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
-OURS = [(m, s) for m in ("output", "svd_qr") for s in ("one-shot", "sequential")]
+#: Our methods: selection, whether junctions whose consumer does not pad with zeros also fit an
+#: intercept, one-shot or sequential.
+OURS = [
+    (m, i, s)
+    for m, i in (("output", False), ("output", True), ("svd_qr", False))
+    for s in ("one-shot", "sequential")
+]
 TP_IMPORTANCES = ("L1", "L2", "Taylor")
+#: Torch-Pruning's importance for networks with batch norms (Network Slimming's |γ|).
+TP_BN_IMPORTANCE = "BN scale"
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of a channels-last copy of ``model`` (the same values; oneDNN's
+    convolutions and pooling run several times faster on that layout on the CPU)."""
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return common.accuracy(fast, x.contiguous(memory_format=torch.channels_last), y)
 
 
 def small_vgg(widths: Sequence[int] = (16, 32, 64, 64), num_classes: int = 10) -> nn.Sequential:
@@ -268,12 +284,27 @@ def ours(
     method: str,
     strategy: str,
     stats: dict | None,
+    intercept: bool = False,
 ) -> nn.Module:
     """The package's reduction to ``targets`` ({layer: p}), one-shot from ``stats`` or
-    sequential from ``calib``."""
-    if strategy == "one-shot":
-        return eliminate_neurons(model, targets, stats=stats, method=method)[0]
-    return eliminate_neurons(model, targets, data=calib, method=method)[0]
+    sequential from ``calib``. With ``intercept``, the junctions whose consumer does not pad
+    with zeros (a ``Linear`` after a flatten, an unpadded conv) also fit one (``affine=True``),
+    after the others."""
+    groups = [(targets, False)]
+    if intercept:
+        pads = {t: pads_with_zeros(model.get_submodule(find_junction(model, t).consumer))
+                for t in targets}  # fmt: skip
+        groups = [
+            ({t: p for t, p in targets.items() if pads[t]}, False),
+            ({t: p for t, p in targets.items() if not pads[t]}, True),
+        ]
+    out = model
+    for group, affine in groups:
+        if not group:
+            continue
+        source = {"stats": stats} if strategy == "one-shot" else {"data": calib}
+        out = eliminate_neurons(out, group, method=method, affine=affine, **source)[0]
+    return out
 
 
 def one_shot_stats(model: nn.Module, targets: Sequence[str], calib: list) -> dict:
@@ -300,8 +331,9 @@ def torch_pruning(
     calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Torch-Pruning: rank each target layer's output channels (or neurons) by ``importance``
-    ("L1", "L2" or "Taylor") on the unreduced model, then remove all but the top ``p`` with its
-    dependency graph (the consumer's columns and a batch norm in between go with them)."""
+    ("L1", "L2", "Taylor" or "BN scale") on the unreduced model, then remove all but the top
+    ``p`` with its dependency graph (the consumer's columns and a batch norm in between go
+    with them)."""
     if tp is None:
         raise RuntimeError("torch_pruning is not installed")
     model = copy.deepcopy(model).eval()
@@ -309,6 +341,7 @@ def torch_pruning(
         "L1": lambda: tp.importance.MagnitudeImportance(p=1),
         "L2": lambda: tp.importance.MagnitudeImportance(p=2),
         "Taylor": lambda: tp.importance.TaylorImportance(),
+        TP_BN_IMPORTANCE: lambda: tp.importance.BNScaleImportance(),
     }[importance]()
     if importance == "Taylor":
         if calib is None:
@@ -337,9 +370,10 @@ def torch_pruning(
     return model
 
 
-def methods(with_tp: bool) -> list[str]:
-    names = [f"{m} + refit, {s}" for m, s in OURS]
-    return names + ([f"Torch-Pruning {i}" for i in TP_IMPORTANCES] if with_tp else [])
+def methods(with_tp: bool, batchnorm: bool = False) -> list[str]:
+    names = [f"{m} + refit{' + intercept' * i}, {s}" for m, i, s in OURS]
+    importances = TP_IMPORTANCES + ((TP_BN_IMPORTANCE,) if batchnorm else ())
+    return names + ([f"Torch-Pruning {i}" for i in importances] if with_tp else [])
 
 
 def reduce_with(
@@ -351,9 +385,10 @@ def reduce_with(
     example: torch.Tensor,
 ) -> nn.Module:
     if label.startswith("Torch-Pruning"):
-        return torch_pruning(model, targets, label.split()[-1], example, calib)
-    method, strategy = label.split(" + refit, ")
-    return ours(model, targets, calib, method, strategy, stats)
+        return torch_pruning(model, targets, label.removeprefix("Torch-Pruning "), example, calib)
+    head, strategy = label.rsplit(", ", 1)
+    method = head.split(" + ")[0]
+    return ours(model, targets, calib, method, strategy, stats, intercept="intercept" in head)
 
 
 def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
@@ -447,6 +482,73 @@ def lenet(args: argparse.Namespace, with_tp: bool) -> str:
     )
 
 
+def lenet_search(args: argparse.Namespace) -> str:
+    """LeNet-5 reduced as the callback does by default: statistics of every junction (``conv1``,
+    ``conv2``, ``fc1``) on training images, per-layer sweeps and the joint search on one half of
+    the 5,000 validation images, the cheapest configuration confirmed on the other half
+    (``ConfirmSettings()``: the upper 90 % bound of the held-out drop within 3/4 of the budget),
+    then the test drop of the applied model."""
+    from common import mnist_tensors
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_neuronprune.search.pipeline import ReductionSearch
+    from lightning_neuronprune.search.settings import (
+        ConfirmSettings,
+        JointSettings,
+        SearchSettings,
+    )
+    from lightning_neuronprune.structure.discovery import find_junction
+
+    torch.manual_seed(0)
+    data = mnist_tensors(args.mnist_dir)
+    net = trained("lenet5", args.mnist_dir, epochs=args.lenet_epochs).net.eval()
+    (x_tr, y_tr), (x_te, y_te) = data["train"], data["test"]
+    n = args.lenet_search_samples
+    x_cal, y_cal = x_tr[-5000 - n : -5000], y_tr[-5000 - n : -5000]
+    train = list(zip(x_cal.split(500), y_cal.split(500), strict=True))
+    val = list(zip(x_tr[-5000:].split(500), y_tr[-5000:].split(500), strict=True))
+    example, energy = x_te[:1], EnergyModel()
+    base_e, base_test = energy.estimate(net, example), accuracy(net, x_te, y_te)
+    rows = []
+    for strategy in args.lenet_joint:
+        started = time.perf_counter()
+        model = copy.deepcopy(net)
+        junctions = [find_junction(model, t) for t in ("conv1", "conv2", "fc1")]
+        stats = collect_statistics(
+            model, [j.consumer for j in junctions], train,
+            channels=statistics_channels(model, junctions),
+        )  # fmt: skip
+        settings = SearchSettings(
+            max_degradation=args.lenet_budget / 100, options=FitOptions(method="output"),
+            joint=JointSettings(strategy=strategy), confirm=ConfirmSettings(), ranks="all",
+        )  # fmt: skip
+        search = ReductionSearch(model, junctions, stats, energy, settings)
+        result = search.run(val, MulticlassAccuracy(10, average="micro"), example, train_data=train)
+        search.apply(model, result.decision)
+        chosen = result.decision.chosen
+        ratio = base_e.energy_ratio(energy.estimate(model, example))
+        test_drop = 100 * (base_test - accuracy(model, x_te, y_te))
+        plan = dict(result.decision.plan) if chosen is not None else {}
+        rows.append(
+            [
+                strategy, "/".join(str(plan.get(t, "-")) for t in ("conv1", "conv2", "fc1")),
+                f"{ratio:.1f}×",
+                f"{100 * chosen.accuracy_drop:.2f}" if chosen is not None else "",
+                f"{test_drop:.2f}", f"{time.perf_counter() - started:.0f}",
+            ]
+        )  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    header = [
+        "joint strategy", "widths conv1/conv2/fc1", "energy lower (whole net)",
+        "search drop (pt)", "test drop (pt)", "seconds",
+    ]  # fmt: skip
+    return (
+        "### LeNet-5 with the callback's search and held-out confirmation\n\n"
+        f"Budget {args.lenet_budget} pt; statistics on {n} training images; `output` "
+        "selection, every p; confirmation `ConfirmSettings()`.\n\n" + md_table(header, rows) + "\n"
+    )
+
+
 # ---------------------------------------------------------------- small VGG
 
 
@@ -508,7 +610,7 @@ def vgg_rows(
         else:
             widths = proxy_widths(net, stats, example, ratio)
         targets = dict(zip(convs, widths, strict=True))
-        for label in methods(with_tp):
+        for label in methods(with_tp, batchnorm=True):
             reduced, seconds = timed(
                 lambda label=label, targets=targets: reduce_with(
                     label, net, targets, calib, stats, example
@@ -528,7 +630,12 @@ def vgg_rows(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["lenet5", "vgg"], default=["lenet5", "vgg"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=["lenet5", "lenet5-search", "vgg"],
+        default=["lenet5", "lenet5-search", "vgg"],
+    )
     parser.add_argument("--mnist-dir", default=DEFAULT_MNIST)
     parser.add_argument(
         "--data-dir", default=FASHION_DIR, help="directory of the Fashion-MNIST IDX files"
@@ -541,6 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgg-epochs", type=int, default=15)
     parser.add_argument("--lenet-epochs", type=int, default=2)
     parser.add_argument("--lenet-budget", type=float, default=1.84, help="points")
+    parser.add_argument(
+        "--lenet-joint", nargs="*", default=["greedy"],
+        help="joint strategies of the callback-style LeNet-5 search (none: skip it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lenet-search-samples", type=int, default=10000,
+        help="training images for the statistics of the callback-style LeNet-5 search",
+    )  # fmt: skip
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
     parser.add_argument(
         "--allocations",
@@ -563,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         load_fashion_mnist(args.data_dir)
     if "lenet5" in args.models:
         sections.append(lenet(args, with_tp))
+    if "lenet5-search" in args.models:
+        sections.append(lenet_search(args))
     if "vgg" in args.models:
         sections.append(vgg(args, with_tp))
     print()
