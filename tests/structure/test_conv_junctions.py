@@ -379,3 +379,43 @@ def test_output_selection_weighs_the_following_batchnorm(generator: torch.Genera
     torch.testing.assert_close(batchnorm_scale(bn), expected.detach())
     W = model.layer1[0].conv2.weight.detach().double() * expected[:, None, None, None].detach()
     torch.testing.assert_close(fitter.weight.double(), tap_matrix(W, 8), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+def test_gathered_consumer_equals_the_reduced_consumer(
+    generator: torch.Generator, kind: str, layout: str
+) -> None:
+    """What a sweep evaluates per point: the reduced consumer on the kept channels of the full
+    input, computed at the cost of p channels, equal to the zero-padded full-width consumer."""
+    from lightning_neuronprune.structure.conv import full_width_consumer, gathered_consumer
+
+    n, kept = 6, torch.tensor([0, 2, 3])
+    if kind == "conv2d":
+        consumer, x = nn.Conv2d(n, 4, 3, padding=1), torch.randn(5, n, 7, 7, generator=generator)
+    elif kind == "conv1d":
+        consumer, x = nn.Conv1d(n, 4, 3), torch.randn(5, n, 9, generator=generator)
+    else:  # a Linear over a flattened (n, 2, 2) map
+        consumer, x = nn.Linear(n * 4, 4), torch.randn(5, n, 2, 2, generator=generator)
+    if layout == "channels_last":
+        if x.dim() != 4:
+            pytest.skip("channels-last is 4-D")
+        x = x.contiguous(memory_format=torch.channels_last)
+    m = consumer.weight.shape[0]
+    taps = consumer.weight.shape[2:] if kind != "linear" else (4,)
+    W_p = torch.randn(m, 3, *taps, generator=generator)
+    if kind == "linear":  # (m, p·P): the P positions of each kept channel
+        W_p = W_p.reshape(m, 3 * 4)
+    b_p = torch.randn(m, generator=generator)
+    inp = x.flatten(1) if kind == "linear" else x
+    got = gathered_consumer(consumer, n, kept, W_p, b_p)(inp)
+    want = full_width_consumer(consumer, n, kept, W_p, b_p)(inp)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if kind == "conv2d":
+        reduced = F.conv2d(x[:, kept].contiguous(), W_p, b_p, padding=1)
+        torch.testing.assert_close(got, reduced, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous(
+            memory_format=torch.channels_last
+            if layout == "channels_last"
+            else torch.contiguous_format
+        )
