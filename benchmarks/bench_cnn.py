@@ -520,7 +520,8 @@ def lenet_search(args: argparse.Namespace) -> str:
         )  # fmt: skip
         settings = SearchSettings(
             max_degradation=args.lenet_budget / 100, options=FitOptions(method="output"),
-            joint=JointSettings(strategy=strategy), confirm=ConfirmSettings(), ranks="all",
+            joint=JointSettings(strategy=strategy), confirm=ConfirmSettings(),
+            ranks=args.lenet_ranks,
         )  # fmt: skip
         search = ReductionSearch(model, junctions, stats, energy, settings)
         result = search.run(val, MulticlassAccuracy(10, average="micro"), example, train_data=train)
@@ -545,7 +546,9 @@ def lenet_search(args: argparse.Namespace) -> str:
     return (
         "### LeNet-5 with the callback's search and held-out confirmation\n\n"
         f"Budget {args.lenet_budget} pt; statistics on {n} training images; `output` "
-        "selection, every p; confirmation `ConfirmSettings()`.\n\n" + md_table(header, rows) + "\n"
+        f"selection, `ranks={args.lenet_ranks!r}`; confirmation `ConfirmSettings()`.\n\n"
+        + md_table(header, rows)
+        + "\n"
     )
 
 
@@ -652,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         "--lenet-joint", nargs="*", default=["greedy"],
         help="joint strategies of the callback-style LeNet-5 search (none: skip it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--lenet-ranks", default="auto", help="the rank grid of the callback-style LeNet-5 search"
+    )
     parser.add_argument(
         "--lenet-search-samples", type=int, default=10000,
         help="training images for the statistics of the callback-style LeNet-5 search",
