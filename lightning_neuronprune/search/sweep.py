@@ -32,7 +32,7 @@ from lightning_neuronprune.search.evaluation import (
     model_output,
 )
 from lightning_neuronprune.search.pareto import choose, pareto_front
-from lightning_neuronprune.structure.conv import gathered_consumer
+from lightning_neuronprune.structure.conv import full_width_consumer
 from lightning_neuronprune.structure.conv_fit import junction_fitter
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear, linear_from, replace_module
@@ -241,8 +241,8 @@ def sweep_junction(
     fitter.release()  # the fits need the second moment only
 
     def measure(fit: Fit, sync: bool) -> tuple[Any, EnergyReport]:
-        if junction.kind == "conv":  # reads all n channels, gathers the kept ones
-            probe = gathered_consumer(consumer, n, fit.kept, fit.weight, fit.bias)
+        if junction.kind == "conv":  # reads all n channels, zero weights at the dropped ones
+            probe = full_width_consumer(consumer, n, fit.kept, fit.weight, fit.bias)
         else:
             probe = _probe(consumer, fit)
         acc = evaluator(probe, sync=sync)

@@ -37,7 +37,6 @@ __all__ = [
     "CONV_LAYERS",
     "conv_from",
     "full_width_consumer",
-    "gathered_consumer",
     "pads_with_zeros",
     "placeholder_fit",
     "reduced_conv_modules",
@@ -198,44 +197,3 @@ def full_width_consumer(
     if isinstance(consumer, nn.Linear):
         return linear_from(W.reshape(m, -1), b_p, like=consumer)
     return conv_from(consumer, W, b_p)
-
-
-class _ChannelGather(nn.Module):
-    """``conv(x[:, index])``: a conv that reads only the input channels ``index``. A
-    channels-last input is gathered on its channels-last view, so the conv gets (and keeps)
-    that layout."""
-
-    def __init__(self, conv: nn.Module, index: Tensor) -> None:
-        super().__init__()
-        self.conv = conv
-        self.register_buffer("index", index)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (
-            x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
-            kept = x.permute(0, 2, 3, 1).index_select(3, self.index).permute(0, 3, 1, 2)
-            return self.conv(kept)
-        return self.conv(x.index_select(1, self.index))
-
-
-def gathered_consumer(
-    consumer: nn.Module, n: int, kept: Tensor, W_p: Tensor, b_p: Tensor | None
-) -> nn.Module:
-    """The reduced consumer as it reads the full original input of n channels: it gathers the
-    kept channels, then applies ``W_p`` (m, p, *kernel) or (m, p·P), which gives exactly the
-    reduced network's output. Unlike :func:`full_width_consumer` its cost is that of p
-    channels, not n, which is what a sweep's evaluations pay per point. No sync, no copy of the
-    model; a consumer that is neither a plain ``nn.Linear`` nor a conv gets
-    :func:`full_width_consumer`."""
-    index = kept.to(W_p.device, torch.long).reshape(-1)
-    p = int(index.numel())
-    if type(consumer) is nn.Linear:
-        P = W_p.shape[1] // p
-        flat = (index[:, None] * P + torch.arange(P, device=index.device)).reshape(-1)
-        return linear_from(W_p, b_p, index=flat, source_features=n * P)
-    if isinstance(consumer, CONV_LAYERS):
-        return _ChannelGather(conv_from(consumer, W_p, b_p), index)
-    return full_width_consumer(consumer, n, kept, W_p, b_p)
