@@ -94,25 +94,38 @@ def measure(name: str, args: argparse.Namespace) -> tuple[list[list[str]], str]:
         stats.update(collect_statistics(net, consumers, calib, channels=channels))
 
     t_stats = timed(statistics)
-    rows, total, energy, example = [], t_stats, EnergyModel(), evaluation[0][0][:1]
-    rows.append([name, "statistics (all junctions)", "", f"{t_stats:.1f}", f"{t_stats / base:.2f}"])
+    rows, energy, example = [], EnergyModel(), evaluation[0][0][:1]
+    row = [name, "statistics (all junctions)", "", f"{t_stats:.1f}", f"{t_stats / base:.2f}"]
+    rows.append(row + ["", "", ""] * args.compare)
+    total = {True: t_stats, False: t_stats}
     for j in junctions:
         points: list = []
+        seconds = {}
 
-        def sweep(j=j, points=points) -> None:
+        def sweep(layout: bool, j=j, points=points) -> None:
             metric = MulticlassAccuracy(10, average="micro")
-            evaluator = CachedEvaluator(net, j.consumer, evaluation, metric)
-            points += sweep_junction(
+            evaluator = CachedEvaluator(
+                net, j.consumer, evaluation, metric, channels_last=None if layout else False
+            )
+            points[:] = sweep_junction(
                 net, j, stats[j.consumer], evaluator, energy, example, method="output",
                 max_accuracy_drop=args.stop,
             )  # fmt: skip
 
-        seconds = timed(sweep)
-        total += seconds
-        label = f"sweep {j.layer} → {j.consumer}"
-        rows.append([name, label, str(len(points) - 1), f"{seconds:.1f}", f"{seconds / base:.2f}"])
+        for layout in (False, True) if args.compare else (True,):  # the default layout last
+            seconds[layout] = timed(lambda layout=layout: sweep(layout))
+            total[layout] += seconds[layout]
+        label, s = f"sweep {j.layer} → {j.consumer}", seconds[True]
+        rows.append([name, label, str(len(points) - 1), f"{s:.1f}", f"{s / base:.2f}"])
+        if args.compare:
+            s0 = seconds[False]
+            rows[-1] += [f"{s0:.1f}", f"{s0 / base:.2f}", f"{s0 / s:.2f}×"]
         print(" | ".join(rows[-1]), flush=True)
-    rows.append([name, "**total**", "", f"**{total:.1f}**", f"**{total / base:.2f}**"])
+    t = total[True]
+    rows.append([name, "**total**", "", f"**{t:.1f}**", f"**{t / base:.2f}**"])
+    if args.compare:
+        t0 = total[False]
+        rows[-1] += [f"{t0:.1f}", f"{t0 / base:.2f}", f"{t0 / t:.2f}×"]
     load.append(os.getloadavg()[0])
     caption = (
         f"{name}: {note}; {args.calib} calibration and {args.eval} evaluation images; one forward "
@@ -132,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop", type=float, default=None, help="stop each sweep past this accuracy drop"
     )
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="also sweep with the cached maps in the default layout (channels_last=False), "
+        "just before each sweep in the package's default",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         captions.append(caption)
     header = ["network", "step", "points", "seconds", "× one forward pass"]
+    if args.compare:
+        header += ["seconds, default layout", "× one forward pass", "default layout / ours"]
     print()
     print(md_table(header, rows))
     print()

@@ -227,6 +227,8 @@ class CachedEvaluator:
             Raw batches are kept and transferred when used, as a Trainer does each epoch.
         forward_context: a context-manager factory entered around every forward pass (e.g. the
             precision plugin's ``forward_context``).
+        channels_last: keep cached 4-D values channels-last (see the attribute): ``None``
+            (default) on the CPU, ``True`` on any device, ``False`` never.
 
     Attributes:
         cached: whether the fx split succeeded and the traced front ran on the data, so the
@@ -234,11 +236,11 @@ class CachedEvaluator:
             full passes). A part after the consumer that updates the cached values in place
             (``x.add_(...)``) is found by one trial run and gets copies on each evaluation.
         channels_last: whether the cached 4-D values (conv feature maps) are kept in
-            channels-last layout. On the CPU they are, when the part after the consumer gives
-            the same output from them in one trial run: oneDNN's convolutions, and pooling even
-            more, run several times faster on it than on the default layout, and each point of a
-            conv sweep runs that part once. A part that cannot take that layout (e.g.
-            ``x.view(x.size(0), -1)`` on a feature map) keeps the default one.
+            channels-last layout. By default, on the CPU they are, when the part after the
+            consumer gives the same output from them in one trial run: oneDNN's convolutions,
+            and pooling even more, run several times faster on it than on the default layout,
+            and each point of a conv sweep runs that part once. A part that cannot take that
+            layout (e.g. ``x.view(x.size(0), -1)`` on a feature map) keeps the default one.
         higher_is_better: the metric's direction (``metric.higher_is_better``; unset counts as
             higher is better). :meth:`degradation` uses it.
     """
@@ -257,6 +259,7 @@ class CachedEvaluator:
         cache: bool = True,
         transfer: Callable[[Any], Any] | None = None,
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         self.model = model
         self.consumer = consumer
@@ -308,7 +311,7 @@ class CachedEvaluator:
                 # keep the targets only, on the device: no copies per evaluation
                 self._batches = [(None, y) for y in targets]
                 self.cached = True
-                if self.device.type == "cpu":
+                if channels_last or (channels_last is None and self.device.type == "cpu"):
                     self._to_channels_last(out)
 
     def _to_channels_last(self, reference: Any) -> None:

@@ -287,3 +287,8 @@ def test_conv_feature_maps_are_cached_channels_last_on_the_cpu(
     assert evaluator() == _reference(model, data, "conv2", None)
     # the model's own parameters keep their layout
     assert model.conv2.weight.is_contiguous()
+    off = CachedEvaluator(
+        model, "conv2", data, MulticlassAccuracy(4, average="micro"), channels_last=False
+    )
+    assert off.cached and not off.channels_last
+    assert off(probe) == evaluator(probe)
