@@ -9,20 +9,25 @@ MACs are equal across a row's methods:
   widths; each method's reported point is the one with the lowest modelled energy
   (:class:`~lightning_neuronprune.cost.energy.EnergyModel`, whole network) whose accuracy drop on
   5,000 held-out training images stays within ``--lenet-budget`` points, and its test drop.
+  ``lenet5-search`` reduces the same network as the callback does by default instead
+  (:class:`~lightning_neuronprune.search.pipeline.ReductionSearch`, the joint strategies of
+  ``--lenet-joint``, the held-out confirmation) and reads the applied model's test drop.
 * **A small VGG-style CNN on Fashion-MNIST** (4 conv 3×3 layers of 16-32-64-64 channels, each
-  followed by BatchNorm2d and ReLU, max pooling after the last three, Linear 576 → 10; the trained
-  checkpoint ``--vgg-checkpoint``), every conv's output channels kept in the same fraction, the
-  largest one with at most 1/1.5 and 1/2 of the conv MACs.
+  followed by BatchNorm2d and ReLU, max pooling after the last three, Linear 576 → 10; trained
+  ``--vgg-epochs`` epochs and cached, or ``--vgg-checkpoint``), the largest widths with at most
+  1/1.5 and 1/2 of the conv MACs: every conv's output channels kept in the same fraction, or
+  allocated across the junctions by the refit's proxy.
 
 Methods: the package's least-squares refit (statistics of the consumer's input with every
 spatial position a sample, selection by ``output`` or ``svd_qr``, each kernel tap re-fitted) one-
 shot (:func:`~lightning_neuronprune.core.recording.collect_statistics` once, then
 :func:`~lightning_neuronprune.search.elimination.eliminate_neurons` with ``stats``) and
 sequential (``eliminate_neurons`` with ``data``: each junction fitted on the network reduced
-upstream); Torch-Pruning's ``MagnitudeImportance`` L1 and L2 and ``TaylorImportance`` (gradients
-of the loss on the calibration images) rank each layer's channels, the rest are removed with its
-dependency graph, and nothing is re-fitted. Torch-Pruning is optional: without it those rows are
-skipped with a note.
+upstream), also with an intercept where the consumer does not pad with zeros ("+ intercept");
+Torch-Pruning's ``MagnitudeImportance`` L1 and L2, ``TaylorImportance`` (gradients of the loss
+on the calibration images) and, on the VGG, ``BNScaleImportance`` rank each layer's channels,
+the rest are removed with its dependency graph, and nothing is re-fitted. Torch-Pruning is
+optional: without it those rows are skipped with a note.
 
 Calibration uses 2,000 training images; the test accuracy is on the 10,000 test images.
 
