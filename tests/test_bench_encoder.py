@@ -164,3 +164,11 @@ def test_tiny_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     removed = next(line for line in out.splitlines() if line.startswith("FFN neurons removed"))
     assert int(removed.split()[3]) > 0, out
     assert "confirmation on the held-out half" in out and "search evaluations" in out
+
+
+def test_embed_keeps_the_order_of_the_sentences(encoder, ids) -> None:
+    """``embed`` batches longest first but returns the rows in the order given."""
+    with torch.no_grad():
+        expected = torch.cat([encoder(t[None], torch.ones_like(t)[None]) for t in ids])
+    got = bench.embed(encoder, bench.Sentences(ids), batch_size=8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
