@@ -262,8 +262,9 @@ def greedy_output(G: Tensor, V: Tensor, steps: int, rtol: float) -> Tensor:
         dk = d.index_select(0, k)
         scale = torch.where(dk > tol, 1.0 / dk.clamp_min(tol), torch.zeros_like(dk))
         r = R.index_select(1, k).squeeze(1)
-        R.sub_(torch.outer(r * scale, r))
-        V.sub_(torch.outer(V.index_select(1, k).squeeze(1) * scale, r))
+        # in-place rank-one updates: no n × n temporary per step
+        R.addr_(r * scale, r, alpha=-1)
+        V.addr_(V.index_select(1, k).squeeze(1) * scale, r, alpha=-1)
     # The untaken features in index order (a stable sort, not nonzero: no sync).
     rest = torch.argsort(taken.to(torch.int8), stable=True)[: n - steps]
     return torch.cat([order, rest])

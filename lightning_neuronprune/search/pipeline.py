@@ -399,11 +399,12 @@ class ReductionSearch:
         chunks = chunk_batches(held_out, c.chunk) if c.confidence else []
 
         def evaluate(module: nn.Module) -> Any:
-            value = self.io.evaluator(module, first, held_out, metric, cache=False)()
             if not c.confidence:
-                return value
-            per_chunk = [self.io.evaluator(module, first, b, metric, cache=False)() for b in chunks]
-            return value, per_chunk
+                return self.io.evaluator(module, first, held_out, metric, cache=False)()
+            # one pass: each chunk's outputs also update a metric of the whole held-out part
+            whole = _Whole(metric)
+            per_chunk = [self.io.evaluator(module, first, b, whole, cache=False)() for b in chunks]
+            return float(whole.total.compute()), per_chunk
 
         def measure(pt: SweepPoint | JointPoint) -> Any:
             reduced = copy.deepcopy(self.model)
@@ -436,3 +437,24 @@ class ReductionSearch:
         if isinstance(decision.chosen, JointPoint) and self._joint is not None:
             return self._joint.apply(model, decision.chosen)
         return apply_decision(model, self.junctions, decision, self.stats, self.settings.options)
+
+
+class _Whole:
+    """A metric that also accumulates into ``total`` (a reset copy of ``metric``) every update
+    between its own resets: chunk by chunk, one pass gives each chunk's value and the whole's."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.total = copy.deepcopy(metric)
+        self.total.reset()
+        self.higher_is_better = metric_direction(metric)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.metric.update(*args, **kwargs)
+        self.total.update(*args, **kwargs)
+
+    def compute(self) -> Any:
+        return self.metric.compute()

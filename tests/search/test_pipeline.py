@@ -23,6 +23,7 @@ from lightning_neuronprune import (
 )
 from lightning_neuronprune.core.fitting import FitOptions
 from lightning_neuronprune.errors import StatisticsError
+from lightning_neuronprune.search.confirmation import split_batches
 from lightning_neuronprune.search.decision import Decision, decision_for
 from lightning_neuronprune.search.joint import JointPoint
 from lightning_neuronprune.search.settings import DataOptions, JointSettings, parse_budget
@@ -297,3 +298,35 @@ def test_relative_budget_in_the_search(
     assert result.budget == pytest.approx(0.05 * baseline)
     chosen = result.decision.chosen
     assert chosen is None or chosen.accuracy_drop <= result.budget
+
+
+def test_the_confirmation_runs_the_held_out_part_once_per_candidate(
+    trained: tuple[nn.Sequential, list[Any], list[Any]],
+) -> None:
+    """With a confidence bound, each candidate (and the unreduced model) runs over the held-out
+    part once: its chunks give both the per-chunk values and the value of the whole part."""
+    model, batches, eval_batches = trained
+    model = copy.deepcopy(model)
+    inputs: list[torch.Tensor] = []  # every input of a full forward pass, reduced copies' too
+    model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    settings = SearchSettings(
+        ranks=[16, 12, 8, 6, 4], max_degradation=0.05, joint=None,
+        confirm=ConfirmSettings(0.5, confidence=0.9, chunk=32),
+    )  # fmt: skip
+    search = _search(model, batches, settings)
+    inputs.clear()  # the statistics' passes
+    result = search.run(eval_batches, MulticlassAccuracy(4, average="micro"), batches[0][0][:1])
+    tried = result.confirmations
+    assert tried and tried[-1].held, "blobs reduce within 5 points"
+
+    held = split_batches(eval_batches, 0.5)[1]
+    passes = {tuple(row.tolist()): 0 for x, _ in held for row in x}
+    for x in inputs:
+        for row in x:
+            key = tuple(row.tolist())
+            if key in passes:
+                passes[key] += 1
+    assert set(passes.values()) == {1 + len(tried)}
+    # the whole part's value is that of an ordinary pass over it
+    search.apply(model, result.decision)
+    assert tried[-1].confirmed_value == pytest.approx(_accuracy(model, held), abs=1e-6)
