@@ -9,20 +9,25 @@ MACs are equal across a row's methods:
   widths; each method's reported point is the one with the lowest modelled energy
   (:class:`~lightning_neuronprune.cost.energy.EnergyModel`, whole network) whose accuracy drop on
   5,000 held-out training images stays within ``--lenet-budget`` points, and its test drop.
+  ``lenet5-search`` reduces the same network as the callback does by default instead
+  (:class:`~lightning_neuronprune.search.pipeline.ReductionSearch`, the joint strategies of
+  ``--lenet-joint``, the held-out confirmation) and reads the applied model's test drop.
 * **A small VGG-style CNN on Fashion-MNIST** (4 conv 3×3 layers of 16-32-64-64 channels, each
-  followed by BatchNorm2d and ReLU, max pooling after the last three, Linear 576 → 10; the trained
-  checkpoint ``--vgg-checkpoint``), every conv's output channels kept in the same fraction, the
-  largest one with at most 1/1.5 and 1/2 of the conv MACs.
+  followed by BatchNorm2d and ReLU, max pooling after the last three, Linear 576 → 10; trained
+  ``--vgg-epochs`` epochs and cached, or ``--vgg-checkpoint``), the largest widths with at most
+  1/1.5 and 1/2 of the conv MACs: every conv's output channels kept in the same fraction, or
+  allocated across the junctions by the refit's proxy.
 
 Methods: the package's least-squares refit (statistics of the consumer's input with every
 spatial position a sample, selection by ``output`` or ``svd_qr``, each kernel tap re-fitted) one-
 shot (:func:`~lightning_neuronprune.core.recording.collect_statistics` once, then
 :func:`~lightning_neuronprune.search.elimination.eliminate_neurons` with ``stats``) and
 sequential (``eliminate_neurons`` with ``data``: each junction fitted on the network reduced
-upstream); Torch-Pruning's ``MagnitudeImportance`` L1 and L2 and ``TaylorImportance`` (gradients
-of the loss on the calibration images) rank each layer's channels, the rest are removed with its
-dependency graph, and nothing is re-fitted. Torch-Pruning is optional: without it those rows are
-skipped with a note.
+upstream), also with an intercept where the consumer does not pad with zeros ("+ intercept");
+Torch-Pruning's ``MagnitudeImportance`` L1 and L2, ``TaylorImportance`` (gradients of the loss
+on the calibration images) and, on the VGG, ``BNScaleImportance`` rank each layer's channels,
+the rest are removed with its dependency graph, and nothing is re-fitted. Torch-Pruning is
+optional: without it those rows are skipped with a note.
 
 Calibration uses 2,000 training images; the test accuracy is on the 10,000 test images.
 
@@ -50,7 +55,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_MNIST, accuracy, trained
+import common
+from common import DEFAULT_MNIST, trained
 from report import machine_description, md_table
 
 from lightning_neuronprune.core.fitting import FitOptions
@@ -58,9 +64,9 @@ from lightning_neuronprune.core.recording import collect_statistics
 from lightning_neuronprune.cost.energy import EnergyModel
 from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
 from lightning_neuronprune.search.elimination import eliminate_neurons
-from lightning_neuronprune.structure.conv import statistics_channels
+from lightning_neuronprune.structure.conv import pads_with_zeros, statistics_channels
 from lightning_neuronprune.structure.conv_fit import channel_fitter
-from lightning_neuronprune.structure.discovery import auto_conv_junctions
+from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.testing.datasets import read_idx
 
 try:
@@ -69,11 +75,27 @@ except ImportError:  # optional: its rows are skipped
     tp = None
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-#: The trained small VGG, cached here (trained by :func:`train_vgg` when missing).
-VGG_CHECKPOINT = str(Path(__file__).resolve().parent / ".cache" / "vgg_fmnist.pt")
+#: The trained small VGG, cached here per number of epochs (trained by :func:`train_vgg` when
+#: missing).
+VGG_CACHE = str(Path(__file__).resolve().parent / ".cache" / "vgg_fmnist-e{epochs}.pt")
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
-OURS = [(m, s) for m in ("output", "svd_qr") for s in ("one-shot", "sequential")]
+#: Our methods: selection, whether junctions whose consumer does not pad with zeros also fit an
+#: intercept, one-shot or sequential.
+OURS = [
+    (m, i, s)
+    for m, i in (("output", False), ("output", True), ("svd_qr", False))
+    for s in ("one-shot", "sequential")
+]
 TP_IMPORTANCES = ("L1", "L2", "Taylor")
+#: Torch-Pruning's importance for networks with batch norms (Network Slimming's |γ|).
+TP_BN_IMPORTANCE = "BN scale"
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of a channels-last copy of ``model`` (the same values; oneDNN's
+    convolutions and pooling run several times faster on that layout on the CPU)."""
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return common.accuracy(fast, x.contiguous(memory_format=torch.channels_last), y)
 
 
 def small_vgg(widths: Sequence[int] = (16, 32, 64, 64), num_classes: int = 10) -> nn.Sequential:
@@ -93,18 +115,22 @@ def small_vgg(widths: Sequence[int] = (16, 32, 64, 64), num_classes: int = 10) -
 
 
 def train_vgg(
-    data: dict[str, tuple[torch.Tensor, torch.Tensor]], epochs: int = 2, seed: int = 0
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    epochs: int = 15,
+    seed: int = 0,
+    report: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Sequential:
     """The small VGG trained on Fashion-MNIST: Adam (1e-3) with a one-cycle schedule (peak
-    3e-3), batch 128, ``epochs`` epochs, no augmentation."""
+    3e-3) over ``epochs`` epochs, batch 128, no augmentation. ``report(epoch, net)`` is called
+    after every epoch (the net in eval mode; training resumes afterwards)."""
     torch.manual_seed(seed)
     net = small_vgg()
     x, y = data["train"]
     steps = epochs * ((len(x) + 127) // 128)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    net.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        net.train()
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 128):
             idx = perm[i : i + 128]
@@ -113,7 +139,34 @@ def train_vgg(
             loss.backward()
             opt.step()
             sched.step()
+        if report is not None:
+            report(epoch, net.eval())
     return net.eval()
+
+
+def trained_vgg(
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]], checkpoint: str | None, epochs: int
+) -> nn.Sequential:
+    """The small VGG from ``checkpoint``, or trained ``epochs`` epochs by :func:`train_vgg` and
+    cached there (default: ``benchmarks/.cache/vgg_fmnist-e{epochs}.pt``), printing the test
+    accuracy after every epoch."""
+    path = Path(checkpoint or VGG_CACHE.format(epochs=epochs))
+    if path.exists():
+        net = small_vgg()
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval()
+    print(f"training the small VGG on Fashion-MNIST ({epochs} epochs); caching it at {path}")
+    started = time.perf_counter()
+
+    def report(epoch: int, net: nn.Module) -> None:
+        acc = accuracy(net, *data["test"])
+        print(f"epoch {epoch:2d}: test accuracy {100 * acc:.2f} % "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+    net = train_vgg(data, epochs, report=report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return net
 
 
 def load_fashion_mnist(root: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -236,12 +289,27 @@ def ours(
     method: str,
     strategy: str,
     stats: dict | None,
+    intercept: bool = False,
 ) -> nn.Module:
     """The package's reduction to ``targets`` ({layer: p}), one-shot from ``stats`` or
-    sequential from ``calib``."""
-    if strategy == "one-shot":
-        return eliminate_neurons(model, targets, stats=stats, method=method)[0]
-    return eliminate_neurons(model, targets, data=calib, method=method)[0]
+    sequential from ``calib``. With ``intercept``, the junctions whose consumer does not pad
+    with zeros (a ``Linear`` after a flatten, an unpadded conv) also fit one (``affine=True``),
+    after the others."""
+    groups = [(targets, False)]
+    if intercept:
+        pads = {t: pads_with_zeros(model.get_submodule(find_junction(model, t).consumer))
+                for t in targets}  # fmt: skip
+        groups = [
+            ({t: p for t, p in targets.items() if pads[t]}, False),
+            ({t: p for t, p in targets.items() if not pads[t]}, True),
+        ]
+    out = model
+    for group, affine in groups:
+        if not group:
+            continue
+        source = {"stats": stats} if strategy == "one-shot" else {"data": calib}
+        out = eliminate_neurons(out, group, method=method, affine=affine, **source)[0]
+    return out
 
 
 def one_shot_stats(model: nn.Module, targets: Sequence[str], calib: list) -> dict:
@@ -268,8 +336,9 @@ def torch_pruning(
     calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Torch-Pruning: rank each target layer's output channels (or neurons) by ``importance``
-    ("L1", "L2" or "Taylor") on the unreduced model, then remove all but the top ``p`` with its
-    dependency graph (the consumer's columns and a batch norm in between go with them)."""
+    ("L1", "L2", "Taylor" or "BN scale") on the unreduced model, then remove all but the top
+    ``p`` with its dependency graph (the consumer's columns and a batch norm in between go
+    with them)."""
     if tp is None:
         raise RuntimeError("torch_pruning is not installed")
     model = copy.deepcopy(model).eval()
@@ -277,6 +346,7 @@ def torch_pruning(
         "L1": lambda: tp.importance.MagnitudeImportance(p=1),
         "L2": lambda: tp.importance.MagnitudeImportance(p=2),
         "Taylor": lambda: tp.importance.TaylorImportance(),
+        TP_BN_IMPORTANCE: lambda: tp.importance.BNScaleImportance(),
     }[importance]()
     if importance == "Taylor":
         if calib is None:
@@ -305,9 +375,10 @@ def torch_pruning(
     return model
 
 
-def methods(with_tp: bool) -> list[str]:
-    names = [f"{m} + refit, {s}" for m, s in OURS]
-    return names + ([f"Torch-Pruning {i}" for i in TP_IMPORTANCES] if with_tp else [])
+def methods(with_tp: bool, batchnorm: bool = False) -> list[str]:
+    names = [f"{m} + refit{' + intercept' * i}, {s}" for m, i, s in OURS]
+    importances = TP_IMPORTANCES + ((TP_BN_IMPORTANCE,) if batchnorm else ())
+    return names + ([f"Torch-Pruning {i}" for i in importances] if with_tp else [])
 
 
 def reduce_with(
@@ -319,9 +390,10 @@ def reduce_with(
     example: torch.Tensor,
 ) -> nn.Module:
     if label.startswith("Torch-Pruning"):
-        return torch_pruning(model, targets, label.split()[-1], example, calib)
-    method, strategy = label.split(" + refit, ")
-    return ours(model, targets, calib, method, strategy, stats)
+        return torch_pruning(model, targets, label.removeprefix("Torch-Pruning "), example, calib)
+    head, strategy = label.rsplit(", ", 1)
+    method = head.split(" + ")[0]
+    return ours(model, targets, calib, method, strategy, stats, intercept="intercept" in head)
 
 
 def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
@@ -415,6 +487,76 @@ def lenet(args: argparse.Namespace, with_tp: bool) -> str:
     )
 
 
+def lenet_search(args: argparse.Namespace) -> str:
+    """LeNet-5 reduced as the callback does by default: statistics of every junction (``conv1``,
+    ``conv2``, ``fc1``) on training images, per-layer sweeps and the joint search on one half of
+    the 5,000 validation images, the cheapest configuration confirmed on the other half
+    (``ConfirmSettings()``: the upper 90 % bound of the held-out drop within 3/4 of the budget),
+    then the test drop of the applied model."""
+    from common import mnist_tensors
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_neuronprune.search.pipeline import ReductionSearch
+    from lightning_neuronprune.search.settings import (
+        ConfirmSettings,
+        JointSettings,
+        SearchSettings,
+    )
+    from lightning_neuronprune.structure.discovery import find_junction
+
+    torch.manual_seed(0)
+    data = mnist_tensors(args.mnist_dir)
+    net = trained("lenet5", args.mnist_dir, epochs=args.lenet_epochs).net.eval()
+    (x_tr, y_tr), (x_te, y_te) = data["train"], data["test"]
+    n = args.lenet_search_samples
+    x_cal, y_cal = x_tr[-5000 - n : -5000], y_tr[-5000 - n : -5000]
+    train = list(zip(x_cal.split(500), y_cal.split(500), strict=True))
+    val = list(zip(x_tr[-5000:].split(500), y_tr[-5000:].split(500), strict=True))
+    example, energy = x_te[:1], EnergyModel()
+    base_e, base_test = energy.estimate(net, example), accuracy(net, x_te, y_te)
+    rows = []
+    for strategy in args.lenet_joint:
+        started = time.perf_counter()
+        model = copy.deepcopy(net)
+        junctions = [find_junction(model, t) for t in ("conv1", "conv2", "fc1")]
+        stats = collect_statistics(
+            model, [j.consumer for j in junctions], train,
+            channels=statistics_channels(model, junctions),
+        )  # fmt: skip
+        settings = SearchSettings(
+            max_degradation=args.lenet_budget / 100, options=FitOptions(method="output"),
+            joint=JointSettings(strategy=strategy), confirm=ConfirmSettings(),
+            ranks=args.lenet_ranks,
+        )  # fmt: skip
+        search = ReductionSearch(model, junctions, stats, energy, settings)
+        result = search.run(val, MulticlassAccuracy(10, average="micro"), example, train_data=train)
+        search.apply(model, result.decision)
+        chosen = result.decision.chosen
+        ratio = base_e.energy_ratio(energy.estimate(model, example))
+        test_drop = 100 * (base_test - accuracy(model, x_te, y_te))
+        plan = dict(result.decision.plan) if chosen is not None else {}
+        rows.append(
+            [
+                strategy, "/".join(str(plan.get(t, "-")) for t in ("conv1", "conv2", "fc1")),
+                f"{ratio:.1f}×",
+                f"{100 * chosen.accuracy_drop:.2f}" if chosen is not None else "",
+                f"{test_drop:.2f}", f"{time.perf_counter() - started:.0f}",
+            ]
+        )  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    header = [
+        "joint strategy", "widths conv1/conv2/fc1", "energy lower (whole net)",
+        "search drop (pt)", "test drop (pt)", "seconds",
+    ]  # fmt: skip
+    return (
+        "### LeNet-5 with the callback's search and held-out confirmation\n\n"
+        f"Budget {args.lenet_budget} pt; statistics on {n} training images; `output` "
+        f"selection, `ranks={args.lenet_ranks!r}`; confirmation `ConfirmSettings()`.\n\n"
+        + md_table(header, rows)
+        + "\n"
+    )
+
+
 # ---------------------------------------------------------------- small VGG
 
 
@@ -422,16 +564,7 @@ def vgg(args: argparse.Namespace, with_tp: bool) -> str:
     torch.manual_seed(0)
     started = time.perf_counter()
     data = load_fashion_mnist(args.data_dir)
-    checkpoint = Path(args.vgg_checkpoint)
-    if checkpoint.exists():
-        net = small_vgg()
-        net.load_state_dict(torch.load(checkpoint, weights_only=True))
-        net.eval()
-    else:  # train once (about 8 minutes on one busy CPU core) and cache
-        print(f"training the small VGG on Fashion-MNIST; caching it at {checkpoint}", flush=True)
-        net = train_vgg(data)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(net.state_dict(), checkpoint)
+    net = trained_vgg(data, args.vgg_checkpoint, args.vgg_epochs)
     x_tr, y_tr = data["train"]
     x_te, y_te = data["test"]
     calib = list(zip(x_tr[:2000].split(500), y_tr[:2000].split(500), strict=True))
@@ -485,7 +618,7 @@ def vgg_rows(
         else:
             widths = proxy_widths(net, stats, example, ratio)
         targets = dict(zip(convs, widths, strict=True))
-        for label in methods(with_tp):
+        for label in methods(with_tp, batchnorm=True):
             reduced, seconds = timed(
                 lambda label=label, targets=targets: reduce_with(
                     label, net, targets, calib, stats, example
@@ -505,14 +638,35 @@ def vgg_rows(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["lenet5", "vgg"], default=["lenet5", "vgg"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=["lenet5", "lenet5-search", "vgg"],
+        default=["lenet5", "lenet5-search", "vgg"],
+    )
     parser.add_argument("--mnist-dir", default=DEFAULT_MNIST)
     parser.add_argument(
         "--data-dir", default=FASHION_DIR, help="directory of the Fashion-MNIST IDX files"
     )
-    parser.add_argument("--vgg-checkpoint", default=VGG_CHECKPOINT)
+    parser.add_argument(
+        "--vgg-checkpoint",
+        default=None,
+        help="trained small VGG weights (default: trained and cached per --vgg-epochs)",
+    )
+    parser.add_argument("--vgg-epochs", type=int, default=15)
     parser.add_argument("--lenet-epochs", type=int, default=2)
     parser.add_argument("--lenet-budget", type=float, default=1.84, help="points")
+    parser.add_argument(
+        "--lenet-joint", nargs="*", default=["greedy"],
+        help="joint strategies of the callback-style LeNet-5 search (none: skip it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lenet-ranks", default="auto", help="the rank grid of the callback-style LeNet-5 search"
+    )
+    parser.add_argument(
+        "--lenet-search-samples", type=int, default=10000,
+        help="training images for the statistics of the callback-style LeNet-5 search",
+    )  # fmt: skip
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
     parser.add_argument(
         "--allocations",
@@ -535,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         load_fashion_mnist(args.data_dir)
     if "lenet5" in args.models:
         sections.append(lenet(args, with_tp))
+    if "lenet5-search" in args.models:
+        sections.append(lenet_search(args))
     if "vgg" in args.models:
         sections.append(vgg(args, with_tp))
     print()

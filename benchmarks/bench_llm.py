@@ -22,6 +22,14 @@ Methods:
   reduced in layers < l (one layer's ``G`` in memory at a time).
 * ``ridge``: ``qr`` with a ridge in the refit (``--ridge``, relative to the mean diagonal of
   ``G[S, S]``).
+* ``alloc``: ``qr`` at per-layer widths, as the callback's ``allocate`` strategy orders them: the
+  loss proxy ``½ Σ_k F_kk (W R_S Wᵀ)_kk`` of every layer and width (multiples of 32), with the
+  diagonal Fisher ``F`` of each ``down_proj`` output from one backward pass over the first
+  ``--fisher-tokens`` calibration tokens; the path lowers, one step at a time, the layer whose
+  proxy grows least per neuron removed, and each ratio takes the first configuration that
+  removes that share of all FFN neurons (so ``p / n`` is a mean).
+* ``alloc-energy``: the same path ordered by the ``energy`` proxy instead (the share of each
+  layer's own ``down_proj`` output energy left unexplained; no gradient).
 
 Seconds per row: the statistics pass (a forward over the calibration tokens, plus the n×n Gram
 matrices for ours; Wanda and FLAP need only per-neuron moments, so theirs is the forward alone),
@@ -58,14 +66,19 @@ from llm_data import MissingDataError, load_model, token_windows
 from report import machine_description, md_table
 
 from lightning_neuronprune import (
+    CausalLMPerplexity,
+    FitOptions,
     JunctionStatistics,
     find_junction,
     nested_order,
     reduce_junction,
 )
+from lightning_neuronprune.core.fitting import JunctionFitter
 from lightning_neuronprune.core.selection import output_order
+from lightning_neuronprune.search.allocation import allocation_path, proxy_curve
+from lightning_neuronprune.search.sensitivity import default_loss, output_sensitivity
 
-METHODS = ("magnitude", "wanda", "flap", "qr", "output", "seq", "ridge")
+METHODS = ("magnitude", "wanda", "flap", "qr", "alloc", "alloc-energy", "output", "seq", "ridge")
 CALIBRATION_BOOK = "prideprejudice"
 HELD_OUT_BOOK = "persuasion"
 
@@ -296,6 +309,53 @@ def reduce_ours(
     return reduced
 
 
+def loss_allocation(
+    model: nn.Module,
+    junctions: Sequence,
+    stats: FFNStatistics,
+    windows: Tensor,
+    batch: int,
+    fisher_tokens: int | None,
+    step: int = 32,
+) -> list[dict[str, int]]:
+    """The allocate strategy's path of per-layer widths (multiples of ``step``), ordered by the
+    loss proxy with the diagonal Fisher of each ``down_proj`` output on ``fisher_tokens``
+    calibration tokens (``None``: by the energy proxy)."""
+    batches = [{"input_ids": w, "labels": w} for w in windows.split(batch)]
+    consumers = [j.consumer for j in junctions]
+    fisher: dict[str, Tensor] = {}
+    if fisher_tokens is not None:
+        loss = default_loss(CausalLMPerplexity())
+        fisher = output_sensitivity(model, consumers, batches, loss, max_rows=fisher_tokens)
+    widths, curves = {}, {}
+    for j, s in zip(junctions, stats.gram, strict=True):
+        n = j.num_features
+        widths[j.layer] = [n, *range(((n - 1) // step) * step, 0, -step)]
+        W = model.get_submodule(j.consumer).weight
+        fitter = JunctionFitter(s, W, None, FitOptions(method="qr"))
+        curves[j.layer] = proxy_curve(fitter, widths[j.layer], fisher.get(j.consumer))
+    return allocation_path(widths, curves, {j.layer: 1 for j in junctions})
+
+
+def first_removing(path: Sequence[dict[str, int]], n: int, ratio: float) -> dict[str, int]:
+    """The first configuration of ``path`` that removes at least ``ratio`` of all neurons."""
+    total = n * len(path[0])
+    return next(c for c in path if sum(n - p for p in c.values()) >= ratio * total - 1e-9)
+
+
+def reduce_allocated(
+    model: nn.Module, junctions: Sequence, stats: FFNStatistics, orders: Sequence[Tensor],
+    config: dict[str, int],
+) -> nn.Module:  # fmt: skip
+    """A copy of ``model``, each junction reduced to its own width by ``qr`` and the refit."""
+    reduced = copy.deepcopy(model)
+    for j, s, order in zip(junctions, stats.gram, orders, strict=True):
+        p = config[j.layer]
+        if p < j.num_features:
+            reduce_junction(reduced, j, s, p, kept=order[:p])
+    return reduced
+
+
 def reduce_sequential(
     model: nn.Module, junctions: Sequence, windows: Tensor, batch: int, p: int, ridge: float = 0.0
 ) -> tuple[nn.Module, float]:
@@ -385,11 +445,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="fractions of FFN neurons removed")
-    ap.add_argument("--methods", default="magnitude,wanda,flap,qr,seq,ridge,output")
+    ap.add_argument("--methods", default="magnitude,wanda,flap,qr,alloc,seq,ridge,output")
     ap.add_argument("--seq-ratios", default="0.2", help="ratios at which `seq` runs")
     ap.add_argument("--ridge-ratios", default="0.2", help="ratios at which `ridge` runs")
     ap.add_argument("--output-ratios", default="0.2", help="ratios at which `output` runs")
     ap.add_argument("--ridge", type=float, default=1e-2, help="relative ridge of `ridge`")
+    ap.add_argument("--fisher-tokens", type=int, default=4096, help="`alloc`'s backward pass")
     ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tp-length", type=int, default=32, help="tokens per sequence (throughput)")
     ap.add_argument("--tp-repeats", type=int, default=3)
@@ -441,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     assert all(j.kind == "gated" for j in junctions), junctions
 
     stats = None
-    if set(methods) & {"wanda", "flap", "qr", "output", "ridge"}:
+    if set(methods) & {"wanda", "flap", "qr", "alloc", "alloc-energy", "output", "ridge"}:
         stats = collect_ffn_statistics(model, calib, args.batch)
         print(
             f"# statistics pass: forward {stats.forward_s:.0f} s, "
@@ -450,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     orders: dict[str, list[Tensor]] = {}
     order_s: dict[str, float] = {}
-    if set(methods) & {"qr", "ridge"}:
+    if set(methods) & {"qr", "alloc", "alloc-energy", "ridge"}:
         t = time.perf_counter()
         orders["qr"] = [nested_order(s) for s in stats.gram]
         order_s["qr"] = time.perf_counter() - t
@@ -462,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             W = model.get_submodule(j.consumer).weight.detach()
             orders["output"].append(output_order(s, W, steps=p_max))
         order_s["output"] = time.perf_counter() - t
+    paths: dict[str, list[dict[str, int]]] = {}
+    for name, tokens in (("alloc", args.fisher_tokens), ("alloc-energy", None)):
+        if name in methods:
+            t = time.perf_counter()
+            paths[name] = loss_allocation(model, junctions, stats, calib, args.batch, tokens)
+            order_s[name] = order_s["qr"] + time.perf_counter() - t
     if order_s:
         print("# selection orders: " + ", ".join(f"{k} {v:.0f} s" for k, v in order_s.items()))
 
@@ -486,6 +553,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if method in ("magnitude", "wanda", "flap"):
                 reduced = reduce_baseline(model, method, p, stats)
                 prep = 0.0 if method == "magnitude" else stats.forward_s
+            elif method in paths:
+                config = first_removing(paths[method], n, ratio)
+                reduced = reduce_allocated(model, junctions, stats, orders["qr"], config)
+                prep = stats.forward_s + stats.gram_s + order_s[method]
+                widths = [config[j.layer] for j in junctions]
+                print(f"# {method} {ratio:.0%}: widths {widths}", flush=True)
             elif method in ("qr", "output", "ridge"):
                 source = "output" if method == "output" else "qr"
                 ridge = args.ridge if method == "ridge" else 0.0
@@ -495,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reduced, _ = reduce_sequential(model, junctions, calib, args.batch, p)
                 prep = 0.0
             seconds = prep + time.perf_counter() - t
-            record(method, ratio, p, reduced, seconds)
+            mean_p = round(sum(config.values()) / len(config)) if method in paths else p
+            record(method, ratio, mean_p, reduced, seconds)
             if method == "qr" and abs(ratio - 0.2) < 1e-9:
                 kept_models["qr"] = reduced
             else:

@@ -50,6 +50,7 @@ from lightning_neuronprune.search.settings import (
     JointSettings,
     SearchSettings,
 )
+from lightning_neuronprune.search.streaming import reduce_streamed
 from lightning_neuronprune.structure.discovery import auto_conv_junctions, find_junction
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import GatheredLinear
@@ -107,6 +108,7 @@ __all__ = [
     "rebuild_shapes",
     "reconstruct_consumer",
     "reduce_junction",
+    "reduce_streamed",
     "save_reduced",
     "select_neurons",
 ]

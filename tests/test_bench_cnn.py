@@ -57,7 +57,7 @@ def test_uniform_widths_meet_the_mac_ratio(bench, ratio: float) -> None:
     assert reduced(example).shape == (1, 10)
 
 
-@pytest.mark.parametrize("importance", ["L1", "L2", "Taylor"])
+@pytest.mark.parametrize("importance", ["L1", "L2", "Taylor", "BN scale"])
 def test_torch_pruning_adapter_on_a_random_cnn(bench, importance: str) -> None:
     if bench.tp is None:
         pytest.skip("torch_pruning is not installed")
@@ -92,3 +92,23 @@ def test_proxy_widths_meet_the_mac_ratio(bench) -> None:
     assert len(widths) == 4
     assert all(1 <= w <= n for w, n in zip(widths, _widths(net), strict=True))
     assert bench.conv_macs_for_widths(net, widths, example) * 2.0 <= base
+
+
+@pytest.mark.parametrize("strategy", ["one-shot", "sequential"])
+def test_intercept_only_where_the_consumer_does_not_pad(bench, strategy: str) -> None:
+    """The ``+ intercept`` rows fit an intercept at the conv → flatten → Linear junction (no
+    padding) and none at the zero-padded convs, whose biases stay absent."""
+    torch.manual_seed(0)
+    net, example = bench.small_vgg().eval(), torch.randn(1, 1, 28, 28)
+    widths, _ = bench.uniform_widths(net, example, 2.0)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    targets = dict(zip(convs, widths, strict=True))
+    calib = _calib()
+    stats = bench.one_shot_stats(net, convs, calib)
+    label = f"output + refit + intercept, {strategy}"
+    assert label in bench.methods(False)
+    reduced = bench.reduce_with(label, net, targets, calib, stats, example)
+    plain = bench.reduce_with(f"output + refit, {strategy}", net, targets, calib, stats, example)
+    assert _widths(reduced) == widths == _widths(plain)
+    assert all(m.bias is None for m in reduced.modules() if isinstance(m, nn.Conv2d))
+    assert not torch.allclose(reduced[-1].bias, plain[-1].bias)

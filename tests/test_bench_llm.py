@@ -169,3 +169,24 @@ def test_missing_model_or_corpus_names_the_install_commands(monkeypatch, tmp_pat
     monkeypatch.setattr(data.os.path, "exists", lambda path: False)
     with pytest.raises(data.MissingDataError, match="apt-get download r-cran-janeaustenr"):
         data.book_text("persuasion")
+
+
+def test_loss_allocation_path_and_allocated_reduction(model, windows) -> None:
+    stats = bench.collect_ffn_statistics(model, windows, 2)
+    junctions = bench.gated_junctions(model)
+    path = bench.loss_allocation(model, junctions, stats, windows, 2, fisher_tokens=64, step=16)
+    # from unreduced, one layer one step (16 neurons) down at a time, to every layer at 16
+    assert path[0] == {j.layer: N for j in junctions}
+    assert path[-1] == {j.layer: 16 for j in junctions}
+    for a, b in zip(path, path[1:], strict=False):
+        moved = [k for k in a if a[k] != b[k]]
+        assert len(moved) == 1 and a[moved[0]] - b[moved[0]] == 16
+    config = bench.first_removing(path, N, 0.3)
+    removed = sum(N - p for p in config.values())
+    assert removed >= 0.3 * N * LAYERS > removed - 16
+    orders = [bench.nested_order(s) for s in stats.gram]
+    reduced = bench.reduce_allocated(model, junctions, stats, orders, config)
+    for j, layer in zip(junctions, bench.decoder_layers(reduced), strict=True):
+        assert layer.mlp.down_proj.in_features == config[j.layer]
+        assert layer.mlp.gate_proj.out_features == config[j.layer]
+    assert bench.perplexity(reduced, windows, 2) > 0

@@ -231,3 +231,18 @@ def test_bench_transformer_tiny(tmp_path: Path) -> None:
         "all 2 FFN junctions, cached",
     ):
         assert line in proc.stdout, proc.stdout  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bench_discovery_tiny(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_discovery.py"), "--models", "tiny-4,tiny-8",
+         "--repeat", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+    assert [r[0].strip() for r in rows] == ["tiny-4", "tiny-8"]
+    assert rows[0][3] == rows[1][3]  # as many whole-model forwards at 4 and 8 layers

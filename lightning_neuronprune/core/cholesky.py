@@ -161,7 +161,9 @@ def pivoted_cholesky(
     device = G.device
 
     nb = min(_CHOLESKY_BLOCK, max(steps, 1))
-    L = G.new_zeros((n, steps))  # rows in the current arrangement
+    # rows in the current arrangement; columns past the rank are never written nor read, so on
+    # the CPU their pages are never touched (a rank-r factor of a wide G costs n·r, not n²)
+    L = G.new_empty((n, steps))
     # panel buffer, one column per index of G, so that a single column swap moves all:
     # P[:nb] = the panel's columns of L, transposed; P[nb] = d (Schur diagonal); P[nb+1] = index
     P = G.new_zeros((nb + 2, n))

@@ -109,6 +109,9 @@ class JunctionFitter:
         weight: the consumer's weight ``W``, (m × n).
         bias: the consumer's bias, (m,), or ``None``.
         options: the :class:`FitOptions`.
+        moment: ``stats.second_moment(centered=options.affine)`` if already computed; it is used
+            as it is, not copied (e.g. the ``gram`` of statistics after
+            :meth:`~lightning_neuronprune.core.statistics.JunctionStatistics.normalize_`).
 
     Attributes:
         moment: the second moment (covariance with the affine fit), (n × n) float64.
@@ -120,13 +123,14 @@ class JunctionFitter:
         weight: Tensor,
         bias: Tensor | None,
         options: FitOptions | None = None,
+        moment: Tensor | None = None,
     ) -> None:
         self.stats = stats
         self.weight = weight
         self.bias = bias
         self.options = options or FitOptions()
         centered = self.options.affine
-        self.moment = stats.second_moment(centered=centered)
+        self.moment = stats.second_moment(centered=centered) if moment is None else moment
         self._basis: Tensor | None = None
         self._order: Tensor | None = None
         self._sigma2: Tensor | None = None
@@ -231,6 +235,7 @@ def fit_junction(
     bias: Tensor | None,
     p: int,
     options: FitOptions | None = None,
+    moment: Tensor | None = None,
 ) -> Fit:
     """Select p features and re-fit the consumer: the one fit step, for a single p.
 
@@ -240,8 +245,9 @@ def fit_junction(
         bias: the consumer's bias, (m,), or ``None``.
         p: features to keep.
         options: the :class:`FitOptions`.
+        moment: the second moment, if already computed (see :class:`JunctionFitter`).
 
     Returns:
         The checked :class:`Fit`.
     """
-    return JunctionFitter(stats, weight, bias, options).fit(p)
+    return JunctionFitter(stats, weight, bias, options, moment).fit(p)

@@ -87,7 +87,7 @@ def solve_psd_cholesky(A: Tensor, B: Tensor, *, rtol: float | None = None) -> tu
         return B.new_zeros(B.shape[0], 0), torch.ones((), dtype=torch.bool, device=A.device)
     rtol = p * torch.finfo(A.dtype).eps if rtol is None else rtol
     d = _equilibration(A)
-    L, info = torch.linalg.cholesky_ex(A * d[:, None] * d[None, :])
+    L, info = torch.linalg.cholesky_ex((A * d[:, None]).mul_(d[None, :]))  # one p × p temporary
     diag_L = L.diagonal()
     ok = (info == 0) & (diag_L.amin().square() > rtol * diag_L.amax().square())
     Y_eq = torch.cholesky_solve((B * d).T, L).T

@@ -39,6 +39,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class _StopForward(Exception):
+    """Raised by the last tap's hook to end a forward pass early; caught by the batch loop."""
+
+
 #: Consumers whose input channels are recorded with every position a sample (a conv reads
 #: ``(B, n, *spatial)``).
 CHANNEL_CONSUMERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
@@ -104,6 +109,7 @@ def stream_inputs(
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
     channels: Mapping[int, int] | None = None,
+    stop_early: bool = False,
 ) -> int:
     """Run every model on each batch of ``data`` and pass the input rows of tapped modules on.
 
@@ -136,6 +142,8 @@ def stream_inputs(
         max_samples, input_fn, mask_fn, device, transfer, forward_context, progress: as in
             :func:`collect_statistics`; ``device`` defaults to the first model's device.
         channels: ``{tap: n}`` for the taps recorded over n channels.
+        stop_early: end each forward pass right after the last tap of its model has read its
+            input (the model's output is never computed).
 
     Returns:
         The number of samples fed (per process).
@@ -148,6 +156,14 @@ def stream_inputs(
     device = torch.device(device) if device is not None else model_device(models[0])
     current: dict[str, Tensor | None] = {"mask": None}
     widths = dict(channels or {})
+    owned = [{i for i, (m, _) in enumerate(taps) if m == k} for k in range(len(models))]
+    waiting: list[set[int]] = [set() for _ in models]  # taps still to run in the current pass
+
+    def done(tap: int) -> None:
+        left = waiting[taps[tap][0]]
+        left.discard(tap)
+        if stop_early and not left:
+            raise _StopForward
 
     def make_hook(tap: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -155,6 +171,7 @@ def stream_inputs(
             shape = tuple(x.shape)
             if tap in widths:  # channels: every position a sample, no mask
                 sink(tap, channel_rows(x, widths[tap]), shape, None)
+                done(tap)
                 return
             rows = x.reshape(-1, shape[-1])  # (K_b, n_in): 2-D ops are fast for any leading shape
             index = getattr(module, "index", None)  # a GatheredLinear reads x[..., index]
@@ -169,6 +186,7 @@ def stream_inputs(
                 rows = torch.where(real, rows, rows.new_zeros(()))  # NaN padding is dropped too
                 padding = (~real).sum()
             sink(tap, rows, shape, padding)
+            done(tap)
 
         return hook
 
@@ -193,9 +211,13 @@ def stream_inputs(
                 x = truncate(x, max_samples - seen)
                 mask = truncate(mask, max_samples - seen)
             current["mask"] = mask
-            for model in models:
-                with context():
-                    call_model(model, x)
+            for k, model in enumerate(models):
+                waiting[k] = set(owned[k])
+                try:
+                    with context():
+                        call_model(model, x)
+                except _StopForward:
+                    pass  # every tap of this model has read its input
             if end_batch is not None:
                 end_batch()
             seen += batch_size(x)
@@ -250,6 +272,7 @@ def collect_statistics(
     forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
     progress: Callable[[int], None] | None = None,
     channels: Mapping[str, int] | None = None,
+    stop_early: bool = False,
 ) -> dict[str, JunctionStatistics]:
     """Stream the input statistics of the named ``nn.Linear`` (or conv) consumers over ``data``.
 
@@ -292,6 +315,9 @@ def collect_statistics(
         channels: ``{consumer: n}`` for ``nn.Linear`` consumers that read a flattened
             ``(n, *spatial)`` map: their statistics are over the n channels, each position a
             sample.
+        stop_early: end each forward pass as soon as the last consumer has read its input
+            (the layers after it and the model's output are never computed): the statistics
+            are the same, at the cost of the network in front of the consumers only.
 
     Returns:
         ``{consumer name: JunctionStatistics}``.
@@ -332,6 +358,7 @@ def collect_statistics(
         input_fn=input_fn, mask_fn=mask_fn, device=device, transfer=transfer,
         forward_context=forward_context, progress=progress,
         channels={i: widths[name] for i, name in enumerate(names) if name in widths},
+        stop_early=stop_early,
     )  # fmt: skip
 
     for name, rows in padding.items():  # one read per consumer, after the loop

@@ -80,8 +80,34 @@ class JunctionStatistics:
         M = self.gram / self.count
         if centered:
             mu = self.mean()
-            M = M - torch.outer(mu, mu)
-        return (M + M.T) / 2
+            M.sub_(torch.outer(mu, mu))
+        S = M + M.T
+        del M  # at most three n × n matrices at a time, G included
+        return S.div_(2)
+
+    def normalize_(self, tile: int = 1024) -> JunctionStatistics:
+        """Turn these statistics, in place, into those of the same moments over one sample:
+        ``G ← (G / K + (G / K)ᵀ) / 2`` (the :meth:`second_moment`), ``s ← s / K`` (the
+        :meth:`mean`), ``K ← 1``. :meth:`second_moment` (not centered) and :meth:`mean` return the
+        same numbers, bit for bit, and ``gram`` can serve as the second moment itself, without
+        the copy that :meth:`second_moment` makes (one n × n matrix less). Symmetrised in tiles of
+        ``tile`` rows: two ``tile × tile`` temporaries. Returns ``self``.
+        """
+        self._check_nonempty()
+        M, n = self.gram, self.num_features
+        M.div_(self.count)
+        for i0 in range(0, n, tile):
+            i1 = min(i0 + tile, n)
+            D = M[i0:i1, i0:i1]
+            D.copy_((D + D.T) / 2)
+            for j0 in range(i1, n, tile):
+                j1 = min(j0 + tile, n)
+                avg = (M[i0:i1, j0:j1] + M[j0:j1, i0:i1].T) / 2
+                M[i0:i1, j0:j1] = avg
+                M[j0:j1, i0:i1] = avg.T
+        self.total.div_(self.count)
+        self.count = 1
+        return self
 
     def to(self, device: torch.device | str) -> JunctionStatistics:
         """A copy on ``device``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -45,6 +45,7 @@ from lightning_neuronprune.search.settings import (
     parse_budget,
     settings_from,
 )
+from lightning_neuronprune.search.streaming import run_plan
 from lightning_neuronprune.search.validation import (
     check_against_targets,
     check_choice,
@@ -119,7 +120,7 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             of fractions of n.
         apply: ``"max_energy_saving"`` (the lowest-energy configuration within the budget,
             across all targets, confirmed on held-out data), ``None`` (report only), or
-            ``{layer: p}``.
+            ``{layer: p}`` (applied by streamed fits, one junction at a time, no search).
         fit: selection and least-squares options
             (:class:`~lightning_neuronprune.core.fitting.FitOptions`); the default selects with
             ``method="output"``, which keeps fewer neurons than the paper's ``"svd_qr"`` at the
@@ -325,9 +326,34 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
         junctions = self._resolve_junctions(
             pl_module, Targets(trainer.strategy.broadcast(list(probed)))
         )
-        stats = self._collect(pl_module, junctions, train_loader, io)
+        before = dict(pl_module.named_parameters())
         example = self._energy_example(trainer, pl_module, eval_loader, adapt)
-        metric = self._metric(pl_module, example, io)
+        data = (eval_loader, self._metric(pl_module, example, io), example, train_loader)
+        if isinstance(self.settings.apply, Mapping):  # a fixed plan: streamed fits, no search
+            s, energy = self.settings, self.energy_model
+            self.result = result = run_plan(pl_module, junctions, s, energy, *data, io)[0]
+            self._report(trainer, result)
+        else:
+            result = self._search(trainer, pl_module, junctions, data, io)
+        if result.applied:
+            source = self.source_checkpoint_path
+            path = self.reduced_checkpoint_path = save_reduced_checkpoint(
+                trainer, pl_module, before, source
+            )
+            if path is not None and trainer.is_global_zero and self.report_paths:
+                amend_report(self.report_paths[0], reduced_checkpoint=path)
+        self._info(
+            f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
+            + (f"applied {dict(result.decision.plan)}" if result.applied else "model unchanged")
+        )
+
+    def _search(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, junctions: Targets,
+        data: tuple[Iterable[Any], Metric, Any, Iterable[Any]], io: ModelIO,
+    ) -> SearchResult:  # fmt: skip
+        """Statistics of every junction, the search, the decision, and applying it."""
+        eval_loader, metric, example, train_loader = data
+        stats = self._collect(pl_module, junctions, train_loader, io)
         settings = self.settings
         if settings.joint is not None and self._joint_layers is not None:
             joint = dataclasses.replace(settings.joint, order=tuple(self._joint_layers))
@@ -339,24 +365,13 @@ class NeuronEliminationCallback(DeprecatedAttributes, pl.Callback):
             decision = result.decision
             self.result = result
             self._report(trainer, result)
-            before = dict(pl_module.named_parameters())
             if decision.plan:
                 search.apply(pl_module, decision)
                 self.result = result = dataclasses.replace(result, applied=True)
                 self._info(f"neuron elimination: applied {dict(decision.plan)}")
         finally:
             search.close()
-        if result.applied:
-            source = self.source_checkpoint_path
-            path = self.reduced_checkpoint_path = save_reduced_checkpoint(
-                trainer, pl_module, before, source
-            )
-            if path is not None and trainer.is_global_zero and self.report_paths:
-                amend_report(self.report_paths[0], reduced_checkpoint=path)
-        self._info(
-            f"neuron elimination finished in {time.perf_counter() - started:.1f}s: "
-            + (f"applied {dict(decision.plan)}" if result.applied else "model unchanged")
-        )
+        return result
 
     def _rank_zero_decision(
         self, trainer: pl.Trainer, result: SearchResult, junctions: list[Junction]

@@ -13,6 +13,13 @@ joint configurations:
    nested (methods ``"qr"`` and ``"output"``), one Cholesky factor of ``M`` in kept order gives
    every p at once: with ``M[π, π] = L Lᵀ`` and ``C = L⁻¹ (W M[:, π])ᵀ``, ``E(π[:p])`` is the
    sum of the first p squared rows of ``C``.
+
+   A share of each junction's own output energy says nothing of how much that output matters
+   to the network: on a pretrained decoder it sends the cut to a few layers whose outputs the
+   rest of the network barely tolerates losing. With the consumer output's diagonal Fisher
+   ``F`` (:mod:`~lightning_neuronprune.search.sensitivity`), each output row k of ``W`` is
+   weighted by ``F_kk``, and the proxy becomes the second-order loss increase
+   ``c_j(p) = ½ (E_F - E_F(S_p))``, in the loss's units for every junction.
 2. **A path.** Starting from the unreduced network, the junction whose next width costs the least
    proxy per weight saved (its best slope to any narrower width, so that a flat stretch after a
    steep step is seen) moves one width down, until every junction is at its narrowest. With
@@ -34,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_neuronprune.core.conv import ChannelFitter, tap_matrix
 from lightning_neuronprune.core.fitting import JunctionFitter
 from lightning_neuronprune.errors import NumericalWarning
 from lightning_neuronprune.search.sweep import Ranks, rank_grid
@@ -45,6 +53,7 @@ __all__ = [
     "bisect_path",
     "proxy_curve",
     "uniform_path",
+    "unexplained_energy",
     "unexplained_share",
     "weights_per_feature",
 ]
@@ -86,16 +95,32 @@ def _explained(W_M: Tensor, M: Tensor, order: Tensor) -> Tensor:
     return torch.zeros(order.numel(), dtype=M.dtype, device=M.device)
 
 
-def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor]) -> list[float]:
-    """``1 - E(S) / E`` for each kept set S (see the module docstring), each in [0, 1].
+def unexplained_energy(
+    moment: Tensor,
+    weight: Tensor,
+    kept_sets: Sequence[Tensor],
+    row_weights: Tensor | None = None,
+) -> tuple[list[float], float]:
+    """``E - E(S)`` for each kept set S, and the total ``E`` (see the module docstring).
+
+    With ``row_weights`` (m,), each output row k of ``W`` counts ``row_weights[k]`` times:
+    ``E = tr(diag(r) W M Wᵀ)``, the loss-weighted energy of
+    :mod:`~lightning_neuronprune.search.sensitivity` (without its factor ½).
 
     Args:
         moment: the second moment ``M`` of the consumer's input (n × n), float64.
         weight: the consumer's weight ``W`` (m × n).
         kept_sets: index tensors; nested sets (each within the next larger) share one factor.
+        row_weights: non-negative weights of the m output rows, or ``None`` for ones.
+
+    Returns:
+        ``(unexplained, total)``: each unexplained energy in [0, total]; a non-finite total comes
+        back as ``inf`` with every set unexplained (with a warning).
     """
     M = moment
     W = weight.detach().to(device=M.device, dtype=M.dtype)
+    if row_weights is not None:
+        W = W * row_weights.to(device=M.device, dtype=M.dtype).clamp_min(0).sqrt()[:, None]
     W_M = W @ M
     total = float((W_M * W).sum())
     if not math.isfinite(total):
@@ -105,9 +130,9 @@ def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor
             NumericalWarning,
             stacklevel=2,
         )
-        return [1.0] * len(kept_sets)
+        return [math.inf] * len(kept_sets), math.inf
     if total <= 0 or not kept_sets:
-        return [0.0] * len(kept_sets)
+        return [0.0] * len(kept_sets), max(total, 0.0)
     sets = [s.to(device=M.device, dtype=torch.long) for s in kept_sets]
     by_size = sorted(range(len(sets)), key=lambda i: sets[i].numel())
     nested = all(
@@ -121,24 +146,58 @@ def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor
             new = sets[i][~seen[sets[i]]]
             seen[new] = True
             order.append(new)
-        cumulative = _explained(W_M, M, torch.cat(order))
+        cumulative = _explained(W_M, M, torch.cat(order)).tolist()
         for i in by_size:
             k = sets[i].numel()
-            explained[i] = float(cumulative[k - 1]) if k else 0.0
+            explained[i] = cumulative[k - 1] if k else 0.0
     else:
         for i, S in enumerate(sets):
             explained[i] = float(_explained(W_M, M, S)[-1]) if S.numel() else 0.0
-    return [min(1.0, max(0.0, 1.0 - e / total)) for e in explained]
+    return [min(total, max(0.0, total - e)) for e in explained], total
 
 
-def proxy_curve(fitter: JunctionFitter, widths: Sequence[int]) -> list[float]:
-    """The proxy ``c(p)`` of each width (0 at the unreduced width): the unexplained share of the
-    consumer output energy after the fit, with the kept sets of ``fitter``."""
+def unexplained_share(moment: Tensor, weight: Tensor, kept_sets: Sequence[Tensor]) -> list[float]:
+    """``1 - E(S) / E`` for each kept set S (see the module docstring), each in [0, 1].
+
+    Args:
+        moment: the second moment ``M`` of the consumer's input (n × n), float64.
+        weight: the consumer's weight ``W`` (m × n).
+        kept_sets: index tensors; nested sets (each within the next larger) share one factor.
+    """
+    unexplained, total = unexplained_energy(moment, weight, kept_sets)
+    if not math.isfinite(total):
+        return [1.0] * len(kept_sets)
+    if total <= 0:
+        return [0.0] * len(kept_sets)
+    return [min(1.0, max(0.0, u / total)) for u in unexplained]
+
+
+def proxy_curve(
+    fitter: JunctionFitter, widths: Sequence[int], sensitivity: Tensor | None = None
+) -> list[float]:
+    """The proxy ``c(p)`` of each width (0 at the unreduced width), with the kept sets of
+    ``fitter``.
+
+    Without ``sensitivity``: the unexplained share of the consumer output energy after the fit.
+    With it (the consumer output's diagonal Fisher, (m,), from
+    :func:`~lightning_neuronprune.search.sensitivity.output_sensitivity`): the second-order loss
+    increase ``½ Σ_k F_kk (W R_S Wᵀ)_kk``, comparable across junctions. A conv consumer's rows are
+    its taps (``m·P``), each weighted by its output channel's ``F``.
+    """
     n = fitter.num_features
     reduced = [p for p in widths if p < n]
     fitter.prepare(reduced)
-    shares = unexplained_share(fitter.moment, fitter.weight, [fitter.kept(p) for p in reduced])
-    by_p = dict(zip(reduced, shares, strict=True))
+    kept = [fitter.kept(p) for p in reduced]
+    if sensitivity is None:
+        values = unexplained_share(fitter.moment, fitter.weight, kept)
+    else:
+        weight = fitter.weight
+        if isinstance(fitter, ChannelFitter):  # unscaled by a following BatchNorm
+            weight = tap_matrix(fitter.consumer_weight, n)
+        rows = sensitivity.repeat_interleave(weight.shape[0] // sensitivity.numel())
+        energy, _ = unexplained_energy(fitter.moment, weight, kept, rows)
+        values = [0.5 * e for e in energy]
+    by_p = dict(zip(reduced, values, strict=True))
     return [by_p.get(p, 0.0) for p in widths]
 
 

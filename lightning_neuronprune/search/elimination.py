@@ -126,6 +126,7 @@ def reduce_junction(
     affine: bool = False,
     ridge: float = 0.0,
     kept: Tensor | None = None,
+    moment: Tensor | None = None,
 ) -> EliminationRecord:
     """Reduce one junction of ``model`` in place, from its statistics.
 
@@ -138,6 +139,8 @@ def reduce_junction(
         affine: fit an intercept, folded into the consumer's bias.
         ridge: relative ridge parameter of the least-squares fit.
         kept: use these kept indices instead of selecting (e.g. from a baseline).
+        moment: ``stats.second_moment(centered=affine)`` if already computed, used as it is
+            rather than copied (not for conv junctions, whose fit is per channel).
 
     Returns:
         The :class:`EliminationRecord`.
@@ -163,10 +166,10 @@ def reduce_junction(
             kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
             _, W_p, b_p, _ = fitter.refit(kept)
     elif kept is None:
-        kept, W_p, b_p, _ = fit_junction(stats, consumer.weight, consumer.bias, p, options)
+        kept, W_p, b_p, _ = fit_junction(stats, consumer.weight, consumer.bias, p, options, moment)
     else:
         kept = torch.sort(kept.to(device=stats.device, dtype=torch.long)).values
-        rec = least_squares_transform(stats, kept, affine=affine, ridge=ridge)
+        rec = least_squares_transform(stats, kept, affine=affine, ridge=ridge, moment=moment)
         W_p, b_p = reconstruct_consumer(consumer.weight, consumer.bias, rec)
     apply_reduction(model, junction, kept, W_p, b_p)
     return EliminationRecord(

@@ -193,6 +193,20 @@ def _suffix_mutates(suffix: torch.fx.GraphModule, boundary: tuple[Any, ...]) -> 
     return [t._version for t in tensors] != versions, out
 
 
+def _channels_last(value: Any) -> Any:
+    """A 4-D floating-point tensor in channels-last layout (same values), anything else as is."""
+    if isinstance(value, Tensor) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the round-off of a different convolution algorithm (in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0))
+
+
 class CachedEvaluator:
     """Evaluates a model with a replaced consumer, running only the part from the consumer onward.
 
@@ -213,12 +227,20 @@ class CachedEvaluator:
             Raw batches are kept and transferred when used, as a Trainer does each epoch.
         forward_context: a context-manager factory entered around every forward pass (e.g. the
             precision plugin's ``forward_context``).
+        channels_last: keep cached 4-D values channels-last (see the attribute): ``None``
+            (default) on the CPU, ``True`` on any device, ``False`` never.
 
     Attributes:
         cached: whether the fx split succeeded and the traced front ran on the data, so the
             front is cached (a front that cannot run, e.g. on an untraceable input, falls back to
             full passes). A part after the consumer that updates the cached values in place
             (``x.add_(...)``) is found by one trial run and gets copies on each evaluation.
+        channels_last: whether the cached 4-D values (conv feature maps) are kept in
+            channels-last layout. By default, on the CPU they are, when the part after the
+            consumer gives the same output from them in one trial run: oneDNN's convolutions,
+            and pooling even more, run several times faster on it than on the default layout,
+            and each point of a conv sweep runs that part once. A part that cannot take that
+            layout (e.g. ``x.view(x.size(0), -1)`` on a feature map) keeps the default one.
         higher_is_better: the metric's direction (``metric.higher_is_better``; unset counts as
             higher is better). :meth:`degradation` uses it.
     """
@@ -237,6 +259,7 @@ class CachedEvaluator:
         cache: bool = True,
         transfer: Callable[[Any], Any] | None = None,
         forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         self.model = model
         self.consumer = consumer
@@ -258,6 +281,7 @@ class CachedEvaluator:
         self._suffix: torch.fx.GraphModule | None = None
         self._boundaries: list[tuple[Any, ...]] = []
         self._copy = False
+        self.channels_last = False
         if cache:
             try:
                 prefix, suffix = _split(model, consumer)
@@ -287,6 +311,26 @@ class CachedEvaluator:
                 # keep the targets only, on the device: no copies per evaluation
                 self._batches = [(None, y) for y in targets]
                 self.cached = True
+                if channels_last or (channels_last is None and self.device.type == "cpu"):
+                    self._to_channels_last(out)
+
+    def _to_channels_last(self, reference: Any) -> None:
+        """Keep the cached 4-D values channels-last if the suffix gives ``reference`` (its
+        output on the first batch) from them; otherwise leave them as they are."""
+        if not any(_channels_last(t) is not t for t in pytree.tree_leaves(self._boundaries[0])):
+            return
+        trial = pytree.tree_map(_channels_last, self._boundaries[0])
+        try:
+            suffix: Any = self._suffix
+            with evaluating(self.model), evaluating(suffix), torch.no_grad(), self._context():
+                out = suffix(*pytree.tree_map(_clone, trial))
+            same = _close(self._output(out), self._output(reference))
+        except Exception as err:  # any failure keeps the default layout
+            log.info("channels-last cache disabled for %r (%s)", self.consumer, err)
+            return
+        if same:
+            self._boundaries = [pytree.tree_map(_channels_last, b) for b in self._boundaries]
+            self.channels_last = True
 
     @torch.no_grad()
     def __call__(

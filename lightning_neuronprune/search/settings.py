@@ -153,6 +153,14 @@ class JointSettings:
             unreduced width is always allowed), or ``None`` for the rank grid.
         max_evaluations: the most full evaluations the allocate strategy spends (the baseline
             and the held-out confirmation come on top).
+        proxy: the allocate strategy's local proxy: ``"loss"`` (default: the second-order loss
+            increase, each consumer output weighted by its diagonal Fisher information from one
+            backward pass over ``proxy_rows`` rows of the statistics data; see
+            :mod:`~lightning_neuronprune.search.sensitivity`) or ``"energy"`` (the unexplained
+            share of each consumer's own output energy; no gradient, but blind to how much each
+            layer matters to the network).
+        proxy_rows: rows of the first consumer's output (tokens of a language model, samples of
+            an MLP) that the ``"loss"`` proxy's backward pass reads.
     """
 
     strategy: str = "greedy"
@@ -162,8 +170,14 @@ class JointSettings:
     uniform: bool = False
     multiple: int | None = None
     max_evaluations: int = 20
+    proxy: str = "loss"
+    proxy_rows: int = 4096
 
     def __post_init__(self) -> None:
+        if self.proxy not in ("loss", "energy"):
+            raise ValueError(f"`proxy` must be 'loss' or 'energy', got {self.proxy!r}")
+        if not _is_int(self.proxy_rows) or self.proxy_rows < 1:
+            raise ValueError(f"`proxy_rows` must be a positive integer, got {self.proxy_rows!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if (self.order is not None or self.shares is not None) and self.strategy != "sequential":
@@ -232,6 +246,11 @@ class DataOptions:
             tensor, the ``logits`` of a Hugging Face output, or the first element of a tuple.
         mask_fn: maps a batch to its padding mask (B, T), non-zero for real tokens; the default
             takes a dict's ``attention_mask``.
+        loss_fn: ``(predictions, target) -> scalar`` loss summed over a batch, whose gradients
+            weigh the allocate strategy's proxy; the default
+            (:func:`~lightning_neuronprune.search.sensitivity.default_loss`) is the next-token
+            log-likelihood for a causal-LM perplexity, cross-entropy for class scores and
+            squared error for a target of the predictions' shape.
         probe_samples: samples of the first training batch used to find the junctions.
     """
 
@@ -239,6 +258,7 @@ class DataOptions:
     target_fn: Callable[[Any], Any] | None = None
     output_fn: Callable[[Any], Any] | None = None
     mask_fn: Callable[[Any], Any] | None = None
+    loss_fn: Callable[[Any, Any], Any] | None = None
     probe_samples: int = 8
 
     def __post_init__(self) -> None:
@@ -251,12 +271,13 @@ class DataOptions:
             )
 
     def adapters(self) -> dict[str, Callable[[Any], Any] | None]:
-        """``input_fn``, ``target_fn``, ``output_fn`` and ``mask_fn`` by name."""
+        """``input_fn``, ``target_fn``, ``output_fn``, ``mask_fn`` and ``loss_fn`` by name."""
         return {
             "input_fn": self.input_fn,
             "target_fn": self.target_fn,
             "output_fn": self.output_fn,
             "mask_fn": self.mask_fn,
+            "loss_fn": self.loss_fn,
         }
 
 

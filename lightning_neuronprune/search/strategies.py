@@ -25,17 +25,20 @@ given. Every strategy is a function ``strategy(search, budget, **options) -> lis
   each junction are collected on the network reduced so far, so that its least-squares fit
   compensates earlier errors. Junction i may use ``budget · share_i`` of the drop, cumulatively.
 * ``"allocate"`` (budgeted, for many junctions): widths are allocated across layers by a local
-  proxy that needs no forward pass, and bisection along the resulting path spends at most
-  ``max_evaluations`` full evaluations (:mod:`~lightning_neuronprune.search.allocation`).
+  proxy (the second-order loss increase of each fit, from the statistics and one backward pass;
+  :mod:`~lightning_neuronprune.search.sensitivity`), and bisection along the resulting path
+  spends at most ``max_evaluations`` full evaluations
+  (:mod:`~lightning_neuronprune.search.allocation`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.search.allocation import (
@@ -282,11 +285,13 @@ def allocate(
     uniform: bool = False,
     multiple: int | None = None,
     max_evaluations: int = 20,
+    sensitivity: Mapping[str, Tensor] | None = None,
 ) -> list[JointPoint]:
     """Budgeted allocation: proxy curves, a path of joint configurations, bisection on it.
 
-    No junction is swept: the per-layer proxy (the unexplained share of the consumer output
-    energy after the fit, :func:`~lightning_neuronprune.search.allocation.proxy_curve`) orders
+    No junction is swept: the per-layer proxy (the second-order loss increase with
+    ``sensitivity``, otherwise the unexplained share of the consumer output energy after the fit;
+    :func:`~lightning_neuronprune.search.allocation.proxy_curve`) orders
     the reductions, and only the configurations that the bisection visits are evaluated, each
     fitted on the original statistics. Returns the evaluated points (at most
     ``max_evaluations``).
@@ -298,6 +303,10 @@ def allocate(
         multiple: widths are multiples of this (the unreduced width is always allowed);
             otherwise the rank grid of each junction.
         max_evaluations: the most full evaluations spent.
+        sensitivity: ``{consumer: F}``, the diagonal Fisher of each consumer's output
+            (:func:`~lightning_neuronprune.search.sensitivity.output_sensitivity`); the proxy
+            is then the second-order loss increase, comparable across junctions, instead of the
+            unexplained share of each consumer's own output energy.
     """
     if max_evaluations < 1:
         raise ValueError(f"`max_evaluations` must be a positive integer, got {max_evaluations!r}")
@@ -313,7 +322,13 @@ def allocate(
     if uniform:
         path = uniform_path(widths)
     else:
-        curves = {layer: proxy_curve(search.fitter(layer), ws) for layer, ws in widths.items()}
+        fisher = sensitivity or {}
+        curves = {
+            layer: proxy_curve(
+                search.fitter(layer), ws, fisher.get(search.by_layer[layer].consumer)
+            )
+            for layer, ws in widths.items()
+        }
         cost = {j.layer: weights_per_feature(search.model, j) for j in search.junctions}
         path = allocation_path(widths, curves, cost)
     points: list[JointPoint] = []

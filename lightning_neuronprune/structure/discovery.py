@@ -333,9 +333,12 @@ def auto_junctions(
     ``Sequential``) with identical structure (module names, types, settings and tensor shapes)
     are decided once: the first block of each kind is probed (or traced), and every later block
     gets the same verdicts, with its junctions' layers, widths and sharing checked by structure
-    only. A decoder of L identical blocks therefore costs the probe passes of one block, whatever
-    L is. A junction that leaves its block is not reused; the same layer of the next block is
-    decided afresh.
+    only. The probe runs that first block alone on its recorded inputs wherever the verdict can
+    be decided inside it (see :mod:`~lightning_neuronprune.structure.probe`), so a decoder of L
+    identical blocks costs the baseline forward, one forward for each layer whose output leaves
+    its block (the FFN's down projection before the residual sum) or lies outside any block
+    (``lm_head``), and the passes of one block, each about 1/L of a forward. A junction that
+    leaves its block is not reused; the same layer of the next block is decided afresh.
 
     Args:
         model: the network.

@@ -63,13 +63,19 @@ class ProbeResult:
 @dataclass
 class Trace:
     """What one pass recorded: in the baseline, every ``nn.Linear`` call's input and output; in a
-    perturbed pass, per call, which input features differ from the baseline (``changed``)."""
+    perturbed pass, per call, which input features differ from the baseline (``changed``).
+
+    A pass at block scope (one block run alone) also records the tensors of its arguments after
+    the run (``state``), and a perturbed one whether its output or those tensors differ from the
+    block's baseline (``leaked``: the perturbation left the block)."""
 
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
     changed: dict[str, list[Tensor]] = field(default_factory=dict)
     output: list[Tensor] = field(default_factory=list)
     fingerprints: list[tuple[str, Tensor]] = field(default_factory=list)
+    state: list[Tensor] = field(default_factory=list)
+    leaked: bool = False
 
 
 def tensors(value: Any) -> Iterator[Tensor]:
@@ -86,8 +92,10 @@ def tensors(value: Any) -> Iterator[Tensor]:
 
 
 def fingerprint(value: Any) -> Tensor:
+    """``[Σ t, Σ |t|]`` of every floating-point tensor in ``value``, accumulated in float64."""
+    f64 = torch.float64
     parts = [
-        torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
+        torch.stack([t.detach().sum(dtype=f64), t.detach().abs().sum(dtype=f64)])
         for t in tensors(value)
         if t.is_floating_point()
     ]

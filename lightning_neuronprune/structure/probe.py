@@ -40,24 +40,36 @@ passes on the probe batch (24 for a 1536-wide FFN), plus 2 for a gate partner (i
 first pattern: the other patterns perturb every producer together), or 2⌈log₂ n⌉ more for a
 fused producer's second half; refusals stop early, most after 1 or 2 (the narrowing runs after
 the first pattern, so attention heads are refused after 3).
+
+**Block scope.** A producer inside a block (an element of a ``ModuleList``/``Sequential``, such as
+a decoder layer) is probed by running that block alone on the arguments the baseline recorded
+(:mod:`~lightning_neuronprune.structure.probe_passes`), so each of those passes costs about 1/L of
+a forward for L blocks. A refusal found inside the block stands: the whole model would show the
+same change, or more. An acceptance stands when no pass changed the block's output or its
+arguments (a key/value cache it writes into). When the perturbation leaves the block and the
+verdict depends on where it goes (a layer before the residual sum, whose output reaches no
+``nn.Linear`` inside its block), the whole model is probed instead. So the whole model runs
+for the baseline, the layers whose outputs leave their blocks, and the layers outside any block.
 :func:`~lightning_neuronprune.structure.discovery.auto_junctions` probes one block of each kind
-of repeated block only.
+of repeated block only: ``targets="auto"`` on a 30-layer SmolLM-135M shape costs 2 full forwards
+and 33 passes of one decoder layer, about 3 forwards in all.
+
 Memory: the inputs and outputs of every ``nn.Linear`` call on the probe batch, so keep the batch
 small (the callback uses 8 samples).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_neuronprune.core.batches import call_model
-from lightning_neuronprune.core.runtime import evaluating
 from lightning_neuronprune.errors import JunctionError
+from lightning_neuronprune.structure.block_scope import state_tensors
 from lightning_neuronprune.structure.junction import Junction
 from lightning_neuronprune.structure.modules import replace_module
 from lightning_neuronprune.structure.perturbation import (
@@ -65,29 +77,26 @@ from lightning_neuronprune.structure.perturbation import (
     ProbeResult,
     Trace,
     bit_patterns,
-    changed_features,
-    changes_to_host,
     describe_indices,
     differ,
     differs,
-    fingerprint,
     per_feature_state,
-    perturbed,
-    tensors,
     to_host,
 )
+from lightning_neuronprune.structure.probe_passes import ProbePasses
 from lightning_neuronprune.structure.surgery import apply_reduction
+
+log = logging.getLogger(__name__)
 
 __all__ = ["JunctionProbe", "ProbeResult"]
 
 
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    with evaluating(model), torch.no_grad():
-        yield
+class _LeavesBlock(Exception):
+    """A pass at block scope cannot decide: the perturbation left the block where the answer
+    depends on what it reaches outside. The probe then runs the whole model."""
 
 
-class JunctionProbe:
+class JunctionProbe(ProbePasses):
     """Finds the consumer of a producer ``nn.Linear`` by its behaviour on one batch.
 
     Args:
@@ -98,8 +107,16 @@ class JunctionProbe:
         call: runs the model on ``example`` (default
             :func:`~lightning_neuronprune.core.batches.call_model`).
         tolerance: relative change below which a value counts as unchanged.
+        context: a context-manager factory entered around the passes that run one block alone
+            (the context ``call`` enters, such as a precision plugin's ``forward_context``).
 
     The baseline pass runs at construction; :meth:`find` probes one producer.
+
+    Attributes:
+        passes: forward passes so far, of the whole model or of one block.
+        full_passes: passes of the whole model.
+        block_passes: passes of one block alone.
+        cost: full-forward equivalents, a pass of one of L blocks counted as 1/L.
     """
 
     def __init__(
@@ -109,78 +126,10 @@ class JunctionProbe:
         *,
         call: Callable[[nn.Module, Any], Any] | None = None,
         tolerance: float = TOLERANCE,
+        context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
-        self.model = model
-        self.example = example
-        self.call = call or call_model
-        self.tolerance = tolerance
-        self.passes = 0
-        try:
-            self.baseline = self._run(fingerprints=True)
-        except Exception as err:  # the user's model or example is at fault: say so
-            raise JunctionError(
-                f"the model fails on the probe's example ({type(err).__name__}: {err}); the "
-                "probe needs one batch that the unchanged model runs on"
-            ) from err
-
-    def _linears(self) -> dict[str, nn.Linear]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
-
-    def _run(
-        self, perturb: dict[str, Tensor] | None = None, *, fingerprints: bool = False
-    ) -> Trace:
-        """One forward pass. With ``perturb`` (``{producer: features}``), those features of each
-        producer are perturbed and every other ``nn.Linear`` call returns its baseline
-        output."""
-        trace = Trace()
-        clamp = perturb is not None
-
-        def linear_hook(name: str) -> Callable[..., Any]:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
-                if not clamp:  # the baseline keeps copies
-                    trace.inputs.setdefault(name, []).append(args[0].detach().clone())
-                    trace.outputs.setdefault(name, []).append(output.detach().clone())
-                    return None
-                k = len(trace.changed.setdefault(name, []))
-                old_in = self.baseline.inputs.get(name, [])
-                trace.changed[name].append(  # on the device; read once after the pass
-                    changed_features(args[0], old_in[k], self.tolerance)
-                    if k < len(old_in)
-                    else torch.zeros(0, dtype=torch.bool, device=args[0].device)
-                )
-                if name in perturb:  # type: ignore[operator]
-                    return perturbed(output, perturb[name])  # type: ignore[index]
-                old = self.baseline.outputs.get(name, [])
-                if k < len(old) and old[k].shape == output.shape:
-                    # a copy: an in-place module after this layer (LeakyReLU(inplace=True))
-                    # would otherwise rewrite the stored baseline for every later pass
-                    return old[k].clone()
-                return None
-
-            return hook
-
-        def module_hook(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                trace.fingerprints.append((name, fingerprint(output)))
-
-            return hook
-
-        handles = []
-        try:
-            for name, m in self.model.named_modules():
-                if isinstance(m, nn.Linear):
-                    handles.append(m.register_forward_hook(linear_hook(name)))
-                elif fingerprints:
-                    handles.append(m.register_forward_hook(module_hook(name)))
-            with _evaluating(self.model):
-                out = self.call(self.model, self.example)
-            trace.output = [t.detach().clone() for t in tensors(out)]
-            trace.changed = changes_to_host(trace.changed)
-        finally:
-            for h in handles:
-                h.remove()
-        self.passes += 1
-        return trace
+        super().__init__(model, example, call=call, tolerance=tolerance, context=context)
+        self._leaked = False  # a pass of the current find changed its block's output or arguments
 
     def find(self, producer: str) -> ProbeResult:
         """The consumer of ``producer``'s output features, or a :class:`JunctionError`.
@@ -191,6 +140,14 @@ class JunctionProbe:
         together. A producer of 2n outputs whose halves both reach a consumer of n features
         one to one is a fused ``gate_up_proj``.
 
+        A producer inside a block (an element of a ``ModuleList``/``Sequential``) whose
+        arguments the baseline recorded, and that replays them to the same values, is probed by
+        running that block alone: a pass then costs 1/L of a forward for L blocks. The verdict
+        is the whole model's: a refusal inside the block stands (the whole model would show the
+        same or more), and so does an acceptance, when no pass changed the block's output or
+        arguments. Otherwise (the perturbation leaves the block and the answer depends on where
+        it goes) the whole model is probed.
+
         Raises:
             JunctionError: the producer does not run exactly once on the batch; its features
                 reach no ``nn.Linear``, several, or the network output around the consumer; a
@@ -199,14 +156,27 @@ class JunctionProbe:
                 gated product whose partner was not found) or changes other consumer
                 features; the path mixes features.
         """
-        linears = self._linears()
+        linears = self.linears()
         if producer not in linears:
             raise JunctionError(f"the model has no nn.Linear named {producer!r}")
-        n = linears[producer].out_features
         self._runs_once(producer)
+        scope = self.scope_of(producer)
         start = self.passes
-        trace = self._run({producer: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
+        if scope is not None:
+            self.scope, self._leaked = scope, False
+            try:
+                return self._find(producer, linears, start)
+            except _LeavesBlock as why:
+                log.debug("probing %s: %s; probing the whole model", producer, why)
+            finally:
+                self.scope = None
+        return self._find(producer, linears, start)
+
+    def _find(self, producer: str, linears: dict[str, nn.Linear], start: int) -> ProbeResult:
+        n = linears[producer].out_features
+        trace = self.run({producer: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
         consumer, _ = self._reached((producer,), trace)
+        self._leaked = trace.leaked
         cons = linears[consumer]
         h = cons.in_features
         fused = n == 2 * h and len(self.baseline.inputs[consumer]) == 1
@@ -228,6 +198,8 @@ class JunctionProbe:
         producers = tuple(sorted([producer, *partners], key=order.__getitem__))
         self._narrow(producers, consumer, batchnorm, h, path, fused)
         self._feature_map(producers, consumer, h, fused, patterns[1:])
+        if self._leaked:
+            raise _LeavesBlock(f"perturbing {producer!r} changes the block's output or arguments")
         return ProbeResult(
             producers[0], consumer, batchnorm, path, self.passes - start, producers, fused
         )
@@ -241,7 +213,7 @@ class JunctionProbe:
             )
 
     def _check_output(self, producer: str, consumer: str, trace: Trace) -> None:
-        if self._output_changed(trace):
+        if self.scope is None and self.output_changed(trace):
             raise JunctionError(
                 f"the output of {producer!r} reaches the network output other than through its "
                 f"consumer {consumer!r} (a residual connection, or the activations are "
@@ -264,7 +236,7 @@ class JunctionProbe:
         for pattern in patterns:
             masks = [torch.cat([pattern, none]), torch.cat([none, pattern])] if fused else [pattern]
             for mask in masks:
-                trace = self._run(dict.fromkeys(producers, mask))
+                trace = self.run(dict.fromkeys(producers, mask))
                 reached, changed = self._reached(producers, trace)
                 if reached != consumer or bool((changed & ~pattern).any()):
                     raise JunctionError(
@@ -274,6 +246,7 @@ class JunctionProbe:
                         "elementwise modules may lie between the two (LayerNorm, softmax and "
                         "attention mix features)"
                     )
+                self._leaked |= trace.leaked
 
     def _partners(
         self,
@@ -287,24 +260,28 @@ class JunctionProbe:
         as ``producer`` and reach ``consumer`` (one reach pass per candidate), checked on
         ``patterns`` (the rest are checked on all producers together)."""
         x = self.baseline.inputs[producer][0]
+        shaped = [
+            name
+            for name, m in linears.items()
+            if name != producer
+            and m.out_features == n
+            and len(self.baseline.inputs.get(name, [])) == 1
+            and self.baseline.inputs[name][0].shape == x.shape
+        ]
+        same = to_host([differ(self.baseline.inputs[c][0], x, self.tolerance) for c in shaped])
         found = []
-        for name, m in linears.items():
-            inputs = self.baseline.inputs.get(name, [])
-            if (
-                name == producer
-                or m.out_features != n
-                or len(inputs) != 1
-                or inputs[0].shape != x.shape
-                or differs(inputs[0], x, self.tolerance)
-            ):
-                continue
-            trace = self._run({name: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
+        for name in [c for c, d in zip(shaped, same, strict=True) if not bool(d)]:
+            if self.scope is not None and name not in self.base.inputs:
+                raise _LeavesBlock(f"{name!r}, which the block does not call, reads the same input")
+            trace = self.run({name: torch.ones(n, dtype=torch.bool)}, fingerprints=True)
             try:
                 reached, _ = self._reached((name,), trace)
             except JunctionError:
                 continue
             if reached != consumer:
                 continue
+            if trace.leaked:
+                raise _LeavesBlock(f"perturbing {name!r} changes the block's output or arguments")
             self._check_output(name, consumer, trace)
             self._feature_map((name,), consumer, n, False, patterns)
             if self._path(name, consumer, n, trace)[1] is not None:
@@ -315,12 +292,6 @@ class JunctionProbe:
             found.append(name)
         return found
 
-    def _output_changed(self, trace: Trace) -> bool:
-        old = self.baseline.output
-        return len(trace.output) != len(old) or any(
-            differs(a, b, self.tolerance) for a, b in zip(trace.output, old, strict=True)
-        )
-
     def _reached(self, perturbed: tuple[str, ...], trace: Trace) -> tuple[str, Tensor]:
         producer = " and ".join(repr(p) for p in perturbed)
         reached: dict[str, Tensor] = {}
@@ -330,8 +301,10 @@ class JunctionProbe:
             for changed in per_call:
                 if changed.any():
                     reached[name] = reached[name] | changed if name in reached else changed
+        if not reached and trace.leaked:
+            raise _LeavesBlock(f"the output of {producer} leaves the block")
         if not reached:
-            out_changed = self._output_changed(trace)
+            out_changed = self.scope is None and self.output_changed(trace)
             raise JunctionError(
                 f"the output of {producer} reaches no nn.Linear"
                 + (
@@ -343,8 +316,10 @@ class JunctionProbe:
         if len(reached) > 1:
             raise JunctionError(
                 f"the output of {producer} feeds {len(reached)} nn.Linear layers "
-                f"{sorted(reached)}; a junction must have exactly one consumer nn.Linear (a gate "
-                "read twice cannot be reduced)"
+                f"{sorted(reached)}"
+                + (f" in block {self.scope.name!r} (and leaves it)" if trace.leaked else "")
+                + "; a junction must have exactly one consumer nn.Linear (a gate read twice "
+                "cannot be reduced)"
             )
         ((name, changed),) = reached.items()
         return name, changed
@@ -353,8 +328,10 @@ class JunctionProbe:
         self, producer: str, consumer: str, n: int, trace: Trace
     ) -> tuple[tuple[str, ...], str | None]:
         modules = dict(self.model.named_modules())
-        base = self.baseline.fingerprints
+        base = self.base.fingerprints
         if len(base) != len(trace.fingerprints):
+            if trace.leaked:
+                raise _LeavesBlock(f"perturbing {producer!r} changes which modules run")
             raise JunctionError(
                 f"perturbing {producer!r} changed which modules run; the forward pass depends on "
                 "the values of its output"
@@ -402,6 +379,7 @@ class JunctionProbe:
         originals = {x: self.model.get_submodule(x) for x in junction.modules}
         seen: list[Tensor] = []
         error: Exception | None = None
+        shapes: list[Any] = [t.shape for t in self.base.output]
         try:
             W_p = cons.weight.detach()[:, kept.to(cons.weight.device)]
             b_p = cons.bias.detach() if cons.bias is not None else None
@@ -410,8 +388,9 @@ class JunctionProbe:
                 lambda module, args: seen.append(args[0].detach().clone())
             )
             try:
-                with _evaluating(self.model):
-                    self.call(self.model, self.example)
+                out, _ = self.forward()
+                if self.scope is not None:
+                    shapes = [t.shape for t in state_tensors(out)]
             except Exception as err:  # any failure is the answer
                 error = err
             finally:
@@ -419,7 +398,6 @@ class JunctionProbe:
         finally:
             for x, m in originals.items():
                 replace_module(self.model, x, m)
-        self.passes += 1
         names = " and ".join(repr(p) for p in producers)
         hint = (
             "the features are reshaped (into attention heads, say) or combined with another "
@@ -431,11 +409,13 @@ class JunctionProbe:
                 f"the network fails with {names} narrowed to {n - 1} of {n} features "
                 f"({type(error).__name__}: {error}); {hint}"
             ) from error
-        expected = self.baseline.inputs[consumer][0].index_select(
-            -1, kept.to(self.baseline.inputs[consumer][0].device)
+        expected = self.base.inputs[consumer][0].index_select(
+            -1, kept.to(self.base.inputs[consumer][0].device)
         )
         if len(seen) != 1 or differs(seen[0], expected, self.tolerance):
             raise JunctionError(
                 f"with {names} narrowed to {n - 1} of {n} features, {consumer!r} no longer "
                 f"reads the same values in the remaining features (path: {list(path)}); {hint}"
             )
+        if error is None and shapes != [t.shape for t in self.base.output]:
+            raise _LeavesBlock(f"narrowing {names} changes the shape of the block's output")

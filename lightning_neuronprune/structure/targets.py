@@ -153,7 +153,7 @@ def resolve_targets(
             with context():
                 return call_model(module, x)
 
-        probe = JunctionProbe(model, example, call=call)
+        probe = JunctionProbe(model, example, call=call, context=context)
     if targets == "auto":
         undecided: list[str] = []
         junctions = auto_junctions(model, probe=probe, undecided=undecided)

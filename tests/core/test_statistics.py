@@ -222,3 +222,17 @@ def test_channel_statistics_take_every_position_and_no_mask(generator: torch.Gen
     real = x[:, :3].reshape(-1, 3)
     assert stats["fc"].count == 12
     torch.testing.assert_close(stats["fc"].gram, real.T @ real)
+
+
+@pytest.mark.parametrize("tile", [3, 1024])
+def test_normalize_keeps_the_moments_bit_for_bit(tile: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    stats = JunctionStatistics.zeros(10)
+    for _ in range(3):  # accumulated G: asymmetric in the last bits
+        stats.update(torch.randn(7, 10, generator=g) * 3 + 1)
+    M, mu = stats.second_moment(), stats.mean()
+    gram = stats.gram
+    assert stats.normalize_(tile=tile) is stats and stats.gram is gram  # in place
+    assert stats.count == 1
+    assert torch.equal(stats.gram, M) and torch.equal(stats.second_moment(), M)
+    assert torch.equal(stats.mean(), mu)

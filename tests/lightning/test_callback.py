@@ -520,3 +520,51 @@ def test_defaults_are_quiet_and_confirm_with_a_bound() -> None:
     assert (callback.settings.max_degradation, callback.settings.relative) == (0.02, False)
     assert callback.settings.options.method == "output"
     assert len(inspect.signature(NeuronEliminationCallback).parameters) - 1 <= 15  # **deprecated
+
+
+def test_apply_plan_uses_streamed_fits_one_junction_at_a_time(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed `{layer: p}` needs no search: no sweep, no joint search and no statistics of every
+    junction at once; each junction's statistics are collected alone, on the network reduced
+    upstream, and the plan reloads."""
+    import lightning_neuronprune.lightning.callback as callback_module
+    import lightning_neuronprune.search.streaming as streaming_module
+
+    def no_search(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a fixed plan must not run the search")
+
+    calls: list[list[str]] = []
+    collect = streaming_module.collect_statistics
+
+    def spy(model: torch.nn.Module, consumers: list[str], *args: Any, **kwargs: Any) -> Any:
+        calls.append(list(consumers))
+        assert kwargs["stop_early"]
+        return collect(model, consumers, *args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "ReductionSearch", no_search)
+    monkeypatch.setattr(streaming_module, "collect_statistics", spy)
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.4:in"], apply={"net.0": 12, "net.4:in": 9}, verbose=False
+    )
+    model = LitMLP()
+    logger = CSVLogger(tmp_path, name="csv")
+    _trainer(tmp_path, callback, logger=logger).fit(model, datamodule=BlobsData())
+
+    assert calls == [["net.2"], ["net.4"]]  # one junction at a time, in network order
+    assert applied(callback) == {"net.0": 12, "net.2": 9}
+    assert model.net[0].out_features == 12 and model.net[2].out_features == 9
+    result = callback.result
+    assert {layer: len(pts) for layer, pts in result.points.items()} == {"net.0": 1, "net.2": 1}
+    (point,) = result.joint_points
+    assert result.decision.chosen is point and point.strategy == "streamed"
+    assert [r["producer"] for r in read_plan(model)] == ["net.0", "net.2"]
+    x, y = _val()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(point.accuracy, abs=1e-6)  # measured on the applied model
+    report = json.loads(Path(callback.report_paths[0]).read_text())
+    assert report["applied"] == {"net.0": 12, "net.2": 9}
+    path = tmp_path / "reduced.pt"
+    save_reduced(model, path)
+    torch.testing.assert_close(load_reduced(LitMLP(), path)(x), model(x), rtol=0, atol=0)

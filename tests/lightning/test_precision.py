@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_neuronprune.lightning.callback as callback_module
+import lightning_neuronprune.search.streaming as streaming_module
 from lightning_neuronprune import (
     NeuronEliminationCallback,
     StatisticsError,
@@ -44,7 +45,7 @@ def test_every_cpu_precision(
         grams.extend(s.gram for s in stats.values())
         return stats
 
-    monkeypatch.setattr(callback_module, "collect_statistics", spy)
+    monkeypatch.setattr(streaming_module, "collect_statistics", spy)  # a plan: streamed fits
     callback = NeuronEliminationCallback(
         targets=["net.0", "net.2"], ranks=[16, 10, 7], apply={"net.2": 7}, joint="greedy",
         max_degradation=0.05,
@@ -55,12 +56,38 @@ def test_every_cpu_precision(
 
     assert grams and all(g.dtype == torch.float64 for g in grams)
     assert callback.result.points["net.0"][0].accuracy > 0.8  # evaluation ran on converted batches
-    assert callback.result.joint_points  # the joint search ran its passes the same way
+    (point,) = callback.result.joint_points  # the reduced model, measured the same way
+    assert point.strategy == "streamed" and point.accuracy > 0.8
     assert applied(callback) == {"net.2": 7} and model.net[2].out_features == 7
     dtype = DTYPES[precision]
     assert {p.dtype for p in model.parameters()} == {dtype}
     (result,) = trainer.test(model, datamodule=BlobsData(), verbose=False)
     assert result["test_acc"] > 0.8
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_search_under_low_precision(
+    tmp_path: Path, seed: int, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search path: every junction's statistics, the sweep and the joint search."""
+    grams: list[torch.Tensor] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        stats = collect_statistics(*args, **kwargs)
+        grams.extend(s.gram for s in stats.values())
+        return stats
+
+    monkeypatch.setattr(callback_module, "collect_statistics", spy)
+    callback = NeuronEliminationCallback(
+        targets=["net.0", "net.2"], ranks=[16, 10, 7], joint="greedy", max_degradation=0.05,
+        confirm=None,
+    )  # fmt: skip
+    model = LitMLP()
+    _trainer(tmp_path, callback, precision=precision).fit(model, datamodule=BlobsData())
+    assert len(grams) == 2 and all(g.dtype == torch.float64 for g in grams)
+    assert callback.result.points["net.0"][0].accuracy > 0.8
+    assert callback.result.joint_points  # the joint search ran its passes the same way
+    assert {p.dtype for p in model.parameters()} == {DTYPES[precision]}
 
 
 def test_statistics_accumulate_float64_from_low_precision_activations(seed: int) -> None:

@@ -242,3 +242,53 @@ def test_in_place_suffix_does_not_corrupt_the_cache(
     assert values[0] == pytest.approx(expected, rel=1e-6)
     probe = _probe(model.fc2, torch.tensor([0, 2, 3, 7]))
     assert evaluator(probe) == evaluator(probe)
+
+
+class _ConvNet(nn.Module):
+    """conv → BN → ReLU → pool → conv → BN → ReLU → pool → flatten → Linear; with ``view``, the
+    flatten is ``x.view(x.size(0), -1)``, which a channels-last map cannot take."""
+
+    def __init__(self, view: bool = False) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5 * 2 * 2, 4)
+        self.view = view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        h = torch.max_pool2d(torch.relu(self.bn2(self.conv2(h))), 2)
+        return self.fc(h.view(h.size(0), -1) if self.view else h.flatten(1))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_conv_feature_maps_are_cached_channels_last_on_the_cpu(
+    generator: torch.Generator, view: bool
+) -> None:
+    """On the CPU the cached conv feature maps are kept channels-last (the suffix runs several
+    times faster), with the metric of a full forward pass; a suffix that cannot take that layout
+    keeps the default one."""
+    torch.manual_seed(0)
+    model = _ConvNet(view).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 8, 2, 8, 8, generator=generator)
+    data = list(zip(x, torch.randint(0, 4, (3, 8), generator=generator), strict=True))
+    evaluator = CachedEvaluator(model, "conv2", data, MulticlassAccuracy(4, average="micro"))
+    assert evaluator.cached
+    assert evaluator.channels_last is not view
+    probe = nn.Conv2d(6, 5, 3, padding=1)
+    with torch.no_grad():
+        probe.weight.copy_(model.conv2.weight)
+        probe.weight[:, [1, 4]] = 0.0
+    assert evaluator(probe) == _reference(model, data, "conv2", probe)
+    assert evaluator() == _reference(model, data, "conv2", None)
+    # the model's own parameters keep their layout
+    assert model.conv2.weight.is_contiguous()
+    off = CachedEvaluator(
+        model, "conv2", data, MulticlassAccuracy(4, average="micro"), channels_last=False
+    )
+    assert off.cached and not off.channels_last
+    assert off(probe) == evaluator(probe)
