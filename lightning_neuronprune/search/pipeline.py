@@ -353,7 +353,8 @@ class ReductionSearch:
                     say(f"neuron elimination: loss sensitivity ({j.proxy_rows} rows)")
                     sensitivity = proxy_sensitivity(
                         self.model, [x.consumer for x in self.junctions],
-                        train_data or data, metric, j.proxy_rows, loss_fn=self.io.loss_fn,
+                        [d for d in (train_data, data) if d is not None], metric,
+                        j.proxy_rows, loss_fn=self.io.loss_fn,
                         warn=self.io.warn, **self.io.eval_fns(), **self.io.forward_kwargs(),
                     )  # fmt: skip
                 return allocate(

@@ -182,7 +182,7 @@ def output_sensitivity(
 def proxy_sensitivity(
     model: nn.Module,
     consumers: Sequence[str],
-    batches: Iterable[Any],
+    sources: Sequence[Iterable[Any]],
     metric: Any,
     max_rows: int,
     *,
@@ -191,19 +191,24 @@ def proxy_sensitivity(
     **options: Any,
 ) -> dict[str, Tensor] | None:
     """:func:`output_sensitivity` for the allocate strategy's ``"loss"`` proxy, with ``loss_fn``
-    or the :func:`default_loss` of ``metric``; ``None`` with a warning where the default loss
-    does not fit the model's output (the ``"energy"`` proxy is then used). An error of a given
-    ``loss_fn`` is raised. ``options`` go to :func:`output_sensitivity`."""
-    try:
-        return output_sensitivity(
-            model, consumers, batches, loss_fn or default_loss(metric), max_rows=max_rows,
-            **options,
-        )  # fmt: skip
-    except NeuronEliminationError as e:
-        if loss_fn is not None:
-            raise
-        warn(
-            f"neuron elimination: {e}; the allocation uses the 'energy' proxy (pass "
-            "`DataOptions(loss_fn=...)` for the 'loss' proxy)"
-        )
-        return None
+    or the :func:`default_loss` of ``metric``, on the first of ``sources`` (e.g. the statistics
+    data, then the evaluation data) whose batches it can score: training batches without targets
+    pass on to the next. ``None`` with a warning where none fits (the ``"energy"`` proxy is then
+    used); an error of a given ``loss_fn`` is raised. ``options`` go to
+    :func:`output_sensitivity`."""
+    error: NeuronEliminationError | None = None
+    for batches in sources:
+        try:
+            return output_sensitivity(
+                model, consumers, batches, loss_fn or default_loss(metric), max_rows=max_rows,
+                **options,
+            )  # fmt: skip
+        except NeuronEliminationError as e:
+            if loss_fn is not None:
+                raise
+            error = e
+    warn(
+        f"neuron elimination: {error}; the allocation uses the 'energy' proxy (pass "
+        "`DataOptions(loss_fn=...)` for the 'loss' proxy)"
+    )
+    return None
