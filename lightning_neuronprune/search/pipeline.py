@@ -33,7 +33,7 @@ from torch import nn
 from lightning_neuronprune.core.fitting import JunctionFitter
 from lightning_neuronprune.core.statistics import JunctionStatistics
 from lightning_neuronprune.cost.energy import EnergyModel, EnergyReport
-from lightning_neuronprune.errors import NeuronEliminationError, StatisticsError
+from lightning_neuronprune.errors import StatisticsError
 from lightning_neuronprune.search.confirmation import (
     Confirmation,
     chunk_batches,
@@ -47,7 +47,7 @@ from lightning_neuronprune.search.evaluation import CachedEvaluator, metric_dire
 from lightning_neuronprune.search.joint import JointPoint, JointSearch
 from lightning_neuronprune.search.pareto import point_label
 from lightning_neuronprune.search.progress import Bar, no_progress
-from lightning_neuronprune.search.sensitivity import default_loss, output_sensitivity
+from lightning_neuronprune.search.sensitivity import proxy_sensitivity
 from lightning_neuronprune.search.settings import SearchSettings
 from lightning_neuronprune.search.strategies import allocate, greedy, sequential
 from lightning_neuronprune.search.sweep import SweepPoint, rank_grid, sweep_junction
@@ -350,7 +350,13 @@ class ReductionSearch:
                 j = s.joint
                 sensitivity = None
                 if j.proxy == "loss" and not j.uniform:
-                    sensitivity = self._sensitivity(train_data or data, metric, j.proxy_rows)
+                    say(f"neuron elimination: loss sensitivity ({j.proxy_rows} rows)")
+                    sensitivity = proxy_sensitivity(
+                        self.model, [x.consumer for x in self.junctions],
+                        [d for d in (train_data, data) if d is not None], metric,
+                        j.proxy_rows, loss_fn=self.io.loss_fn,
+                        warn=self.io.warn, **self.io.eval_fns(), **self.io.forward_kwargs(),
+                    )  # fmt: skip
                 return allocate(
                     self._joint, s.max_degradation, uniform=j.uniform, multiple=j.multiple,
                     max_evaluations=j.max_evaluations, sensitivity=sensitivity,
@@ -363,26 +369,6 @@ class ReductionSearch:
             return sequential(
                 self._joint, s.max_degradation, order=s.joint.order, shares=s.joint.shares
             )
-
-    def _sensitivity(self, data: Iterable[Any], metric: Any, rows: int) -> dict[str, Any] | None:
-        """The diagonal Fisher of each consumer's output for the ``"loss"`` proxy, or ``None``
-        (with a warning) where the default loss does not fit the model's output."""
-        io = self.io
-        self.io.info(f"neuron elimination: loss sensitivity of each junction ({rows} rows)")
-        try:
-            return output_sensitivity(
-                self.model, [j.consumer for j in self.junctions], data,
-                io.loss_fn or default_loss(metric), max_rows=rows, **io.eval_fns(),
-                **io.forward_kwargs(),
-            )  # fmt: skip
-        except NeuronEliminationError as e:
-            if io.loss_fn is not None:
-                raise
-            io.warn(
-                f"neuron elimination: {e}; the allocation uses the 'energy' proxy (pass "
-                "`DataOptions(loss_fn=...)` for the 'loss' proxy)"
-            )
-            return None
 
     def _confirm(
         self, every: list[SweepPoint], joint_points: list[JointPoint], held_out: list[Any],

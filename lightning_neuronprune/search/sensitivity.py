@@ -20,6 +20,7 @@ with respect to those zeros only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -33,7 +34,7 @@ from lightning_neuronprune.errors import NeuronEliminationError
 from lightning_neuronprune.search.evaluation import batch_target, model_output
 from lightning_neuronprune.search.metrics import CausalLMPerplexity, causal_lm_nll
 
-__all__ = ["default_loss", "output_sensitivity"]
+__all__ = ["default_loss", "output_sensitivity", "proxy_sensitivity"]
 
 LossFn = Callable[[Tensor, Any], Tensor]
 
@@ -176,3 +177,38 @@ def output_sensitivity(
         for t in (*sums.values(), rows):
             torch.distributed.all_reduce(t)
     return {name: s / rows.clamp_min(1) for name, s in sums.items()}
+
+
+def proxy_sensitivity(
+    model: nn.Module,
+    consumers: Sequence[str],
+    sources: Sequence[Iterable[Any]],
+    metric: Any,
+    max_rows: int,
+    *,
+    loss_fn: LossFn | None = None,
+    warn: Callable[[str], None] = warnings.warn,
+    **options: Any,
+) -> dict[str, Tensor] | None:
+    """:func:`output_sensitivity` for the allocate strategy's ``"loss"`` proxy, with ``loss_fn``
+    or the :func:`default_loss` of ``metric``, on the first of ``sources`` (e.g. the statistics
+    data, then the evaluation data) whose batches it can score: training batches without targets
+    pass on to the next. ``None`` with a warning where none fits (the ``"energy"`` proxy is then
+    used); an error of a given ``loss_fn`` is raised. ``options`` go to
+    :func:`output_sensitivity`."""
+    error: NeuronEliminationError | None = None
+    for batches in sources:
+        try:
+            return output_sensitivity(
+                model, consumers, batches, loss_fn or default_loss(metric), max_rows=max_rows,
+                **options,
+            )  # fmt: skip
+        except NeuronEliminationError as e:
+            if loss_fn is not None:
+                raise
+            error = e
+    warn(
+        f"neuron elimination: {error}; the allocation uses the 'energy' proxy (pass "
+        "`DataOptions(loss_fn=...)` for the 'loss' proxy)"
+    )
+    return None

@@ -293,8 +293,10 @@ def allocate(
     ``sensitivity``, otherwise the unexplained share of the consumer output energy after the fit;
     :func:`~lightning_neuronprune.search.allocation.proxy_curve`) orders
     the reductions, and only the configurations that the bisection visits are evaluated, each
-    fitted on the original statistics. Returns the evaluated points (at most
-    ``max_evaluations``).
+    fitted on the original statistics, then (while evaluations remain) two configurations at
+    3/4 and 1/2 of the way to the last one within the budget, so that a held-out confirmation
+    that rejects the last one (it keeps a reserve) has cheaper ones to try. Returns the
+    evaluated points (at most ``max_evaluations``).
 
     Args:
         search: the search whose fitters, grids and evaluator are used.
@@ -338,7 +340,12 @@ def allocate(
         points.append(pt)
         return pt.accuracy_drop <= budget
 
-    bisect_path(len(path), within, max_evaluations)
+    last = bisect_path(len(path), within, max_evaluations)
+    # configurations further below the budget, for a held-out confirmation that rejects the
+    # last one within it (its reserve asks for less than the whole budget)
+    for i in sorted({last * 3 // 4, last // 2} - {0, last}, reverse=True):
+        if len(points) < max_evaluations:
+            within(i)
     return points
 
 

@@ -251,3 +251,19 @@ def test_allocate_settings_from_a_mapping() -> None:
         False,
         20,
     )
+
+
+def test_allocate_evaluates_cheaper_fallbacks_below_the_last_within_budget(deep: Any) -> None:
+    """After the bisection, the configurations 3/4 and 1/2 of the way to the last one within the
+    budget are evaluated too, for a confirmation that rejects the last one."""
+    _, _, result, _ = _run(deep, JointSettings("allocate", max_evaluations=20))
+
+    def removed(pt: Any) -> int:
+        return sum(16 - p for p in pt.config.values())
+
+    within = [pt for pt in result.joint_points if pt.accuracy_drop <= 0.03]
+    best = max(within, key=removed)
+    assert len([pt for pt in within if removed(pt) < removed(best)]) >= 2
+    last_two = sorted(result.joint_points[-2:], key=removed, reverse=True)
+    assert removed(last_two[0]) == pytest.approx(0.75 * removed(best), abs=16)
+    assert removed(last_two[1]) == pytest.approx(0.5 * removed(best), abs=16)

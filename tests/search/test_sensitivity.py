@@ -246,3 +246,23 @@ def test_joint_settings_check_the_proxy_options() -> None:
         JointSettings(strategy="allocate", proxy="fisher")
     with pytest.raises(ValueError, match="`proxy_rows` must be a positive integer, got 0"):
         JointSettings(strategy="allocate", proxy_rows=0)
+
+
+def test_training_batches_without_targets_fall_through_to_the_evaluation_data() -> None:
+    """Statistics data that carries no target (unlabelled calibration text) cannot be scored;
+    the loss proxy then reads the evaluation batches, with no warning."""
+    torch.manual_seed(0)
+    model = TwoBranch(scale=0.05)
+    x = torch.randn(512, 6)
+    y = model(x).argmax(1)
+    unlabelled = [{"x": x[i : i + 128]} for i in range(0, 512, 128)]
+    labelled = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    search = _search(model, labelled, JointSettings(strategy="allocate"))
+    warned: list[str] = []
+    search.io = ModelIO(
+        warn=warned.append, input_fn=lambda b: b["x"] if isinstance(b, dict) else b[0]
+    )
+    result = search.run(labelled, MulticlassAccuracy(3), x[:1], train_data=unlabelled)
+    assert not warned
+    chosen = result.decision.plan
+    assert chosen and chosen.get("b1", 10) < chosen.get("a1", 10)
