@@ -144,13 +144,13 @@ def test_phase_seconds_cut_at_the_log_lines() -> None:
         ("confirmation", 1.0, 1),
         ("report and apply", 1.0, 0),
     ]
-    # without a confirmation or a loss proxy, their phases merge into the one before
+    # without a confirmation, its split is merged into the phase before; no loss proxy, no phase
     plain = bench.Timeline(
         [e for e in timeline.events if "confirm" not in e[1] and "sensitivity" not in e[1]]
     )
     names = [n for n, *_ in bench.phase_seconds(plain, forward, 0.0, 10.0)]
     assert names[1] == "statistics, baseline evaluation"
-    assert names[2] == "selection, loss proxy (backward passes)"
+    assert names[2:4] == ["selection", "search evaluations"]
 
 
 def test_missing_model_names_the_install_command(tmp_path: Path) -> None:
