@@ -52,7 +52,7 @@ the probe on 8 sentences) except the allocation across layers (``--allocation``)
 Two options trade a little for time on a busy machine:
 
 * ``--method qr`` (``FitOptions(method="qr")``): the output-aware default orders the 1536 neurons
-  of each layer greedily, 16 s for the six layers on two idle cores against 3 s for ``"qr"``; at
+  of each layer greedily, 14 s for the six layers on two idle cores against 3 s for ``"qr"``; at
   equal widths (every layer at 75 % or 50 % of its neurons) it kept a mean cosine 0.003 to 0.006
   higher;
 * ``--probe-samples 1`` (``DataOptions(probe_samples=1)``): the probe on one sentence of up to
