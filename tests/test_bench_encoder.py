@@ -123,26 +123,34 @@ def test_phase_seconds_cut_at_the_log_lines() -> None:
             (3.0, "neuron elimination: 50% ... held out to confirm the choice"),
             (4.0, "neuron elimination: baseline metric 1.0"),
             (4.0, "neuron elimination: joint search (allocate) over [...]"),
+            (4.5, "neuron elimination: loss sensitivity of each junction (4096 rows)"),
             (6.0, "neuron elimination [joint allocate] a=1: metric 0.9"),
             (8.0, "neuron elimination [joint allocate] a=2: metric 0.99"),
             (9.0, "neuron elimination [confirm] a=2: kept"),
         ]
     )
-    forward = [(0.5, 0.1), (1.5, 1.0), (3.5, 0.4), (5.0, 0.9), (7.0, 0.9), (8.5, 0.4)]
+    forward = [
+        (0.5, 0.1, False), (1.5, 1.0, False), (3.5, 0.4, False), (4.6, 0.2, True),
+        (5.0, 0.9, False), (7.0, 0.9, False), (8.5, 0.4, False),
+    ]  # fmt: skip
     phases = bench.phase_seconds(timeline, forward, 0.0, 10.0)
     assert [(n, s, c) for n, s, _, c in phases] == [
         ("probe (targets='auto')", 1.0, 1),
         ("statistics", 2.0, 1),
         ("baseline evaluation", 1.0, 1),
-        ("selection and proxy", 1.0, 0),
+        ("selection", 0.5, 0),
+        ("loss proxy (backward passes)", 0.5, 1),
         ("search evaluations", 3.0, 2),
         ("confirmation", 1.0, 1),
         ("report and apply", 1.0, 0),
     ]
-    # without a confirmation its phase is merged into the one before
-    plain = bench.Timeline([e for e in timeline.events if "confirm" not in e[1]])
+    # without a confirmation, its split is merged into the phase before; no loss proxy, no phase
+    plain = bench.Timeline(
+        [e for e in timeline.events if "confirm" not in e[1] and "sensitivity" not in e[1]]
+    )
     names = [n for n, *_ in bench.phase_seconds(plain, forward, 0.0, 10.0)]
     assert names[1] == "statistics, baseline evaluation"
+    assert names[2:4] == ["selection", "search evaluations"]
 
 
 def test_missing_model_names_the_install_command(tmp_path: Path) -> None:
