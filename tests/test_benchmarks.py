@@ -6,7 +6,6 @@ subprocesses on real MNIST (skipped when it is absent). No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import BENCHMARKS, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PAPER_ROWS = [
     "LeNet300-100-FC1",
     "LeNet300-100-FC2",
@@ -70,16 +69,8 @@ def _table(tables: dict[str, list[dict[str, str]]], prefix: str) -> list[dict[st
     return matches[0]
 
 
-def _load_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_write_section_keeps_hand_written_text(tmp_path: Path) -> None:
-    write_section = _load_module("reproduce_paper").write_section
+    write_section = load_benchmark("reproduce_paper").write_section
     path = tmp_path / "RESULTS.md"
     write_section(path, "bench", "first")
     path.write_text("# Title\n\nintro\n\n" + path.read_text() + "\nnotes after\n")
