@@ -119,7 +119,6 @@ def output_sensitivity(
     device = model_device(model)
     modules = {name: model.get_submodule(name) for name in consumers}
     sums: dict[str, Tensor] = {}
-    rows = torch.zeros((), dtype=torch.float64, device=device)
     zeros: dict[str, Tensor] = {}
     get_input, get_target = input_fn or batch_input, target_fn or batch_target
     output = output_fn or model_output
@@ -162,7 +161,6 @@ def output_sensitivity(
                     sums[name] = sums[name] + sq if name in sums else sq
                 first = zeros[consumers[0]]
                 n_rows = first.numel() // first.shape[_feature_dim(modules[consumers[0]])]
-                rows += n_rows
                 seen += n_rows
                 if max_rows is not None and seen >= max_rows:
                     break
@@ -173,6 +171,7 @@ def output_sensitivity(
             p.requires_grad_(g)
     if not sums:
         raise NeuronEliminationError("the data for the loss sensitivity is empty")
+    rows = torch.tensor(float(seen), dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for t in (*sums.values(), rows):
             torch.distributed.all_reduce(t)
